@@ -1,0 +1,1 @@
+"""Networks only: they know nothing of noise schedules, data files or training."""
