@@ -23,9 +23,16 @@ class VoxdiffError(Exception):
     """An error caused by the user's input (bad file, flag or checkpoint): the CLIs print it as one line and exit 2."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_path(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs should be readable like any other file
     return Path(name)
 
 

@@ -14,12 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from voxdiff.config import CATEGORIES, SPLITS, category_index
+from voxdiff.data.voxelize import voxel_path  # noqa: F401 - re-exported: the naming lives where grids are written
 from voxdiff.utils import VoxdiffError
-
-
-def voxel_path(root: str | os.PathLike[str], category: str, split: str) -> Path:
-    """Path of one preprocessed split: `{root}/{category}_voxels_{split}.npy` (the seed's naming)."""
-    return Path(root) / f"{category}_voxels_{split}.npy"
 
 
 def open_voxels(path: str | os.PathLike[str]) -> np.ndarray:
