@@ -90,6 +90,42 @@ class UNetConfig:
     dropout: float = 0.1
     num_classes: int = len(CATEGORIES)
     num_groups: int = 32
+    num_heads: int = 4
+
+    def __post_init__(self) -> None:
+        levels = len(self.ch_mult)
+        if levels < 1 or any(m < 1 for m in self.ch_mult):
+            raise ValueError(f"UNet ch_mult must be positive integers; got {self.ch_mult}")
+        bad = [a for a in self.attn_levels if not 0 <= a < levels]
+        if bad:
+            raise ValueError(f"UNet attn_levels {bad} out of range for {levels} levels (0..{levels - 1})")
+        for m in self.ch_mult:
+            c = self.ch * m
+            if c % self.num_groups or c % self.num_heads:
+                raise ValueError(f"UNet width {c} must be divisible by num_groups={self.num_groups} and "
+                                 f"num_heads={self.num_heads}")
+        if self.num_classes < 1:
+            raise ValueError(f"UNet num_classes must be >= 1; got {self.num_classes}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """The latent's side must be a multiple of this (one stride-2 step between consecutive levels)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+# Named UNet sizes (habit 8: a dict that doubles as argparse `choices`). "seed" is the seed's network; "small" is
+# for CPU runs and tests.
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {},
+    "small": {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_levels": (1,), "num_groups": 8, "num_heads": 2},
+}
+
+
+def unet_preset(name: str, **overrides: Any) -> UNetConfig:
+    """UNetConfig of a named preset (see UNET_PRESETS), with optional field overrides."""
+    if name not in UNET_PRESETS:
+        raise ValueError(f"unknown UNet preset {name!r}; choose from {', '.join(UNET_PRESETS)}")
+    return UNetConfig(**{**UNET_PRESETS[name], **overrides})
 
 
 @dataclass
@@ -126,12 +162,16 @@ class AETrainConfig:
     resume: bool = False
     num_workers: int = 0
     log_every: int = 10
+    calib_fraction: float = 0.05  # held-out slice of TRAIN used to calibrate the binarisation threshold
+    max_val_shapes: int = 0  # 0 = validate on the whole val split; >0 caps it (first shapes of each category)
     model: AEConfig = field(default_factory=AEConfig)
 
     def __post_init__(self) -> None:
         check_literal(self.loss, AELoss, "loss")
         for c in self.categories:
             category_index(c)
+        if not 0.0 < self.calib_fraction < 1.0:
+            raise ValueError(f"calib_fraction must be in (0, 1); got {self.calib_fraction}")
 
 
 @dataclass
@@ -157,8 +197,21 @@ class LDMTrainConfig:
     resume: bool = False
     log_every: int = 10
     sample_every: int = 0  # 0 = render samples only at the end
+    ckpt_every: int = 500  # steps between last.pt saves (and held-out evaluations for best.pt)
+    weight_decay: float = 0.0
+    latent_cache_dir: str = ""  # "" = `latents/` beside the AE checkpoint
     model: UNetConfig = field(default_factory=UNetConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        for c in self.categories:
+            category_index(c)
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1); got {self.cfg_dropout}")
+        if self.num_steps <= 0 and self.num_epochs <= 0 and self.max_minutes <= 0:
+            raise ValueError("give a training length: num_steps, num_epochs or max_minutes > 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
 
 
 @dataclass
@@ -178,7 +231,7 @@ class SampleConfig:
     cfg_scale: float = 1.0
     resolution: int = 128
     threshold: float = 0.5
-    topk: int = 0  # >0: keep the k most probable voxels per shape instead of thresholding
+    topk: int = 0  # >0: keep the k most probable voxels per shape (at `resolution`); -1: k from the AE's occupancy
     use_ema: bool = True
     device: str = "auto"
     seed: int = 0
@@ -187,10 +240,151 @@ class SampleConfig:
         check_literal(self.sampler, SamplerName, "sampler")
         for c in self.categories:
             category_index(c)
+        if self.num_samples < 1 or self.batch_size < 1 or self.steps < 0:
+            raise ValueError("num_samples and batch_size must be >= 1, steps >= 0 (0: all T for ddpm, 50 for ddim)")
+        if self.topk < -1:
+            raise ValueError(f"topk must be > 0, 0 (threshold) or -1 (auto); got {self.topk}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1]; got {self.eta}")
+
+
+@dataclass
+class PipelineConfig:
+    """The main job end to end: data -> AE -> LDM -> sample -> eval -> render -> report (`voxdiff.pipeline.run`)."""
+
+    name: str = "demo"
+    run_dir: str = "runs/demo"
+    data_dir: str = ""  # "" = {run_dir}/data; an existing preprocessed directory is reused
+    data_preset: str = "small"  # procedural count preset (voxdiff.data.partseg.COUNT_PRESETS)
+    resolution: int = 64  # preprocessing / sample resolution (eval runs at this resolution)
+    seed: int = 0
+    device: str = "auto"
+    baselines: tuple[str, ...] = ("train", "noise")
+    oracle: bool = True
+    render_n: int = 16
+    ae: AETrainConfig = field(default_factory=AETrainConfig)
+    ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _preset_tiny() -> PipelineConfig:
+    """Seconds on a CPU: the test-sized pipeline, so the real pipeline cannot rot."""
+    return PipelineConfig(
+        name="tiny", run_dir="runs/tiny", data_preset="tiny", resolution=32, render_n=4,
+        ae=AETrainConfig(model=AEConfig(resolution=32, channels=(4, 8, 8)), batch_size=8, num_epochs=1, max_steps=3,
+                         lr=1e-3, log_every=1),
+        ldm=LDMTrainConfig(model=unet_preset("small", ch=16, num_groups=4), batch_size=8, num_steps=4,
+                           warmup_steps=1, ckpt_every=2, log_every=1),
+        sample=SampleConfig(num_samples=4, batch_size=4, sampler="ddim", steps=3, resolution=32),
+    )
+
+
+def _preset_demo() -> PipelineConfig:
+    """The README's main job on 2 CPU cores in about ten minutes: 64 train shapes per category at 64³."""
+    return PipelineConfig(
+        name="demo", run_dir="runs/demo", data_preset="small", resolution=64, render_n=8,
+        ae=AETrainConfig(model=AEConfig(resolution=64), batch_size=16, num_epochs=60, max_minutes=3.5, lr=2e-3),
+        ldm=LDMTrainConfig(model=unet_preset("small", ch=32), batch_size=32, num_steps=4000, max_minutes=2.5,
+                           lr=1e-3, warmup_steps=100, ckpt_every=250, ema_decay=0.995),
+        sample=SampleConfig(num_samples=100, batch_size=100, sampler="ddim", steps=50, resolution=64),
+    )
+
+
+def _preset_medium() -> PipelineConfig:
+    """About 90 minutes on 2 CPU cores: 400 train shapes per category at 64³, 1,000 samples per category."""
+    return PipelineConfig(
+        name="medium", run_dir="runs/medium", data_preset="medium", resolution=64, render_n=16,
+        ae=AETrainConfig(model=AEConfig(resolution=64), batch_size=32, num_epochs=200, max_minutes=35, lr=2e-3),
+        ldm=LDMTrainConfig(model=unet_preset("small", ch=64, num_res_blocks=2), batch_size=64, num_steps=40000,
+                           max_minutes=25, lr=5e-4, warmup_steps=500, ckpt_every=1000, ema_decay=0.999),
+        sample=SampleConfig(num_samples=1000, batch_size=250, sampler="ddim", steps=50, resolution=64),
+    )
+
+
+def _preset_full() -> PipelineConfig:
+    """A GPU server: the ShapeNet-sized procedural set at 128³, the seed's U-Net, 1,000 samples per category."""
+    return PipelineConfig(
+        name="full", run_dir="runs/full", data_preset="full", resolution=128, render_n=16,
+        ae=AETrainConfig(model=AEConfig(resolution=64), batch_size=64, num_epochs=100, lr=1e-3),
+        ldm=LDMTrainConfig(model=unet_preset("seed"), batch_size=64, num_steps=100000, lr=2e-4, warmup_steps=1000,
+                           ckpt_every=2000, ema_decay=0.9999),
+        sample=SampleConfig(num_samples=1000, batch_size=500, sampler="ddim", steps=50, resolution=128),
+    )
+
+
+# Named pipeline presets (doubles as argparse `choices`).
+PIPELINE_PRESETS: dict[str, Any] = {
+    "tiny": _preset_tiny,
+    "demo": _preset_demo,
+    "medium": _preset_medium,
+    "full": _preset_full,
+}
+
+
+def pipeline_preset(name: str) -> PipelineConfig:
+    """A fresh PipelineConfig of a named preset."""
+    if name not in PIPELINE_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PIPELINE_PRESETS)}")
+    return PIPELINE_PRESETS[name]()
+
+
+SDSWeighting = Literal["sds", "uniform"]
+SDSInit = Literal["noise", "ddim"]
+
+
+@dataclass
+class SDSConfig:
+    """Score distillation on latents (`sds/main.py`, `voxdiff.sds.run_sds`); w(t) = 1 − ᾱ_t ("sds") or 1 ("uniform").
+
+    t ~ U[t_min·T, t_max·T] per sample per step (with `anneal`, the upper bound falls linearly to t_min over the run).
+    guidance_scale w: ε̂ = (1 + w) ε_c − w ε_u (0 = plain conditional). topk as SampleConfig (0 = threshold, -1 auto).
+    """
+
+    ldm_ckpt_path: str = "checkpoints/ldm"
+    ae_ckpt_path: str = "checkpoints/ae"
+    category: str = "chair"
+    num_samples: int = 100
+    batch_size: int = 100
+    steps: int = 200  # optimisation steps per batch (0 = return the initial latents)
+    lr: float = 0.02
+    guidance_scale: float = 1.0
+    t_min: float = 0.02
+    t_max: float = 0.98
+    anneal: bool = False
+    weighting: SDSWeighting = "sds"
+    init: SDSInit = "noise"
+    init_steps: int = 50  # DDIM steps (eta 0) for init="ddim"
+    save_dir: str = "samples_sds"
+    resolution: int = 64
+    threshold: float = 0.5
+    topk: int = 0
+    use_ema: bool = True
+    render_every: int = 50  # 0 = no periodic renders
+    render_n: int = 8
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        category_index(self.category)
+        check_literal(self.weighting, SDSWeighting, "weighting")
+        check_literal(self.init, SDSInit, "init")
+        if self.num_samples < 1 or self.batch_size < 1 or self.steps < 0 or self.init_steps < 1:
+            raise ValueError("num_samples, batch_size and init_steps must be >= 1, steps >= 0")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={self.t_min}, t_max={self.t_max}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if self.topk < -1:
+            raise ValueError(f"topk must be > 0, 0 (threshold) or -1 (auto); got {self.topk}")
+        if self.render_every < 0 or self.render_n < 1:
+            raise ValueError("render_every must be >= 0 and render_n >= 1")
 
 
 _NESTED: dict[tuple[str, str], type] = {
     ("AETrainConfig", "model"): AEConfig,
     ("LDMTrainConfig", "model"): UNetConfig,
     ("LDMTrainConfig", "scheduler"): SchedulerConfig,
+    ("PipelineConfig", "ae"): AETrainConfig,
+    ("PipelineConfig", "ldm"): LDMTrainConfig,
+    ("PipelineConfig", "sample"): SampleConfig,
 }
