@@ -86,7 +86,7 @@ def _preview_points(args: argparse.Namespace, split: str) -> None:
 
 def _preview_voxels(args: argparse.Namespace, out_dir: Path, split: str) -> None:
     from voxdiff import render
-    from voxdiff.data.dataset import open_voxels, voxel_path
+    from voxdiff.data.voxelize import open_voxels, voxel_path
 
     if not hasattr(render, "render_voxels"):
         raise VoxdiffError("--preview_voxels needs voxdiff.render.render_voxels, which this version lacks")

@@ -88,9 +88,8 @@ class _Stages:
 
 def stage_data(cfg: PipelineConfig) -> dict[str, Any]:
     """Generate the procedural PartSeg HDF5 set (unless the directory already holds voxel files) and voxelize it."""
-    from voxdiff.data.dataset import voxel_path
     from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
-    from voxdiff.data.voxelize import preprocess
+    from voxdiff.data.voxelize import preprocess, voxel_path
 
     data = Path(cfg.data_dir)
     if all(voxel_path(data, c, s).is_file() for c in CATEGORIES for s in SPLITS):
@@ -120,7 +119,7 @@ def make_oracle(cfg: PipelineConfig, category: str, n: int, path: Path) -> Path:
 
 def make_baselines(cfg: PipelineConfig, category: str, n: int, out_dir: Path) -> dict[str, Path]:
     """Trivial baselines scored like samples: copies of training shapes, and i.i.d. noise of the training occupancy."""
-    from voxdiff.data.dataset import open_voxels, voxel_path
+    from voxdiff.data.voxelize import open_voxels, voxel_path
 
     train = open_voxels(voxel_path(cfg.data_dir, category, "train"))
     paths: dict[str, Path] = {}
@@ -143,7 +142,7 @@ def make_baselines(cfg: PipelineConfig, category: str, n: int, out_dir: Path) ->
 
 def stage_eval(cfg: PipelineConfig, log: Any) -> dict[str, Any]:
     """Score samples, oracle and baselines per category against test+val with voxdiff.metrics (eval.py's code)."""
-    from voxdiff.data.dataset import open_voxels, voxel_path
+    from voxdiff.data.voxelize import open_voxels, voxel_path
     from voxdiff.metrics import evaluate, sha256_of
 
     run = Path(cfg.run_dir)
@@ -192,7 +191,7 @@ def goal_check(res: dict[str, Any]) -> dict[str, Any]:
 
 def stage_render(cfg: PipelineConfig) -> dict[str, str]:
     """PNG sheets per category (data / samples / oracle) and a teaser of samples of every category."""
-    from voxdiff.data.dataset import open_voxels, voxel_path
+    from voxdiff.data.voxelize import open_voxels, voxel_path
     from voxdiff.render import render_samples_sheet
 
     run = Path(cfg.run_dir)

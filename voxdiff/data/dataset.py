@@ -14,35 +14,10 @@ import torch
 from torch.utils.data import Dataset
 
 from voxdiff.config import CATEGORIES, SPLITS, category_index
-from voxdiff.data.voxelize import voxel_path  # noqa: F401 - re-exported: the naming lives where grids are written
+
+# Re-exported: file naming and opening live with the code that writes the grids (numpy only, so CLIs start fast).
+from voxdiff.data.voxelize import downsample_max, open_voxels, voxel_path  # noqa: F401
 from voxdiff.utils import VoxdiffError
-
-
-def open_voxels(path: str | os.PathLike[str]) -> np.ndarray:
-    """Memory-map a (N,R,R,R) voxel file, validating rank and cubic shape with a clear error."""
-    p = Path(path)
-    if not p.is_file():
-        raise VoxdiffError(f"voxel file not found: {p} (run load_data.py first)")
-    try:
-        arr = np.load(p, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise VoxdiffError(f"{p} is not a readable .npy file ({e})") from None
-    if arr.ndim != 4 or not (arr.shape[1] == arr.shape[2] == arr.shape[3]):
-        raise VoxdiffError(f"{p} must hold (N,R,R,R) grids; got shape {arr.shape}")
-    return arr
-
-
-def downsample_max(grid: np.ndarray, resolution: int) -> np.ndarray:
-    """Max-pool the last three axes of `grid` (R³) down to `resolution`³; R must be a multiple of it."""
-    r = grid.shape[-1]
-    if r == resolution:
-        return np.asarray(grid)
-    if r % resolution:
-        raise VoxdiffError(f"cannot pool a {r}³ grid to {resolution}³ (not a divisor)")
-    f = r // resolution
-    lead = grid.shape[:-3]
-    g = np.asarray(grid).reshape(*lead, resolution, f, resolution, f, resolution, f)
-    return g.max(axis=(-5, -3, -1))
 
 
 class VoxelDataset(Dataset):

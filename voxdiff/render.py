@@ -1,0 +1,542 @@
+"""Rendering: loss curves, PNG grids of voxel shapes and point clouds, mesh / point export.
+
+A leaf module (numpy, matplotlib Agg, scikit-image). Shapes are drawn fast and without a 3D axes: the occupied *surface*
+voxels of each drawn grid are projected orthographically by our own camera, lit with a Lambert term from normals
+estimated on the occupancy, coloured by height, sorted far-to-near and drawn as one 2D square-marker scatter. Only the
+shapes drawn are read, so a memory-mapped (1000, 128, 128, 128) samples file is rendered in about the time of its
+first few shapes.
+
+Conventions (ShapeNet, as voxelised by voxdiff.data): grid axes (i, j, k) = (x, y, z) with **y up**; the plot's
+vertical is the grid's j axis. A grid of resolution R spans the unit cube with voxel centres at index / (R - 1), which
+is also the frame of the exported meshes and point clouds, so they overlay.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
+
+from voxdiff.config import check_literal  # noqa: E402
+from voxdiff.utils import VoxdiffError, atomic_path, atomic_write_text  # noqa: E402
+
+ColorBy = Literal["height", "depth", "solid"]
+View = tuple[float, float]
+
+DEFAULT_VIEW: View = (22.0, -55.0)
+"""(elevation, azimuth) in degrees of the default camera: a three-quarter view from above."""
+DEFAULT_VIEWS: tuple[View, ...] = ((22.0, -55.0), (22.0, 35.0), (80.0, 0.0))
+"""Three views (front three-quarter, side three-quarter, top) used by `--views all` style callers."""
+
+_DPI = 100
+_MAX_SIDE_PX = 2**15  # Agg's hard limit is 2**16 pixels per side; stay well under it
+_TITLE_FRAC = 0.13  # fraction of a panel's height kept for its title
+_LIGHT = np.array([-0.45, 0.65, 0.62])  # camera-space light: from the upper left, in front of the shape
+_LIGHT = _LIGHT / np.linalg.norm(_LIGHT)
+_FILL = np.array([0.7, 0.1, 0.7]) / np.linalg.norm([0.7, 0.1, 0.7])  # a weaker fill light from the right
+# a soft blue -> teal -> sand -> coral ramp: legible on white, distinct from the grey "empty" text
+_CMAP = LinearSegmentedColormap.from_list("voxdiff", ["#3d6fa8", "#36a59c", "#e8c95f", "#e07a4f"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loss curves (used by training)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: str | os.PathLike[str]) -> None:
+    """Plot each key in `keys` against `step` from logged rows (rows lacking a key are skipped); log-y when positive."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    any_positive = True
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r and r[key] is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=key, lw=1)
+            any_positive &= min(ys) > 0
+    if any_positive and ax.lines:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# geometry helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def occupancy(grid: Any, threshold: float = 0.5) -> np.ndarray:
+    """Boolean (R,R,R) occupancy of one grid (`grid > threshold`; works for bool, uint8 {0,1} and probabilities)."""
+    g = np.asarray(grid)
+    if g.ndim != 3 or not (g.shape[0] == g.shape[1] == g.shape[2]):
+        raise VoxdiffError(f"a voxel grid must be (R,R,R); got shape {g.shape}")
+    if g.dtype == np.bool_:
+        return g
+    return g > threshold
+
+
+def surface_voxels(occ: np.ndarray) -> np.ndarray:
+    """(M,3) int indices of occupied voxels with at least one empty 6-neighbour (the only ones a camera can see)."""
+    p = np.pad(occ, 1)
+    interior = p[:-2, 1:-1, 1:-1] & p[2:, 1:-1, 1:-1] & p[1:-1, :-2, 1:-1] & p[1:-1, 2:, 1:-1]
+    interior &= p[1:-1, 1:-1, :-2] & p[1:-1, 1:-1, 2:]
+    return np.argwhere(occ & ~interior)
+
+
+def _normals(occ: np.ndarray, idx: np.ndarray, radius: int = 2) -> np.ndarray:
+    """Unit outward normals at voxel indices `idx`: minus the occupancy-weighted mean offset in a (2r+1)³ window.
+
+    Zero where no surface orientation is defined: a symmetric window (a thin bar) or fewer than 3 occupied 26-neighbours
+    (isolated voxels, as in the sparse grids voxelised from 2,048-point clouds); those are shaded by depth instead.
+    """
+    r = radius
+    p = np.pad(occ, r).astype(np.uint8).ravel()
+    size = occ.shape[0] + 2 * r
+    rng = np.arange(-r, r + 1)
+    off = np.stack(np.meshgrid(rng, rng, rng, indexing="ij"), -1).reshape(-1, 3)
+    off = off[np.abs(off).sum(1) > 0]
+    lin = (off[:, 0] * size + off[:, 1]) * size + off[:, 2]  # offsets in the flattened padded grid
+    base = ((idx[:, 0] + r) * size + idx[:, 1] + r) * size + idx[:, 2] + r
+    hits = p[base[None, :] + lin[:, None]].astype(np.float32)  # (124, M) occupancy of each window cell
+    wo = (off / np.linalg.norm(off, axis=1, keepdims=True) ** 2).astype(np.float32)  # unit direction / distance
+    n = -(wo.T @ hits).T  # (M, 3)
+    support = hits[np.abs(off).max(1) == 1].sum(0)  # occupied 26-neighbours
+    norm = np.linalg.norm(n, axis=1, keepdims=True)
+    ok = (norm > 0.3) & (support[:, None] >= 3)
+    return np.where(ok, n / np.maximum(norm, 1e-9), 0.0)
+
+
+def _rotation(view: View) -> np.ndarray:
+    """3x3 matrix taking world (x, y-up, z) to camera (u right, v up, w toward the viewer).
+
+    1. rotate about the vertical y axis by the azimuth a;  2. tilt about the camera's u axis by the elevation e, so that
+    e > 0 looks down on the shape (its top faces the viewer).  Rows: u = Ry x̂, v = (0, cos e, -sin e)·, w = (0, sin e,
+    cos e)· in the rotated frame; u × v = w (right-handed).
+    """
+    e, a = np.deg2rad(view[0]), np.deg2rad(view[1])
+    ry = np.array([[np.cos(a), 0.0, np.sin(a)], [0.0, 1.0, 0.0], [-np.sin(a), 0.0, np.cos(a)]])
+    rx = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(e), -np.sin(e)], [0.0, np.sin(e), np.cos(e)]])
+    return rx @ ry
+
+
+_CUBE = np.array([[x, y, z] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+_EDGES = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
+
+
+def _parse_views(views: Sequence[View] | None) -> list[View]:
+    try:
+        return [DEFAULT_VIEW] if not views else [(float(e), float(a)) for e, a in views]
+    except (TypeError, ValueError):
+        raise VoxdiffError(f"views must be (elevation, azimuth) pairs in degrees; got {views!r}") from None
+
+
+def _check_points_kw(max_points: int, color_by: str) -> None:
+    check_literal(color_by, ColorBy, "color_by")
+    if max_points < 1:
+        raise VoxdiffError(f"max_points must be >= 1; got {max_points}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one panel
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _draw_cloud(
+    ax: plt.Axes,
+    xyz: np.ndarray,
+    normals: np.ndarray | None,
+    view: View,
+    panel_px: int,
+    spacing: float,
+    point_size: float | None,
+    color_by: str,
+) -> None:
+    """Draw centred points `xyz` (in the cube [-0.5, 0.5]³) on a 2D axes, as seen from `view`.
+
+    1. project: camera coordinates c = R x (orthographic), axis limits from the projected unit cube, so every shape
+       drawn from one view shares one camera and scale;
+    2. shade: base colour from the colour map (height y, or depth w), times a key + fill Lambert term
+       0.42 + 0.48·max(0, n·l_key) + 0.22·max(0, n·l_fill) where a normal is defined, else a depth cue;
+    3. painter's order: sort by w ascending (far first) and draw as one square-marker scatter sized to the projected
+       point spacing, so the surface closes without holes.
+    """
+    rot = _rotation(view)
+    cube = _CUBE @ rot.T
+    lo, hi = cube[:, :2].min(0), cube[:, :2].max(0)
+    half = 0.5 * float((hi - lo).max()) * 1.04
+    mid = 0.5 * (lo + hi)
+    ax.set_xlim(mid[0] - half, mid[0] + half)
+    ax.set_ylim(mid[1] - half, mid[1] + half)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    for a, b in _EDGES:  # faint bounding cube for orientation: which way is up, where the grid ends
+        ax.plot(*cube[[a, b], :2].T, color="#c9ced6", lw=0.6, zorder=0)
+    if len(xyz) == 0:
+        return
+    c = xyz @ rot.T  # 1. (u, v, w)
+    wr = (c[:, 2] - cube[:, 2].min()) / max(np.ptp(cube[:, 2]), 1e-9)  # depth in [0,1], 1 = nearest
+    if color_by == "height":  # 2. base colour
+        base = _CMAP(np.clip(xyz[:, 1] + 0.5, 0.0, 1.0))[:, :3]
+    elif color_by == "depth":
+        base = _CMAP(np.clip(wr, 0.0, 1.0))[:, :3]
+    else:
+        base = np.broadcast_to(np.array([0.42, 0.56, 0.72]), (len(xyz), 3))
+    if normals is not None:
+        ncam = normals @ rot.T
+        shade = 0.42 + 0.48 * np.clip(ncam @ _LIGHT, 0.0, 1.0) + 0.22 * np.clip(ncam @ _FILL, 0.0, 1.0)
+        flat = np.linalg.norm(normals, axis=1) < 0.5  # thin bars / isolated voxels: no defined normal
+        shade[flat] = 0.6 + 0.4 * wr[flat]
+        sparse = flat.mean() > 0.5  # mostly isolated voxels: draw them a little larger so the shape reads
+    else:
+        shade = 0.55 + 0.45 * wr
+        sparse = False
+    rgb = np.clip(base * shade[:, None], 0.0, 1.0)
+    order = np.argsort(c[:, 2], kind="stable")  # 3. far to near
+    if point_size is None:
+        # spacing (in cube units) -> pixels -> points²; ×1.5 covers the diagonal of a rotated voxel
+        px = spacing / (2 * half) * panel_px * (1 - _TITLE_FRAC) * 1.5
+        point_size = (max(px, 2.6 if sparse else 1.8) * 72.0 / _DPI) ** 2  # >= ~2 px: 1-voxel bars stay visible
+    ax.scatter(c[order, 0], c[order, 1], s=point_size, c=rgb[order], marker="s", linewidths=0, zorder=1)
+
+
+def _voxel_points(
+    grid: Any, threshold: float, max_points: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """(centred xyz, normals, point spacing, occupied count) of a grid's surface voxels, subsampled to `max_points`."""
+    occ = occupancy(grid, threshold)
+    r = occ.shape[0]
+    n_occ = int(occ.sum())
+    idx = surface_voxels(occ) if n_occ else np.zeros((0, 3), np.int64)
+    spacing = 1.0 / max(r - 1, 1)
+    if len(idx) > max_points:  # a surface is 2D: keeping a fraction f widens the spacing by 1/sqrt(f)
+        keep = rng.choice(len(idx), max_points, replace=False)
+        spacing /= np.sqrt(max_points / len(idx))
+        idx = idx[np.sort(keep)]
+    nrm = _normals(occ, idx) if len(idx) else np.zeros((0, 3))
+    xyz = idx / max(r - 1, 1) - 0.5
+    return xyz, nrm, spacing, n_occ
+
+
+def _pct(x: float) -> str:
+    """Occupancy as a percentage with two significant digits (0.042%, 1.3%, 12%)."""
+    return f"{100 * x:.2g}%" if x > 0 else "0%"
+
+
+def _empty_label(ax: plt.Axes) -> None:
+    ax.text(0.5, 0.5, "empty", transform=ax.transAxes, ha="center", va="center", color="#8a8f98", fontsize=12)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _figure(nrows: int, ncols: int, panel_px: int, left_px: int = 0) -> tuple[plt.Figure, int, int]:
+    w, h = left_px + ncols * panel_px, nrows * panel_px
+    if max(w, h) > _MAX_SIDE_PX:
+        raise VoxdiffError(f"figure of {w}x{h} px is too large; draw fewer shapes or a smaller panel_px")
+    fig = plt.figure(figsize=(w / _DPI, h / _DPI), dpi=_DPI, facecolor="white")
+    return fig, w, h
+
+
+def _panel(fig: plt.Figure, row: int, col: int, w: int, h: int, panel_px: int, left_px: int = 0) -> plt.Axes:
+    """Axes filling cell (row, col) exactly, minus a title strip on top (so the PNG size is exact and predictable)."""
+    x0 = (left_px + col * panel_px) / w
+    y0 = 1.0 - (row + 1) * panel_px / h
+    return fig.add_axes((x0, y0, panel_px / w, panel_px * (1 - _TITLE_FRAC) / h))
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
+    finally:
+        plt.close(fig)
+
+
+def _title(ax: plt.Axes, text: str, fontsize: float) -> None:
+    ax.set_title(text, fontsize=fontsize, pad=3, color="#222222")
+
+
+def _check_grids(grids: Any) -> int:
+    shape = getattr(grids, "shape", None)
+    if shape is not None and len(shape) != 4:
+        raise VoxdiffError(f"grids must be (N,R,R,R); got shape {tuple(shape)}")
+    n = len(grids)
+    if n == 0:
+        raise VoxdiffError("no shapes to draw")
+    return n
+
+
+def render_voxels(
+    grids: Any,
+    path: str | os.PathLike[str],
+    titles: Sequence[str] | None = None,
+    ncols: int | None = None,
+    views: Sequence[View] | None = None,
+    max_points: int = 16_000,
+    point_size: float | None = None,
+    color_by: ColorBy = "height",
+    threshold: float = 0.5,
+    panel_px: int = 240,
+    seed: int = 0,
+) -> Path:
+    """Write a PNG of voxel shapes: a grid of shapes (one view) or one row per shape × one column per view.
+
+    grids: (N,R,R,R) array-like — an np.memmap is fine, only `grids[i]` of each drawn shape is read. Occupancy is
+    `grid > threshold`. titles: one per shape (default: its index). views: (elevation, azimuth) pairs in degrees.
+    max_points caps the surface voxels drawn per panel (a seeded subsample with larger markers). Empty shapes get a
+    panel labelled "empty". The image is exactly (ncols·panel_px) × (nrows·panel_px) pixels. Returns the path.
+    """
+    _check_points_kw(max_points, color_by)
+    n = _check_grids(grids)
+    vs = _parse_views(views)
+    if titles is not None and len(titles) != n:
+        raise VoxdiffError(f"got {len(titles)} titles for {n} shapes")
+    names = [str(t) for t in titles] if titles is not None else [str(i) for i in range(n)]
+    if len(vs) == 1:
+        ncols = max(1, min(ncols or min(n, 8), n))
+        nrows = -(-n // ncols)
+        cells = [(i // ncols, i % ncols, i, 0) for i in range(n)]
+    else:  # shapes × views
+        ncols, nrows = len(vs), n
+        cells = [(i, j, i, j) for i in range(n) for j in range(len(vs))]
+    fig, w, h = _figure(nrows, ncols, panel_px)
+    fs = max(7.0, panel_px / 24)
+    rng = np.random.default_rng(seed)
+    cache: tuple[int, tuple[np.ndarray, np.ndarray, float, int]] | None = None
+    for row, col, i, j in cells:
+        if cache is None or cache[0] != i:  # read each shape once, even across views
+            cache = (i, _voxel_points(grids[i], threshold, max_points, rng))
+        xyz, nrm, spacing, n_occ = cache[1]
+        ax = _panel(fig, row, col, w, h, panel_px)
+        _draw_cloud(ax, xyz, nrm, vs[j], panel_px, spacing, point_size, color_by)
+        if n_occ == 0:
+            _empty_label(ax)
+        label = names[i] if (len(vs) == 1 or j == 0) else ""
+        if len(vs) > 1 and row == 0:
+            label = f"{label}  (elev {vs[j][0]:g}°, azim {vs[j][1]:g}°)".strip()
+        _title(ax, label, fs)
+    _save(fig, path)
+    return Path(path)
+
+
+def plot_pointclouds(
+    points: Any,
+    path: str | os.PathLike[str],
+    titles: Sequence[str] | None = None,
+    ncols: int | None = None,
+    views: Sequence[View] | None = None,
+    max_points: int = 16_000,
+    point_size: float | None = None,
+    color_by: ColorBy = "height",
+    panel_px: int = 240,
+    seed: int = 0,
+) -> Path:
+    """Write a PNG grid of raw point clouds (N,P,3) in (x, y-up, z), drawn with the same camera and look as voxels.
+
+    All clouds share one isotropic normalisation (the joint bounding box mapped into the unit cube), so relative sizes
+    are kept; points have no normals, so shading is by depth. Layout and sizing as in `render_voxels`.
+    """
+    _check_points_kw(max_points, color_by)
+    pts = [np.asarray(p, dtype=np.float64) for p in points]
+    if not pts:
+        raise VoxdiffError("no point clouds to draw")
+    for k, p in enumerate(pts):
+        if p.ndim != 2 or p.shape[1] != 3:
+            raise VoxdiffError(f"point cloud {k} must be (P,3); got shape {p.shape}")
+        if not np.isfinite(p).all():
+            raise VoxdiffError(f"point cloud {k} holds NaN or inf")
+    n = len(pts)
+    if titles is not None and len(titles) != n:
+        raise VoxdiffError(f"got {len(titles)} titles for {n} point clouds")
+    names = [str(t) for t in titles] if titles is not None else [str(i) for i in range(n)]
+    vs = _parse_views(views)
+    nonempty = [p for p in pts if len(p)]
+    if nonempty:
+        allp = np.concatenate(nonempty)
+        lo, hi = allp.min(0), allp.max(0)
+        centre, scale = 0.5 * (lo + hi), max(float((hi - lo).max()), 1e-9)
+    else:
+        centre, scale = np.zeros(3), 1.0
+    if len(vs) == 1:
+        ncols = max(1, min(ncols or min(n, 8), n))
+        nrows = -(-n // ncols)
+        cells = [(i // ncols, i % ncols, i, 0) for i in range(n)]
+    else:
+        ncols, nrows = len(vs), n
+        cells = [(i, j, i, j) for i in range(n) for j in range(len(vs))]
+    fig, w, h = _figure(nrows, ncols, panel_px)
+    fs = max(7.0, panel_px / 24)
+    rng = np.random.default_rng(seed)
+    for row, col, i, j in cells:
+        p = pts[i]
+        if len(p) > max_points:
+            p = p[np.sort(rng.choice(len(p), max_points, replace=False))]
+        xyz = (p - centre) / scale
+        spacing = 1.0 / max(np.sqrt(len(p)), 1.0) * 0.9  # typical spacing of P points on a unit-ish surface
+        ax = _panel(fig, row, col, w, h, panel_px)
+        _draw_cloud(ax, xyz, None, vs[j], panel_px, spacing, point_size, color_by)
+        if len(p) == 0:
+            _empty_label(ax)
+        label = names[i] if (len(vs) == 1 or j == 0) else ""
+        _title(ax, label, fs)
+    _save(fig, path)
+    return Path(path)
+
+
+def render_samples_sheet(
+    arrays: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    n_per_row: int = 8,
+    view: View = DEFAULT_VIEW,
+    max_points: int = 15_000,
+    color_by: ColorBy = "height",
+    threshold: float = 0.5,
+    panel_px: int = 200,
+    seed: int = 0,
+) -> Path:
+    """Write a PNG with one row per named set (e.g. "chair data", "chair samples"), the first `n_per_row` shapes each.
+
+    arrays: name -> (N,R,R,R) array-like (memmaps fine; sets may differ in N and R). The row's name is written in a left
+    margin; each panel is titled with the shape's index and occupancy. Empty shapes are labelled "empty".
+    """
+    _check_points_kw(max_points, color_by)
+    if not arrays:
+        raise VoxdiffError("no arrays to draw")
+    if n_per_row < 1:
+        raise VoxdiffError(f"n_per_row must be >= 1; got {n_per_row}")
+    for name, arr in arrays.items():
+        try:
+            _check_grids(arr)
+        except VoxdiffError as e:
+            raise VoxdiffError(f"{name}: {e}") from None
+    ncols = min(n_per_row, max(len(a) for a in arrays.values()))
+    left_px = int(panel_px * 0.35)
+    fig, w, h = _figure(len(arrays), ncols, panel_px, left_px)
+    fs = max(7.0, panel_px / 26)
+    rng = np.random.default_rng(seed)
+    for row, (name, arr) in enumerate(arrays.items()):
+        y = 1.0 - (row + 0.5) * panel_px / h
+        fig.text(left_px / 2 / w, y, name, rotation=90, ha="center", va="center", fontsize=fs * 1.25, weight="bold")
+        for col in range(min(ncols, len(arr))):
+            xyz, nrm, spacing, n_occ = _voxel_points(arr[col], threshold, max_points, rng)
+            ax = _panel(fig, row, col, w, h, panel_px, left_px)
+            _draw_cloud(ax, xyz, nrm, view, panel_px, spacing, None, color_by)
+            if n_occ == 0:
+                _empty_label(ax)
+            r = np.asarray(arr[col]).shape[-1]
+            _title(ax, f"{col}  ·  {_pct(n_occ / r**3)}", fs)
+    _save(fig, path)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# mesh / point export
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _smoothed_field(occ: np.ndarray, sigma: float) -> np.ndarray:
+    """Float field whose 0.5 level set is a smoothed voxel surface, padded by one empty voxel so it closes.
+
+    1. pad by 1 and Gaussian-blur the occupancy with `sigma` (voxels);
+    2. clamp: occupied voxels keep ≥ 0.55, empty ones ≤ 0.45, so the blur moves the surface *within* voxels but never
+       drops a 1-voxel bar or fills a 1-voxel gap (a plain blur would erase thin legs and fuselages).
+    """
+    f = np.pad(occ, 1).astype(np.float32)
+    if sigma > 0:
+        from skimage.filters import gaussian
+
+        inside = f > 0.5
+        f = gaussian(f, sigma=sigma, mode="constant", cval=0.0, preserve_range=True).astype(np.float32)
+        f = np.where(inside, np.maximum(f, 0.55), np.minimum(f, 0.45))
+    return f
+
+
+def mesh_from_grid(grid: Any, threshold: float = 0.5, smooth: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices (V,3) float32 in [0,1]³, faces (F,3) int32) of a grid's surface by marching cubes (Lewiner).
+
+    Vertex coordinates are voxel indices / (R-1) in (x, y-up, z), the frame of the voxel centres; the half voxel that
+    the surface of a shape touching the grid's border reaches beyond it is clipped back onto [0, 1]. Faces wind so that
+    normals point outward. Raises VoxdiffError for an empty grid.
+    """
+    from skimage.measure import marching_cubes
+
+    occ = occupancy(grid, threshold)
+    if not occ.any():
+        raise VoxdiffError("empty grid: nothing to mesh")
+    r = occ.shape[0]
+    field = _smoothed_field(occ, smooth)
+    verts, faces, _, _ = marching_cubes(field, level=0.5, allow_degenerate=False)
+    verts = np.clip((verts - 1.0) / max(r - 1, 1), 0.0, 1.0).astype(np.float32)
+    return verts, faces.astype(np.int32)
+
+
+def _write_ply(path: Path, verts: np.ndarray, faces: np.ndarray | None, binary: bool) -> None:
+    header = ["ply", f"format {'binary_little_endian' if binary else 'ascii'} 1.0", "comment written by voxdiff"]
+    header += [f"element vertex {len(verts)}", "property float x", "property float y", "property float z"]
+    if faces is not None:
+        header += [f"element face {len(faces)}", "property list uchar int vertex_indices"]
+    header.append("end_header")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        if binary:
+            f.write(np.ascontiguousarray(verts, dtype="<f4").tobytes())
+            if faces is not None:
+                rec = np.empty(len(faces), dtype=[("n", "u1"), ("v", "<i4", (3,))])
+                rec["n"], rec["v"] = 3, faces
+                f.write(rec.tobytes())
+        else:
+            np.savetxt(f, verts, fmt="%.6f")
+            if faces is not None:
+                np.savetxt(f, np.column_stack([np.full(len(faces), 3), faces]), fmt="%d")
+
+
+def export_mesh(
+    grid: Any, path: str | os.PathLike[str], threshold: float = 0.5, smooth: float = 0.7, binary: bool = True
+) -> tuple[int, int]:
+    """Marching-cubes mesh of one (R,R,R) grid written to `path`: .ply (binary unless binary=False) or .obj (text).
+
+    Coordinates in [0,1]³ (index / (R-1)), y up, so the mesh overlays `export_pointcloud` and the data's point clouds.
+    `smooth` is the Gaussian sigma in voxels (0 = blocky, topology is preserved either way). Returns (vertices, faces).
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".ply", ".obj"):
+        raise VoxdiffError(f"mesh path must end in .ply or .obj; got {p.name!r}")
+    verts, faces = mesh_from_grid(grid, threshold, smooth)
+    if suffix == ".ply":
+        _write_ply(p, verts, faces, binary)
+    else:
+        lines = ["# written by voxdiff: marching cubes of a voxel grid, coordinates in [0,1], y up"]
+        lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in verts.tolist()]
+        lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces.tolist()]  # OBJ indices are 1-based
+        atomic_write_text(p, "\n".join(lines) + "\n")
+    return len(verts), len(faces)
+
+
+def export_pointcloud(
+    grid: Any, path: str | os.PathLike[str], threshold: float = 0.5, surface_only: bool = False, binary: bool = True
+) -> int:
+    """Write one grid's occupied voxel centres as a .ply point cloud in [0,1]³ (index / (R-1)); returns the count."""
+    p = Path(path)
+    if p.suffix.lower() != ".ply":
+        raise VoxdiffError(f"point cloud path must end in .ply; got {p.name!r}")
+    occ = occupancy(grid, threshold)
+    idx = surface_voxels(occ) if surface_only else np.argwhere(occ)
+    verts = (idx / max(occ.shape[0] - 1, 1)).astype(np.float32)
+    _write_ply(p, verts, None, binary)
+    return len(verts)
