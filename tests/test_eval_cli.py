@@ -1,0 +1,120 @@
+"""eval.py: the reference's output lines, the JSON record, and one-line errors for every bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from voxdiff import metrics
+from voxdiff.utils import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_eval():
+    spec = importlib.util.spec_from_file_location("voxdiff_eval_cli", ROOT / "eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def eval_cli():
+    return _load_eval()
+
+
+@pytest.fixture(scope="module")
+def samples_file(tiny_voxel_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    s = np.load(tiny_voxel_dir / "chair_voxels_train.npy").copy()
+    s[0] = 0  # one empty sample
+    p = tmp_path_factory.mktemp("samples") / "samples.npy"
+    np.save(p, s)
+    return p
+
+
+def _refs(d: Path) -> np.ndarray:
+    return np.concatenate([np.load(d / "chair_voxels_test.npy"), np.load(d / "chair_voxels_val.npy")])
+
+
+def test_cli_prints_reference_lines_and_writes_json(python, tiny_voxel_dir, samples_file, tmp_path):
+    out_json = tmp_path / "scores.json"
+    cmd = [python, str(ROOT / "eval.py"), "chair", str(samples_file), "--dataset_path", str(tiny_voxel_dir)]
+    cmd += ["--json", str(out_json), "--seed", "7", "--no_progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [ln.split(": ")[0] for ln in lines] == ["JSD", "MMD", "COV", "1-NNA"]
+    values = [float(ln.split(": ")[1]) for ln in lines]
+    # same numbers as the library on test-then-val references, printed with Python's repr
+    want = metrics.evaluate(np.load(samples_file), _refs(tiny_voxel_dir), progress=False)
+    assert lines == [f"JSD: {want['jsd']}", f"MMD: {want['mmd']}", f"COV: {want['cov']}", f"1-NNA: {want['nna']}"]
+    assert 0.0 <= values[3] <= 1.0
+    assert "1 of 8 samples are empty" in proc.stderr
+    rec = json.loads(out_json.read_text())
+    assert rec["jsd"] == values[0] and rec["nna"] == values[3]
+    assert rec["n_samples"] == 8 and rec["n_empty_samples"] == 1 and rec["resolution"] == 32
+    assert rec["reference"]["files"] == ["chair_voxels_test.npy", "chair_voxels_val.npy"]
+    assert rec["reference"]["count"] == 8
+    assert rec["reference"]["sha256"] == hashlib.sha256(_refs(tiny_voxel_dir).tobytes()).hexdigest()
+    assert rec["seed"] == 7 and rec["voxdiff_version"] and rec["elapsed_s"] > 0
+    assert rec["sample_mean_occupancy"] > 0 and rec["ref_mean_occupancy"] > 0
+
+
+def test_cli_error_is_one_line_and_exit_2_in_a_subprocess(python, tiny_voxel_dir, samples_file):
+    cmd = [python, str(ROOT / "eval.py"), "sofa", str(samples_file), "--dataset_path", str(tiny_voxel_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "unknown category 'sofa'" in proc.stderr
+
+
+def _write(tmp_path: Path, arr: np.ndarray) -> str:
+    p = tmp_path / "bad.npy"
+    np.save(p, arr)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "make, msg",
+    [
+        (lambda r: np.full((2, r, r, r), np.nan, np.float32), "NaN"),
+        (lambda r: np.zeros((2, r, r), np.uint8), r"\(N,R,R,R\)"),
+        (lambda r: np.full((2, r, r, r), 0.7, np.float32), "--threshold 0.5"),
+        (lambda r: np.zeros((2, 16, 16, 16), np.uint8), "16³ but references are 32³"),
+    ],
+)
+def test_cli_bad_samples(eval_cli, tiny_voxel_dir, tmp_path, capsys, make, msg):
+    path = _write(tmp_path, make(32))
+    out_json = tmp_path / "o.json"
+    argv = ["chair", path, "--dataset_path", str(tiny_voxel_dir), "--no_progress", "--json", str(out_json)]
+    with pytest.raises(SystemExit) as e:
+        run_cli(eval_cli.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and re.search(msg, err), err
+    assert not out_json.exists() and not list(tmp_path.glob(".o.json*"))
+
+
+def test_cli_missing_files(eval_cli, tiny_voxel_dir, samples_file, tmp_path, capsys):
+    for argv, msg in [
+        (["chair", str(tmp_path / "nope.npy"), "--dataset_path", str(tiny_voxel_dir)], "samples file not found"),
+        (["chair", str(samples_file), "--dataset_path", str(tmp_path)], "voxel file not found"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            run_cli(eval_cli.main, argv + ["--no_progress"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.count("\n") == 0 and msg in err, err
+
+
+def test_cli_threshold_accepts_probabilities(eval_cli, tiny_voxel_dir, samples_file, tmp_path, capsys):
+    prob = np.load(samples_file).astype(np.float32) * 0.8 + 0.1
+    argv = ["chair", _write(tmp_path, prob), "--dataset_path", str(tiny_voxel_dir), "--no_progress"]
+    got = eval_cli.main(argv + ["--threshold", "0.5", "--device", "cpu"])
+    want = metrics.evaluate(np.load(samples_file), _refs(tiny_voxel_dir), progress=False)
+    assert (got["jsd"], got["mmd"], got["cov"], got["nna"]) == (want["jsd"], want["mmd"], want["cov"], want["nna"])
+    assert capsys.readouterr().out.startswith("JSD: ")

@@ -1,0 +1,219 @@
+"""voxdiff.metrics against a brute-force KD-tree implementation of the written definitions (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from voxdiff import metrics
+from voxdiff.utils import VoxdiffError
+
+# ------------------------------------------------------------------------------------------ brute-force reference
+
+
+def _points(grid: np.ndarray) -> np.ndarray:
+    return np.argwhere(grid > 0).astype(np.float64) / (grid.shape[-1] - 1)
+
+
+def _cd(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) == 0 or len(y) == 0:
+        return math.inf
+    dy, _ = cKDTree(x).query(y)  # each point of y to its nearest in x
+    dx, _ = cKDTree(y).query(x)
+    return float(np.mean(dy**2) + np.mean(dx**2))
+
+
+def _brute_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    pa, pb = [_points(g) for g in a], [_points(g) for g in b]
+    return np.array([[_cd(x, y) for y in pb] for x in pa])
+
+
+def _brute_jsd(s: np.ndarray, r: np.ndarray, eps: float = 1e-10) -> float:
+    p = s.sum(0).astype(np.float64).ravel()
+    q = r.sum(0).astype(np.float64).ravel()
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(u: np.ndarray, v: np.ndarray) -> float:
+        return float(np.sum((u + eps) * np.log((u + eps) / (v + eps))))
+
+    return (kl(p, m) + kl(q, m)) / 2
+
+
+def _brute_all(s: np.ndarray, r: np.ndarray) -> dict[str, float]:
+    d = _brute_matrix(np.concatenate([s, r]), np.concatenate([s, r]))
+    n = len(s)
+    d_sr = d[:n, n:]
+    mmd = float(np.mean(d_sr.min(axis=0)))
+    live = np.isfinite(d_sr).any(axis=1)
+    cov = len(set(np.argmin(d_sr[live], axis=1).tolist())) / len(r)
+    np.fill_diagonal(d, np.inf)
+    lab = np.r_[np.zeros(n), np.ones(len(r))]
+    nn = np.argmin(d, axis=1)
+    correct = (lab[nn] == lab) | ~np.isfinite(d.min(axis=1))
+    return {"jsd": _brute_jsd(s, r), "mmd": mmd, "cov": cov, "nna": float(correct.mean())}
+
+
+# ------------------------------------------------------------------------------------------------------- fixtures
+
+
+def _sparse_set(n: int, r: int, rng: np.random.Generator, density: float = 0.01) -> np.ndarray:
+    """Random sparse shapes: a few blobs of surface-like points plus noise voxels (never empty)."""
+    g = np.zeros((n, r, r, r), np.uint8)
+    for i in range(n):
+        c = rng.uniform(0.3, 0.7, 3) * (r - 1)
+        k = max(4, int(density * r**3))
+        p = rng.normal(size=(k, 3))
+        p = c + p / np.linalg.norm(p, axis=1, keepdims=True) * rng.uniform(0.1, 0.35) * r
+        p = np.clip(np.rint(p), 0, r - 1).astype(int)
+        g[i][tuple(p.T)] = 1
+    return g
+
+
+@pytest.fixture(scope="module")
+def sets() -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return {r: (_sparse_set(14, r, rng), _sparse_set(11, r, rng)) for r in (16, 32)}
+
+
+# ------------------------------------------------------------------------------------------------------ the tests
+
+
+@pytest.mark.parametrize("r", [16, 32])
+def test_evaluate_matches_brute_force(sets, r):
+    s, ref = sets[r]
+    got = metrics.evaluate(s, ref, progress=False)
+    want = _brute_all(s, ref)
+    for key in ("jsd", "mmd", "cov", "nna"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=0), key
+    assert got["n_samples"] == len(s) and got["n_refs"] == len(ref) and got["n_empty_samples"] == 0
+
+
+def test_chamfer_matrix_matches_brute_force(sets):
+    s, ref = sets[16]
+    d = metrics.chamfer_matrix(s[:5], ref[:7])
+    np.testing.assert_allclose(d, _brute_matrix(s[:5], ref[:7]), rtol=1e-12)
+    d_ss, d_sr, d_rr = metrics.chamfer_blocks(s[:5], ref[:7])
+    np.testing.assert_array_equal(d_sr, d)
+    np.testing.assert_allclose(d_ss, _brute_matrix(s[:5], s[:5]), rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(d_rr, d_rr.T)
+
+
+@pytest.mark.parametrize("r", [16, 32])
+def test_torch_engine_equals_numpy(sets, r):
+    s, ref = sets[r]
+    a = metrics.chamfer_blocks(s, ref, engine="numpy")
+    b = metrics.chamfer_blocks(s, ref, engine="torch", device="cpu")
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_edt_backends_agree_with_kdtree():
+    rng = np.random.default_rng(3)
+    r = 20
+    idx = np.unique(rng.integers(0, r**3, 30))
+    d2 = metrics.edt_sq(idx, r)
+    grid = np.stack(np.unravel_index(np.arange(r**3), (r,) * 3), 1)
+    want, _ = cKDTree(np.stack(np.unravel_index(idx, (r,) * 3), 1)).query(grid)
+    np.testing.assert_array_equal(d2, np.rint(want**2))
+
+
+def test_workers_give_same_result(sets, monkeypatch):
+    s, ref = sets[16]
+    monkeypatch.setattr(metrics, "MIN_PARALLEL_SHAPES", 0)  # really start the process pool
+    a = metrics.chamfer_blocks(s[:6], ref[:6], workers=1)[1]
+    b = metrics.chamfer_blocks(s[:6], ref[:6], workers=2)[1]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_float_and_bool_inputs_equal_uint8(sets):
+    s, ref = sets[16]
+    base = metrics.evaluate(s, ref, progress=False)
+    for conv in (lambda x: x.astype(bool), lambda x: x.astype(np.float32)):
+        got = metrics.evaluate(conv(s), ref, progress=False)
+        assert [got[k] for k in ("jsd", "mmd", "cov", "nna")] == [base[k] for k in ("jsd", "mmd", "cov", "nna")]
+
+
+def test_threshold_binarises_probabilities(sets):
+    s, ref = sets[16]
+    prob = s.astype(np.float32) * 0.9 + 0.05  # occupied 0.95, empty 0.05
+    with pytest.raises(VoxdiffError, match="--threshold 0.5"):
+        metrics.evaluate(prob, ref, progress=False)
+    got = metrics.evaluate(prob, ref, progress=False, threshold=0.5)
+    assert got["mmd"] == metrics.evaluate(s, ref, progress=False)["mmd"]
+
+
+def test_list_of_references_is_concatenation(sets):
+    s, ref = sets[16]
+    a = metrics.evaluate(s, ref, progress=False)
+    b = metrics.evaluate(s, [ref[:4], ref[4:]], progress=False)
+    assert (a["mmd"], a["cov"], a["nna"], a["jsd"]) == (b["mmd"], b["cov"], b["nna"], b["jsd"])
+
+
+def test_empty_samples_are_counted_and_metrics_stay_finite(sets):
+    s, ref = sets[16]
+    s = s.copy()
+    s[[1, 4]] = 0
+    got = metrics.evaluate(s, ref, progress=False)
+    want = _brute_all(s, ref)
+    assert got["n_empty_samples"] == 2
+    for key in ("jsd", "mmd", "cov", "nna"):
+        assert math.isfinite(got[key])
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    d = metrics.chamfer_matrix(s[:3], ref[:3])
+    assert np.isinf(d[1]).all() and np.isfinite(d[[0, 2]]).all()
+
+
+def test_all_samples_empty_convention(sets):
+    _, ref = sets[16]
+    got = metrics.evaluate(np.zeros((3, 16, 16, 16), np.uint8), ref, progress=False)
+    assert got["all_samples_empty"] and got["n_empty_samples"] == 3
+    assert got["mmd"] == metrics.CD_MAX and got["cov"] == 0.0 and got["jsd"] == pytest.approx(math.log(2))
+    assert got["nna"] == 1.0  # empty samples are trivially told apart; references find each other
+
+
+def test_empty_reference_is_refused(sets):
+    s, ref = sets[16]
+    ref = ref.copy()
+    ref[2] = 0
+    with pytest.raises(VoxdiffError, match="empty"):
+        metrics.evaluate(s, ref, progress=False)
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (np.full((2, 16, 16, 16), np.nan, np.float32), "NaN"),
+        (np.zeros((2, 16, 16), np.uint8), r"\(N,R,R,R\)"),
+        (np.zeros((2, 16, 16, 8), np.uint8), r"\(N,R,R,R\)"),
+        (np.full((2, 16, 16, 16), 2, np.uint8), "outside"),
+        (np.zeros((2, 8, 8, 8), np.uint8), "8³ but references are 16³"),
+        (np.zeros((0, 16, 16, 16), np.uint8), "0 shapes"),
+    ],
+)
+def test_bad_inputs_are_refused(sets, bad, msg):
+    _, ref = sets[16]
+    with pytest.raises(VoxdiffError, match=msg):
+        metrics.evaluate(bad, ref, progress=False)
+
+
+def test_mmd_cov_and_one_nna_on_hand_matrices():
+    d = np.array([[1.0, 5.0, 9.0], [2.0, 0.5, 9.0]])
+    mmd, cov = metrics.mmd_cov(d)
+    assert mmd == pytest.approx((1.0 + 0.5 + 9.0) / 3) and cov == pytest.approx(2 / 3)
+    # samples far from references, each set tight: every item's neighbour is in its own set -> 1.0
+    d_ss = np.array([[0, 1.0], [1.0, 0]])
+    d_rr = np.array([[0, 1.0], [1.0, 0]])
+    assert metrics.one_nna(d_ss, np.full((2, 2), 10.0), d_rr) == 1.0
+    # each sample sits on a reference: every neighbour is from the other set -> 0.0
+    assert metrics.one_nna(d_ss, np.array([[0.1, 5], [5, 0.1]]), d_rr) == 0.0
+
+
+def test_jsd_is_zero_for_identical_sets_and_symmetric(sets):
+    s, ref = sets[32]
+    assert metrics.jsd(s, s) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.jsd(s, ref) == pytest.approx(metrics.jsd(ref, s), rel=1e-12)
+    assert 0 < metrics.jsd(s, ref) <= math.log(2)
