@@ -196,7 +196,7 @@ class LDMTrainConfig:
     seed: int = 0
     resume: bool = False
     log_every: int = 10
-    sample_every: int = 0  # 0 = render samples only at the end
+    sample_every: int = 0  # steps between sample renders; 0 = only at the end, < 0 = never
     ckpt_every: int = 500  # steps between last.pt saves (and held-out evaluations for best.pt)
     weight_decay: float = 0.0
     latent_cache_dir: str = ""  # "" = `latents/` beside the AE checkpoint

@@ -1,0 +1,192 @@
+"""Sampling: CFG helper conventions, the loop, sample_to_files / diffusion/sample.py end to end, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from voxdiff.checkpoint import save_checkpoint
+from voxdiff.config import AEConfig, AETrainConfig, LDMTrainConfig, SampleConfig, SchedulerConfig, UNetConfig, to_dict
+from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.models.unet3d import UNet3D
+from voxdiff.sampling import guided_eps, sample_latents, sample_to_files, upsample_nearest
+from voxdiff.schedulers import make_scheduler
+from voxdiff.utils import VoxdiffError
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4, num_heads=2, dropout=0.0)
+OCC = {"airplane": 40.0, "chair": 120.0, "table": 90.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test machine's cores are shared: one intra-op thread is faster than two contending ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_ae_ckpt(path: Path, resolution: int = 32) -> Path:
+    """A randomly initialised tiny AE saved like the AE trainer does (stats and occupancy in extra)."""
+    torch.manual_seed(0)
+    cfg = AEConfig(resolution=resolution, channels=(4, 8, 8))
+    ae = VoxelAutoencoder(cfg)
+    save_checkpoint(path, kind="autoencoder", config=to_dict(AETrainConfig(model=cfg)), model=ae.state_dict(),
+                    extra={"latent_mean": [0.1] * 16, "latent_std": [2.0] * 16, "threshold": 0.5,
+                           "occupancy": {str(resolution): OCC}})
+    return path
+
+
+def make_ldm_ckpt(path: Path, use_cfg: bool = True, num_classes: int = 3, side: int = 4) -> Path:
+    """A randomly initialised tiny LDM checkpoint (no training needed to test the plumbing)."""
+    torch.manual_seed(1)
+    unet = UNetConfig(**{**to_dict(TINY), "ch_mult": (1, 2), "attn_levels": (1,), "num_classes": num_classes})
+    model = UNet3D(unet)
+    cfg = LDMTrainConfig(use_cfg=use_cfg, cfg_dropout=0.1 if use_cfg else 0.0, model=unet,
+                         scheduler=SchedulerConfig(num_train_timesteps=100))
+    save_checkpoint(path, kind="ldm", config=to_dict(cfg), model=model.state_dict(), ema=model.state_dict(),
+                    step=7, extra={"latent_shape": [16, side, side, side], "latent_mean": [0.1] * 16,
+                                   "latent_std": [2.0] * 16, "ae_hash": None})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpts")
+    return {"ae": make_ae_ckpt(d / "ae.pt"), "ldm": make_ldm_ckpt(d / "ldm.pt"),
+            "ldm_nocfg": make_ldm_ckpt(d / "ldm_nocfg.pt", use_cfg=False),
+            "ldm_5cls": make_ldm_ckpt(d / "ldm_5cls.pt", num_classes=5),
+            "ae64": make_ae_ckpt(d / "ae64.pt", resolution=64)}
+
+
+class Spy(torch.nn.Module):
+    """A fake ε-model recording the labels of every call; output depends on x, t and y."""
+
+    null_class = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls.append(y.clone())
+        return 0.1 * x + 0.01 * t.float().view(-1, 1, 1, 1, 1) + (y.float() + 1).view(-1, 1, 1, 1, 1)
+
+
+def test_guided_eps_conventions() -> None:
+    spy, x, y = Spy(), torch.randn(3, 16, 2, 2, 2), torch.tensor([0, 1, 2])
+    eps_c, eps_u = spy(x, torch.full((3,), 5), y), spy(x, torch.full((3,), 5), torch.full((3,), 3))
+    spy.calls.clear()
+    out = guided_eps(spy, x, 5, y, 2.0)
+    assert len(spy.calls) == 1, "both branches must run in one batched forward"
+    assert torch.equal(spy.calls[0], torch.tensor([0, 1, 2, 3, 3, 3])), "second half must be the null class"
+    torch.testing.assert_close(out, 3.0 * eps_c - 2.0 * eps_u)
+    torch.testing.assert_close(guided_eps(spy, x, 5, y, -1.0), eps_u)
+    assert torch.equal(guided_eps(spy, x, 5, y, 0.0), eps_c)  # w = 0 is exactly the conditional prediction
+
+
+def test_guided_eps_w0_exact_with_a_real_unet() -> None:
+    torch.manual_seed(0)
+    model = UNet3D(TINY).eval()
+    x, y = torch.randn(2, 16, 4, 4, 4), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(guided_eps(model, x, 30, y, 0.0), model(x, torch.tensor([30, 30]), y))
+        uncond = model(x, torch.tensor([30, 30]), torch.full((2,), model.null_class))
+        torch.testing.assert_close(guided_eps(model, x, 30, y, -1.0), uncond, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_latents_is_seeded() -> None:
+    torch.manual_seed(0)
+    model = UNet3D(TINY).eval()
+    sched = make_scheduler("ddpm", SchedulerConfig(num_train_timesteps=6))
+    y = torch.tensor([0, 1])
+    runs = [sample_latents(model, sched, y, torch.Generator().manual_seed(s), 1.0, latent_shape=(16, 4, 4, 4))
+            for s in (3, 3, 4)]
+    assert runs[0].shape == (2, 16, 4, 4, 4) and torch.isfinite(runs[0]).all()
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_upsample_nearest() -> None:
+    g = torch.arange(8, dtype=torch.uint8).reshape(1, 2, 2, 2)
+    up = upsample_nearest(g, 2)
+    assert up.shape == (1, 4, 4, 4) and up[0, 3, 3, 3] == 7 and up[0, 0, 1, 0] == 0 and up[0, 2, 0, 0] == 4
+
+
+def _cfg(ckpts: dict[str, Path], save_dir: Path, **kw) -> SampleConfig:
+    base = dict(ldm_ckpt_path=str(ckpts["ldm"]), ae_ckpt_path=str(ckpts["ae"]), save_dir=str(save_dir),
+                categories=("chair", "table"), num_samples=5, batch_size=2, sampler="ddim", steps=4, eta=0.5,
+                resolution=64, device="cpu", seed=3)
+    return SampleConfig(**{**base, **kw})
+
+
+def test_sample_resume_equals_uninterrupted(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    full = sample_to_files(_cfg(ckpts, tmp_path / "full"), progress=False)
+    assert full["complete"]
+    part = sample_to_files(_cfg(ckpts, tmp_path / "part"), progress=False, max_batches=2)
+    assert not part["complete"] and not (tmp_path / "part" / "chair.npy").exists()  # nothing half-written
+    again = sample_to_files(_cfg(ckpts, tmp_path / "part"), progress=False)
+    assert again["complete"] and again["categories"]["chair"]["batches_new"] == 1
+    for cat in ("chair", "table"):
+        a, b = np.load(tmp_path / "full" / f"{cat}.npy"), np.load(tmp_path / "part" / f"{cat}.npy")
+        assert a.shape == (5, 64, 64, 64) and np.array_equal(a, b)
+    # a third run finds everything done and rewrites nothing
+    third = sample_to_files(_cfg(ckpts, tmp_path / "part"), progress=False)
+    assert all(c.get("skipped") for c in third["categories"].values())
+
+
+def test_sample_cli_end_to_end(ckpts: dict[str, Path], tmp_path: Path, python: str) -> None:
+    out = tmp_path / "samples"
+    r = subprocess.run([python, "diffusion/sample.py", "--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
+                        str(ckpts["ae"]), "--save_dir", str(out), "--use_cfg", "--cfg_scale", "1.5", "--category",
+                        "all", "--num_samples", "3", "--batch_size", "2", "--sampler", "ddim", "--steps", "3",
+                        "--resolution", "64", "--topk", "auto", "--device", "cpu"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for cat in ("airplane", "chair", "table"):
+        a = np.load(out / f"{cat}.npy")
+        assert a.shape == (3, 64, 64, 64) and a.dtype == np.uint8 and set(np.unique(a)) <= {0, 1}
+        # top-k at the AE's 32³ with k = the category's occupancy, then 2× nearest upsampling: exactly 8k voxels
+        assert (a.reshape(3, -1).sum(1) == 8 * round(OCC[cat])).all()
+    meta = json.loads((out / "sample.json").read_text())
+    assert meta["config"]["cfg_scale"] == 1.5 and meta["categories"]["chair"]["empty"] == 0
+
+
+def test_threshold_path_gives_binary_grids(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    sample_to_files(_cfg(ckpts, tmp_path, categories=("airplane",), num_samples=2, threshold=0.5, use_cfg=False,
+                         resolution=32), progress=False)
+    a = np.load(tmp_path / "airplane.npy")
+    assert a.shape == (2, 32, 32, 32) and a.dtype == np.uint8 and set(np.unique(a)) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"ldm_ckpt_path": "ldm_nocfg", "use_cfg": True}, "without label dropout"),
+        ({"ldm_ckpt_path": "ldm_5cls"}, "5 classes"),
+        ({"ae_ckpt_path": "ae64"}, "latent shape"),
+        ({"resolution": 48}, "impossible"),
+        ({"resolution": 16}, "impossible"),
+        ({"ldm_ckpt_path": "missing"}, "not found"),
+    ],
+)
+def test_bad_inputs_raise_before_writing(ckpts: dict[str, Path], tmp_path: Path, kw: dict, match: str) -> None:
+    kw = {k: (str(ckpts.get(v, tmp_path / "nope.pt")) if k.endswith("ckpt_path") else v) for k, v in kw.items()}
+    with pytest.raises(VoxdiffError, match=match):
+        sample_to_files(_cfg(ckpts, tmp_path / "out", **kw), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_cli_bad_input_one_line(ckpts: dict[str, Path], tmp_path: Path, python: str) -> None:
+    r = subprocess.run([python, "diffusion/sample.py", "--ldm_ckpt_path", str(ckpts["ldm_nocfg"]), "--ae_ckpt_path",
+                        str(ckpts["ae"]), "--save_dir", str(tmp_path / "s"), "--use_cfg", "--device", "cpu"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "label dropout" in r.stderr
+    assert not (tmp_path / "s").exists()

@@ -1,0 +1,114 @@
+"""Latent cache: encode a voxel split with the frozen AE once, keep it on disk, reuse it across LDM runs.
+
+A cache file is keyed by the AE checkpoint's content hash, the AE resolution, the split, the categories and the identity
+(name, size, mtime) of the voxel files, so a retrained AE or regenerated data never reuses stale latents. Latents are
+stored raw (unnormalised); the per-channel statistics that normalise them are data of the AE checkpoint
+(`extra["latent_mean"]`, `extra["latent_std"]`, habit 5 of ARCHITECTURE.md), applied by `normalise` / `denormalise`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from voxdiff.data.dataset import VoxelDataset, voxel_path
+from voxdiff.utils import VoxdiffError, atomic_path
+
+__all__ = ["file_sha256", "latent_stats", "normalise", "denormalise", "encode_dataset", "cached_latents"]
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's content (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def latent_stats(ae_ckpt: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel (mean, std) float32 tensors from an AE checkpoint's extra, or None when it has none."""
+    extra = ae_ckpt.get("extra") or {}
+    if "latent_mean" not in extra or "latent_std" not in extra:
+        return None
+    mean = torch.as_tensor(extra["latent_mean"], dtype=torch.float32).reshape(-1)
+    std = torch.as_tensor(extra["latent_std"], dtype=torch.float32).reshape(-1)
+    if mean.numel() != channels or std.numel() != channels:
+        raise VoxdiffError(f"AE latent statistics have {mean.numel()}/{std.numel()} entries, latent has {channels}")
+    if not bool((std > 0).all()) or not bool(torch.isfinite(mean).all()):
+        raise VoxdiffError("AE latent_std must be positive and latent_mean finite")
+    return mean, std
+
+
+def _per_channel(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return v.to(z.device, z.dtype).reshape(1, -1, *([1] * (z.ndim - 2)))
+
+
+def normalise(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(z − mean) / std per channel (channel axis 1): roughly unit-variance latents for the diffusion model."""
+    return (z - _per_channel(mean, z)) / _per_channel(std, z)
+
+
+def denormalise(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Inverse of `normalise`: z · std + mean per channel."""
+    return z * _per_channel(std, z) + _per_channel(mean, z)
+
+
+@torch.no_grad()
+def encode_dataset(
+    ae: torch.nn.Module, dataset: VoxelDataset, device: torch.device, batch_size: int = 32, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode every grid of `dataset` with the (eval-mode) AE: float32 (N, C, r, r, r) latents and int64 labels."""
+    ae = ae.eval().to(device)
+    out: list[np.ndarray] = []
+    n = len(dataset)
+    for s in tqdm(range(0, n, batch_size), desc="encode latents", disable=not progress, leave=False):
+        grids = np.stack([dataset.grid(i) for i in range(s, min(n, s + batch_size))])
+        x = torch.from_numpy(grids).to(device=device, dtype=torch.float32).unsqueeze(1)
+        out.append(ae.encode(x).float().cpu().numpy())
+    return np.concatenate(out), dataset.class_indices()
+
+
+def _cache_key(ae_hash: str, resolution: int, root: Path, split: str, categories: Sequence[str]) -> str:
+    files = []
+    for c in categories:
+        p = voxel_path(root, c, split)
+        st = p.stat()
+        files.append([p.name, st.st_size, st.st_mtime_ns])
+    ident = {"ae": ae_hash, "resolution": resolution, "split": split, "categories": list(categories), "files": files}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_latents(
+    ae: torch.nn.Module,
+    ae_hash: str,
+    dataset_path: str | os.PathLike[str],
+    split: str,
+    categories: Sequence[str],
+    cache_dir: str | os.PathLike[str],
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, Path]:
+    """Raw latents (N,C,r,r,r) float32 and labels (N,) of one split, from `cache_dir` or encoded once and cached.
+
+    Returns (latents, labels, cache file). The cache file appears atomically, so an interrupted encode leaves nothing.
+    """
+    resolution = int(ae.cfg.resolution)
+    dataset = VoxelDataset(dataset_path, split, tuple(categories), resolution=resolution)
+    key = _cache_key(ae_hash, resolution, Path(dataset_path), split, categories)
+    file = Path(cache_dir) / f"{split}_r{resolution}_{key}.npz"
+    if file.is_file():
+        with np.load(file) as data:
+            return torch.from_numpy(data["latents"]), torch.from_numpy(data["labels"]), file
+    z, y = encode_dataset(ae, dataset, device, progress=progress)
+    with atomic_path(file) as tmp, open(tmp, "wb") as f:
+        np.savez(f, latents=z, labels=y)
+    return torch.from_numpy(z), torch.from_numpy(y), file

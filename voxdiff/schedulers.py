@@ -1,0 +1,207 @@
+"""DDPM and DDIM noise schedulers (diffusers-style small classes; torch only, a leaf module).
+
+A scheduler knows the noise process and nothing of networks (habit 2 of ARCHITECTURE.md). A sampling loop reads
+
+    scheduler.set_timesteps(n)
+    for t in scheduler.timesteps:
+        x = scheduler.step(eps_model(x, t), int(t), x, generator).prev_sample
+
+Every coefficient is precomputed once in float64 (`__init__`) and cast to the sample's dtype/device when used;
+per-sample coefficients are broadcast to any rank by one helper, `expand_as_sample` (2D, 3D, ... all alike).
+
+Notation (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM"): β_t the noise schedule, α_t = 1 − β_t,
+ᾱ_t = ∏_{s<=t} α_s, ε-prediction throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from voxdiff.config import BetaSchedule, SchedulerConfig, check_literal
+
+__all__ = ["StepOutput", "expand_as_sample", "make_betas", "DDPMScheduler", "DDIMScheduler", "make_scheduler"]
+
+
+@dataclass
+class StepOutput:
+    """Result of one reverse step: x_{t_prev} and the model's estimate of x_0 at this step."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def expand_as_sample(coef: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or per-sample (B,) coefficient against `sample` (B, ...) of any rank (MONAI unsqueeze_right).
+
+    Also casts to the sample's dtype and device, so float64 tables can be indexed on the CPU.
+    """
+    coef = coef.to(device=sample.device, dtype=sample.dtype)
+    if coef.ndim == 0:
+        return coef
+    return coef.reshape(coef.shape[0], *([1] * (sample.ndim - 1)))
+
+
+def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, schedule: str) -> torch.Tensor:
+    """β_1..β_T in float64: "linear" (DDPM §4: 1e-4 -> 0.02) or "cosine" (Nichol & Dhariwal 2021 eq. 17, β<=0.999)."""
+    check_literal(schedule, BetaSchedule, "beta_schedule")
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    s = 0.008
+    steps = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+
+
+class _Scheduler:
+    """Shared tables, `set_timesteps` and `add_noise` of DDPM and DDIM."""
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+    ) -> None:
+        if num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1; got {num_train_timesteps}")
+        self.num_train_timesteps = num_train_timesteps
+        # Precomputed once (float64): β_t, α_t, ᾱ_t and the forward-process square roots.
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        # ᾱ before the first step: 1 (x_{-1} := x_0), so the last reverse step returns the x_0 estimate.
+        self.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+        self.set_timesteps(num_train_timesteps)
+
+    @classmethod
+    def from_config(cls, cfg: SchedulerConfig, **kwargs: float) -> _Scheduler:
+        """Build from a SchedulerConfig (extra keyword arguments, e.g. DDIM's eta, pass through)."""
+        return cls(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, **kwargs)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Use `num_inference_steps` evenly spaced timesteps ("leading" spacing: T−k, ..., k, 0 with k = T // n)."""
+        if not 1 <= num_inference_steps <= self.num_train_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_train_timesteps}; got {num_inference_steps}")
+        self.num_inference_steps = num_inference_steps
+        self.step_ratio = self.num_train_timesteps // num_inference_steps
+        self.timesteps = torch.arange(num_inference_steps, dtype=torch.long).flip(0) * self.step_ratio
+
+    def _alpha_cumprod_pair(self, t: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ᾱ_t, ᾱ_{t_prev}) with t_prev = t − step_ratio (ᾱ of a negative index is 1)."""
+        t = torch.as_tensor(t, dtype=torch.long).cpu()
+        prev = t - self.step_ratio
+        a_t = self.alphas_cumprod[t]
+        a_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], self.final_alpha_cumprod)
+        return a_t, a_prev
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward process in closed form (DDPM eq. 4): x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε, per-sample t."""
+        t = torch.as_tensor(timesteps, dtype=torch.long).cpu()
+        a = expand_as_sample(self.sqrt_alphas_cumprod[t], original_samples)
+        s = expand_as_sample(self.sqrt_one_minus_alphas_cumprod[t], original_samples)
+        return a * original_samples + s * noise
+
+    def posterior(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, x̂_0) of p(x_{t_prev} | x_t) given the predicted ε; `step` adds std · z to the mean."""
+        raise NotImplementedError
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """One reverse step x_t -> x_{t_prev}: the mean of `posterior` plus std · z, z ~ N(0, I) from `generator`."""
+        mean, std, x0 = self.posterior(model_output, timestep, sample)
+        if bool((std > 0).any()):
+            dev = generator.device if generator is not None else sample.device
+            z = torch.randn(sample.shape, generator=generator, device=dev, dtype=sample.dtype).to(sample.device)
+            mean = mean + std * z
+        return StepOutput(prev_sample=mean, pred_original_sample=x0)
+
+    def _pred_x0(self, eps: torch.Tensor, sample: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t (DDPM eq. 15 solved for x_0; DDIM eq. 12's 'predicted x_0')."""
+        return (sample - expand_as_sample((1 - a_t).sqrt(), sample) * eps) / expand_as_sample(a_t.sqrt(), sample)
+
+
+class DDPMScheduler(_Scheduler):
+    """Ancestral DDPM sampling with the "fixed small" variance σ_t² = β̃_t (DDPM eq. 7).
+
+    With fewer inference steps than T, β is recomputed between the kept timesteps (β'_t = 1 − ᾱ_t / ᾱ_{t_prev}),
+    as diffusers does; with all T steps this is exactly eq. 7.
+    """
+
+    def posterior(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # 1. ᾱ_t, ᾱ_{t_prev} and the effective β'_t, α'_t between them
+        a_t, a_prev = self._alpha_cumprod_pair(timestep)
+        beta_t = 1 - a_t / a_prev
+        alpha_t = 1 - beta_t
+        # 2. predicted x_0 from ε (eq. 15)
+        x0 = self._pred_x0(model_output, sample, a_t)
+        # 3. posterior mean coefficients of q(x_{t-1} | x_t, x_0) (eq. 7)
+        c_x0 = a_prev.sqrt() * beta_t / (1 - a_t)
+        c_xt = alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)
+        # 4. posterior mean μ̃_t(x_t, x̂_0)
+        mean = expand_as_sample(c_x0, sample) * x0 + expand_as_sample(c_xt, sample) * sample
+        # 5. posterior variance β̃_t = (1 − ᾱ_{t-1}) / (1 − ᾱ_t) · β_t (eq. 7); 0 at the last step
+        var = (1 - a_prev) / (1 - a_t) * beta_t
+        return mean, expand_as_sample(var.clamp(min=0).sqrt(), sample), x0
+
+
+class DDIMScheduler(_Scheduler):
+    """DDIM sampling (DDIM eq. 12) with stochasticity η: η = 0 deterministic, η = 1 has DDPM's posterior variance."""
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        eta: float = 0.0,
+    ) -> None:
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1]; got {eta}")
+        self.eta = float(eta)
+        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule)
+
+    def posterior(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # 1. ᾱ_t and ᾱ_{t_prev}
+        a_t, a_prev = self._alpha_cumprod_pair(timestep)
+        # 2. "predicted x_0" (eq. 12, first term)
+        x0 = self._pred_x0(model_output, sample, a_t)
+        # 3. σ_t(η) = η √((1 − ᾱ_{t_prev}) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_{t_prev}) (eq. 16)
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        sigma = self.eta * var.clamp(min=0).sqrt()
+        # 4. "direction pointing to x_t": √(1 − ᾱ_{t_prev} − σ_t²) · ε̂ (eq. 12, second term)
+        dir_coef = (1 - a_prev - sigma**2).clamp(min=0).sqrt()
+        # 5. x_{t_prev} = √ᾱ_{t_prev} · x̂_0 + direction (+ σ_t z, added by `step`)
+        mean = expand_as_sample(a_prev.sqrt(), sample) * x0 + expand_as_sample(dir_coef, sample) * model_output
+        return mean, expand_as_sample(sigma, sample), x0
+
+
+def make_scheduler(
+    name: str, cfg: SchedulerConfig | None = None, steps: int | None = None, eta: float = 0.0
+) -> DDPMScheduler | DDIMScheduler:
+    """A "ddpm" or "ddim" scheduler for `cfg` with `steps` inference steps (None: all T for DDPM, 50 for DDIM)."""
+    cfg = cfg or SchedulerConfig()
+    if name == "ddpm":
+        sched: DDPMScheduler | DDIMScheduler = DDPMScheduler.from_config(cfg)
+        sched.set_timesteps(steps or cfg.num_train_timesteps)
+    elif name == "ddim":
+        sched = DDIMScheduler.from_config(cfg, eta=eta)
+        sched.set_timesteps(steps or min(50, cfg.num_train_timesteps))
+    else:
+        raise ValueError(f"sampler must be one of ddpm, ddim; got {name!r}")
+    return sched

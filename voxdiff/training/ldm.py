@@ -1,0 +1,288 @@
+"""Latent diffusion training, top to bottom (nanoGPT style): `train_ldm(cfg: LDMTrainConfig) -> dict`.
+
+setup (device, seed, run dir, resume) -> frozen AE -> latents encoded once and cached (voxdiff.latents), normalised by
+the AE's per-channel statistics -> UNet3D (label dropout p = cfg_dropout with use_cfg, else 0), AdamW, EMA ->
+loop: ε-prediction MSE at uniform t (DDPM eq. 14, "L_simple"), bf16 autocast on CUDA only, gradient clipping,
+non-finite stop -> every `ckpt_every` steps and at the end: held-out loss of the EMA model, last.pt / best.pt.
+
+Exact resume: the epoch order is a function of (seed, epoch); noise, timesteps, label dropout and dropout come from the
+global RNG, whose state is in the checkpoint with the model, EMA (and its count), optimizer and step. The held-out loss
+uses its own generator, so evaluating never shifts the training stream.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from voxdiff.checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    resolve_checkpoint_file,
+    save_checkpoint,
+    set_rng_state,
+)
+from voxdiff.config import LDMTrainConfig, from_dict, to_dict
+from voxdiff.data.dataset import voxel_path
+from voxdiff.latents import cached_latents, file_sha256, latent_stats, normalise
+from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.models.unet3d import UNet3D
+from voxdiff.schedulers import DDPMScheduler
+from voxdiff.training.common import RunLogger, autocast, check_finite, warmup_lr
+from voxdiff.utils import VoxdiffError, get_logger, resolve_device, seed_everything
+
+__all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "KIND"]
+
+KIND = "ldm"
+VAL_MAX = 256  # held-out latents used for best.pt selection
+
+
+def ema_multi_avg_fn(decay: float) -> Any:
+    """AveragedModel `multi_avg_fn`: EMA with warmup, d = min(decay, (1 + n) / (10 + n)) after n updates.
+
+    Equivalent to `get_ema_multi_avg_fn(decay)` once n is large; the warmup keeps short runs from sampling with
+    weights still close to the random initialisation. Depends only on n (saved), so it resumes exactly.
+    """
+
+    @torch.no_grad()
+    def fn(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor | int) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, 1 - d)
+
+    return fn
+
+
+def diffusion_loss(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    z0: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """L_simple = E‖ε − ε_θ(√ᾱ_t z_0 + √(1−ᾱ_t) ε, t, y)‖² (DDPM eq. 14), mean over elements, in float32."""
+    zt = scheduler.add_noise(z0, noise, t)
+    with autocast(z0.device):
+        eps = model(zt, t, y)
+    return F.mse_loss(eps.float(), noise)
+
+
+@torch.no_grad()
+def _heldout_loss(model: torch.nn.Module, scheduler: DDPMScheduler, z: torch.Tensor, y: torch.Tensor, seed: int,
+                  batch_size: int) -> float:
+    """Loss on fixed (t, noise) pairs drawn from a private generator: comparable across evaluations and resumes."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, scheduler.num_train_timesteps, (len(z),), generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for s in range(0, len(z), batch_size):
+        sl = slice(s, s + batch_size)
+        dev = z.device
+        loss = diffusion_loss(model, scheduler, z[sl], y[sl], t[sl].to(dev), noise[sl].to(dev))
+        total += float(loss) * len(z[sl])
+    model.train(was_training)
+    return total / len(z)
+
+
+def _check_resume(saved: LDMTrainConfig, cfg: LDMTrainConfig, file: Path) -> None:
+    """Refuse to resume a run with a different network, noise process, conditioning or data."""
+    for name in ("model", "scheduler", "use_cfg", "cfg_dropout", "categories", "batch_size", "seed"):
+        if getattr(saved, name) != getattr(cfg, name):
+            raise VoxdiffError(f"cannot resume {file}: {name} differs (checkpoint {getattr(saved, name)!r}, "
+                               f"now {getattr(cfg, name)!r})")
+
+
+def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train the latent DDPM of `cfg`; writes `{ckpt_path}/last.pt`, `best.pt`, `train.log`, `log.csv/png`.
+
+    Returns a summary: final step, losses, best held-out metric, checkpoint paths, throughput.
+    """
+    # ---- setup ------------------------------------------------------------------------------------------------
+    device = resolve_device(cfg.device)
+    run_dir = Path(cfg.ckpt_path)
+    last_file, best_file = run_dir / "last.pt", run_dir / "best.pt"
+    resume_ckpt = None
+    if cfg.resume and last_file.is_file():
+        resume_ckpt = load_checkpoint(last_file, kind=KIND)
+        _check_resume(from_dict(LDMTrainConfig, resume_ckpt["config"]), cfg, last_file)
+    elif not cfg.resume and last_file.is_file():
+        raise VoxdiffError(f"{last_file} exists; pass --resume to continue it or choose another --ckpt_path")
+    for c in cfg.categories:
+        if not voxel_path(cfg.dataset_path, c, "train").is_file():
+            raise VoxdiffError(f"training voxels not found: {voxel_path(cfg.dataset_path, c, 'train')}")
+    seed_everything(cfg.seed)
+
+    # ---- frozen autoencoder and cached latents ----------------------------------------------------------------
+    ae, ae_ckpt = VoxelAutoencoder.from_checkpoint(cfg.ae_ckpt_path)
+    ae_file = resolve_checkpoint_file(cfg.ae_ckpt_path)  # the file `from_checkpoint` read
+    ae_hash = file_sha256(ae_file)
+    if resume_ckpt is not None and resume_ckpt["extra"].get("ae_hash") != ae_hash:
+        raise VoxdiffError(f"cannot resume {last_file}: it was trained on another AE checkpoint than {ae_file}")
+    ae.requires_grad_(False)
+    latent_shape = tuple(ae.latent_shape)
+    if cfg.model.in_channels != latent_shape[0]:
+        raise VoxdiffError(f"UNet in_channels={cfg.model.in_channels} but the AE latent has {latent_shape[0]} channels")
+    if latent_shape[1] % cfg.model.downsample_factor:
+        raise VoxdiffError(f"latent side {latent_shape[1]} is not a multiple of the UNet's downsampling "
+                           f"{cfg.model.downsample_factor}; use fewer ch_mult levels")
+    cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else ae_file.parent / "latents"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = get_logger("voxdiff.ldm", run_dir / "train.log")
+    z_train, y_train, cache_file = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir,
+                                                  device, progress)
+    stats = latent_stats(ae_ckpt, latent_shape[0])
+    if stats is None:  # an AE checkpoint without statistics: compute them here and record them in the LDM checkpoint
+        log.warning("AE checkpoint has no latent_mean/latent_std; using statistics of the encoded training set")
+        stats = (z_train.transpose(0, 1).reshape(latent_shape[0], -1).mean(1),
+                 z_train.transpose(0, 1).reshape(latent_shape[0], -1).std(1).clamp(min=1e-6))
+    latent_mean, latent_std = stats
+    z_train = normalise(z_train, latent_mean, latent_std).to(device)
+    y_train = y_train.to(device)
+    has_val = all(voxel_path(cfg.dataset_path, c, "val").is_file() for c in cfg.categories)
+    if has_val:
+        z_val, y_val, _ = cached_latents(ae, ae_hash, cfg.dataset_path, "val", cfg.categories, cache_dir, device,
+                                         progress)
+        z_val, y_val = normalise(z_val[:VAL_MAX], latent_mean, latent_std).to(device), y_val[:VAL_MAX].to(device)
+    n = len(z_train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    limits = [s for s in (cfg.num_steps, cfg.num_epochs * steps_per_epoch) if s > 0]
+    total_steps = min(limits) if limits else None
+    log.info("latents %s x %d (cache %s), val %s, device %s, steps/epoch %d, total %s", latent_shape, n, cache_file,
+             len(z_val) if has_val else "none", device, steps_per_epoch, total_steps)
+
+    # ---- model, optimizer, EMA --------------------------------------------------------------------------------
+    model = UNet3D(cfg.model, class_dropout=cfg.cfg_dropout if cfg.use_cfg else 0.0).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    scheduler = DDPMScheduler.from_config(cfg.scheduler)
+    step, smooth, best_metric = 0, None, math.inf
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        ema.module.load_state_dict(resume_ckpt["ema"])
+        ema.n_averaged.fill_(int(resume_ckpt["extra"]["ema_n_averaged"]))
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        step = int(resume_ckpt["step"])
+        smooth = resume_ckpt["extra"].get("smooth_loss")
+        best_metric = float(resume_ckpt["extra"].get("best_metric", math.inf))
+        set_rng_state(resume_ckpt["rng"])
+        log.info("resumed from %s at step %d", last_file, step)
+    runlog = RunLogger(run_dir, "log", resume=resume_ckpt is not None)
+    if resume_ckpt is not None:
+        runlog.truncate_after(step)
+    num_params = sum(p.numel() for p in model.parameters())
+    log.info("UNet3D %.2fM parameters; config %s", num_params / 1e6, to_dict(cfg))
+
+    def save(file: Path, metric: float) -> None:
+        save_checkpoint(
+            file, kind=KIND, config=to_dict(cfg), model=model.state_dict(), ema=ema.module.state_dict(),
+            optimizer=optimizer.state_dict(), step=step, epoch=step // steps_per_epoch, rng=get_rng_state(),
+            extra={"ae_hash": ae_hash, "ae_ckpt_path": str(ae_file), "latent_shape": list(latent_shape),
+                   "latent_mean": latent_mean.tolist(), "latent_std": latent_std.tolist(),
+                   "ema_n_averaged": int(ema.n_averaged), "smooth_loss": smooth, "best_metric": metric,
+                   "best_kind": "val_loss" if has_val else "smoothed_train_loss", "num_train": n})
+
+    def checkpoint() -> None:
+        nonlocal best_metric
+        metric = _heldout_loss(ema.module, scheduler, z_val, y_val, cfg.seed + 1, cfg.batch_size) if has_val \
+            else (smooth if smooth is not None else math.inf)
+        improved = metric < best_metric
+        best_metric = min(best_metric, metric)
+        runlog.log(step=step, val_loss=metric if has_val else None)
+        save(last_file, best_metric)
+        if improved:
+            save(best_file, best_metric)
+        runlog.flush(("loss", "val_loss"))
+        log.info("step %d: held-out %s %.5f (best %.5f)", step, "val" if has_val else "train~", metric, best_metric)
+
+    # ---- loop ---------------------------------------------------------------------------------------------------
+    t_start = time.perf_counter()
+    start_step, stopped = step, "num_steps"
+    model.train()
+    perm_epoch, perm = -1, torch.empty(0, dtype=torch.long)
+    pbar = tqdm(total=total_steps, initial=step, desc="ldm", unit="step", disable=not progress, dynamic_ncols=True)
+    while total_steps is None or step < total_steps:
+        if cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes:
+            stopped = "max_minutes"
+            break
+        # data: the epoch's order depends only on (seed, epoch), so a resume picks up the same batches
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            perm_epoch = epoch
+        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size].to(device)
+        z0, y = z_train[idx], y_train[idx]
+        # forward / backward
+        lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t = torch.randint(0, scheduler.num_train_timesteps, (len(idx),), device=device)
+        noise = torch.randn_like(z0)
+        loss = diffusion_loss(model, scheduler, z0, y, t, noise)
+        check_finite(loss, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        optimizer.step()
+        ema.update_parameters(model)
+        step += 1
+        value = float(loss.detach())
+        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+        pbar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            runlog.log(step=step, loss=value, loss_smooth=smooth, lr=lr, grad_norm=float(grad_norm))
+            pbar.set_postfix(loss=f"{smooth:.4f}")
+        if step % cfg.ckpt_every == 0 and step != total_steps:
+            checkpoint()
+        if cfg.sample_every > 0 and step % cfg.sample_every == 0 and step != total_steps:
+            _render_samples(ema.module, ae, ae_ckpt, latent_mean, latent_std, cfg, run_dir, step, log)
+    pbar.close()
+    if step > start_step or not last_file.is_file():
+        checkpoint()
+    seconds = time.perf_counter() - t_start
+    if cfg.sample_every >= 0:
+        _render_samples(ema.module, ae, ae_ckpt, latent_mean, latent_std, cfg, run_dir, step, log)
+    result = {"step": step, "stopped": stopped, "loss_smooth": smooth, "best_metric": best_metric,
+              "best_kind": "val_loss" if has_val else "smoothed_train_loss", "last": str(last_file),
+              "best": str(best_file), "num_params": num_params, "seconds": seconds,
+              "steps_per_s": (step - start_step) / seconds if seconds > 0 else float("nan")}
+    log.info("finished: %s", result)
+    return result
+
+
+@torch.no_grad()
+def _render_samples(model: torch.nn.Module, ae: VoxelAutoencoder, ae_ckpt: dict[str, Any], mean: torch.Tensor,
+                    std: torch.Tensor, cfg: LDMTrainConfig, run_dir: Path, step: int, log: Any) -> None:
+    """PNG of 2 EMA samples per category (DDIM-50, AE's calibrated threshold) at `{run_dir}/samples_{step}.png`.
+
+    Uses a private generator, so rendering never shifts the training RNG streams (exact resume holds).
+    """
+    from voxdiff.binarize import binarize
+    from voxdiff.config import category_index
+    from voxdiff.render import render_voxels
+    from voxdiff.sampling import decode_latents, sample_latents
+    from voxdiff.schedulers import make_scheduler
+
+    device = next(model.parameters()).device
+    labels = torch.tensor([category_index(c) for c in cfg.categories for _ in range(2)], device=device)
+    sched = make_scheduler("ddim", cfg.scheduler, min(50, cfg.scheduler.num_train_timesteps))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    was_training = model.training
+    model.eval()
+    z = sample_latents(model, sched, labels, gen, 0.0, latent_shape=tuple(ae.latent_shape))
+    model.train(was_training)
+    threshold = float((ae_ckpt.get("extra") or {}).get("threshold") or 0.5)
+    grids = binarize(decode_latents(ae, z, mean, std), threshold=threshold).to(torch.uint8).cpu().numpy()
+    path = run_dir / f"samples_{step:06d}.png"
+    render_voxels(grids, path, titles=[f"{c} {i}" for c in cfg.categories for i in range(2)], ncols=4)
+    log.info("step %d: rendered %d samples to %s", step, len(grids), path)
