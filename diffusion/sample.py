@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=d.eta, help="DDIM stochasticity (0 deterministic, 1 ~ DDPM)")
     p.add_argument("--use_cfg", action="store_true", help="classifier-free guidance with --cfg_scale")
     p.add_argument("--cfg_scale", type=float, default=d.cfg_scale, help="w in (1+w) eps_c - w eps_u")
-    p.add_argument("--resolution", type=int, default=d.resolution, choices=[128, 64], help="output grid side")
+    p.add_argument("--resolution", type=int, default=d.resolution,
+                   help="output grid side: the AE's resolution or a power-of-two multiple (e.g. 64 or 128)")
     p.add_argument("--threshold", type=float, default=d.threshold, help="occupancy threshold (without --topk)")
     p.add_argument("--topk", default=None, help="keep K voxels per shape (at --resolution), or 'auto' for the "
                                                 "AE's per-category training occupancy")
