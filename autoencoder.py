@@ -3,6 +3,7 @@
 Example:
     python autoencoder.py --dataset_path data/voxels --ckpt_path checkpoints/ae --num_epochs 50
 Writes {ckpt_path}/last.pt, best.pt (best calibrated val IoU), log.csv/.jsonl/.png and train.log.
+Several GPUs: `torchrun --nproc_per_node=K autoencoder.py ... [--sync_bn]` (--batch_size stays the global batch).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=d.device, help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue exactly from {ckpt_path}/last.pt")
+    p.add_argument("--sync_bn", action="store_true", help="under torchrun: SyncBatchNorm over the global batch (CUDA)")
     return p.parse_args(argv)
 
 
@@ -51,12 +53,18 @@ def main(argv: list[str] | None = None) -> None:
         max_steps=a.max_steps, max_minutes=a.max_minutes, loss=a.loss, pos_weight=a.pos_weight,
         grad_clip=a.grad_clip, calib_fraction=a.calib_fraction, max_val_shapes=a.max_val_shapes,
         num_workers=a.num_workers, log_every=a.log_every, device=a.device, seed=a.seed, resume=a.resume,
+        sync_bn=a.sync_bn,
         model=AEConfig(resolution=a.resolution, channels=tuple(a.channels), latent_channels=a.latent_channels),
     )
+    from voxdiff.distributed import cleanup, is_main
     from voxdiff.training.autoencoder import train_autoencoder
 
-    result = train_autoencoder(cfg)
-    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}))
+    try:
+        result = train_autoencoder(cfg)
+    finally:
+        cleanup()
+    if is_main():
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}))
 
 
 if __name__ == "__main__":

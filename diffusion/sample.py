@@ -6,6 +6,8 @@ Example:
 Writes {save_dir}/{category}.npy, (N, R, R, R) uint8 in {0, 1} (what eval.py reads), sample.json and sample.log.
 An interrupted run continues where it stopped when rerun with the same flags.
 CFG: eps = (1 + w) * eps_cond - w * eps_uncond with w = --cfg_scale (w = 0: plain conditional, w = -1: unconditional).
+Several GPUs: `torchrun --nproc_per_node=K diffusion/sample.py ...` splits the batches over the ranks; the files are
+identical to a one-process run with the same --seed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ import json
 
 from voxdiff.config import CATEGORIES, SampleConfig
 from voxdiff.utils import VoxdiffError, run_cli
+
+
+def _threshold(text: str) -> float:
+    """--threshold T (a float in [0, 1)) or 'auto' (-1: the AE checkpoint's calibrated threshold)."""
+    if text == "auto":
+        return -1.0
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1) or 'auto'; got {text}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg_scale", type=float, default=d.cfg_scale, help="w in (1+w) eps_c - w eps_u")
     p.add_argument("--resolution", type=int, default=d.resolution,
                    help="output grid side: the AE's resolution or a power-of-two multiple (e.g. 64 or 128)")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="occupancy threshold (without --topk)")
+    p.add_argument("--threshold", type=_threshold, default=d.threshold,
+                   help="occupancy threshold (without --topk), or 'auto' for the AE's calibrated threshold")
     p.add_argument("--topk", default=None, help="keep K voxels per shape (at --resolution), or 'auto' for the "
                                                 "AE's per-category training occupancy")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -62,11 +75,16 @@ def main(argv: list[str] | None = None) -> None:
         eta=a.eta, use_cfg=a.use_cfg, cfg_scale=a.cfg_scale, resolution=a.resolution, threshold=a.threshold,
         topk=topk, use_ema=not a.no_ema, device=a.device, seed=a.seed,
     )
+    from voxdiff.distributed import cleanup, is_main
     from voxdiff.sampling import sample_to_files
 
-    summary = sample_to_files(cfg)
-    print(json.dumps({c: {k: v for k, v in s.items() if k in ("file", "shapes_per_s", "mean_occupancy", "empty")}
-                      for c, s in summary["categories"].items()}))
+    try:
+        summary = sample_to_files(cfg)
+    finally:
+        cleanup()
+    if is_main():
+        print(json.dumps({c: {k: v for k, v in s.items() if k in ("file", "shapes_per_s", "mean_occupancy", "empty")}
+                          for c, s in summary["categories"].items()}))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Example:
         --use_cfg --preset seed --num_steps 100000
 Writes {ckpt_path}/last.pt, best.pt (lowest held-out loss of the EMA model), log.csv/.jsonl/.png and train.log.
 Training latents are encoded once by the frozen AE and cached beside its checkpoint (or in --latent_cache_dir).
+Several GPUs: `torchrun --nproc_per_node=K diffusion/train.py ...` (--batch_size stays the global batch; resume works
+under any K).
 """
 
 from __future__ import annotations
@@ -63,10 +65,15 @@ def main(argv: list[str] | None = None) -> None:
         device=a.device, seed=a.seed, resume=a.resume, model=unet_preset(a.preset, **overrides),
         scheduler=SchedulerConfig(num_train_timesteps=a.num_train_timesteps),
     )
+    from voxdiff.distributed import cleanup, is_main
     from voxdiff.training.ldm import train_ldm
 
-    result = train_ldm(cfg)
-    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}))
+    try:
+        result = train_ldm(cfg)
+    finally:
+        cleanup()
+    if is_main():
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}))
 
 
 if __name__ == "__main__":

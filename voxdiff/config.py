@@ -164,6 +164,7 @@ class AETrainConfig:
     log_every: int = 10
     calib_fraction: float = 0.05  # held-out slice of TRAIN used to calibrate the binarisation threshold
     max_val_shapes: int = 0  # 0 = validate on the whole val split; >0 caps it (first shapes of each category)
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm (full-global-batch statistics; CUDA only)
     model: AEConfig = field(default_factory=AEConfig)
 
     def __post_init__(self) -> None:
@@ -230,7 +231,7 @@ class SampleConfig:
     use_cfg: bool = True
     cfg_scale: float = 1.0
     resolution: int = 128
-    threshold: float = 0.5
+    threshold: float = 0.5  # <0: the AE's calibrated threshold ("auto")
     topk: int = 0  # >0: keep the k most probable voxels per shape (at `resolution`); -1: k from the AE's occupancy
     use_ema: bool = True
     device: str = "auto"

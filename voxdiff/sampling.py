@@ -24,11 +24,12 @@ from voxdiff import __version__
 from voxdiff.binarize import binarize
 from voxdiff.checkpoint import resolve_checkpoint_file, unwrap
 from voxdiff.config import CATEGORIES, LDMTrainConfig, SampleConfig, category_index, from_dict, to_dict
+from voxdiff.distributed import all_gather_object, barrier, broadcast_object, check_same_config, init_distributed
 from voxdiff.latents import denormalise, file_sha256
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, make_scheduler
-from voxdiff.utils import VoxdiffError, atomic_write_json, get_logger, resolve_device
+from voxdiff.utils import VoxdiffError, atomic_write_json, get_logger
 
 __all__ = [
     "guided_eps",
@@ -182,7 +183,16 @@ def load_models(cfg: SampleConfig, device: torch.device) -> dict[str, Any]:
         "mean": torch.as_tensor(extra["latent_mean"], dtype=torch.float32),
         "std": torch.as_tensor(extra["latent_std"], dtype=torch.float32),
         "topk": _topk_per_category(cfg, ae_ckpt, ae_res),
+        "threshold": effective_threshold(cfg.threshold, ae_ckpt),
     }
+
+
+def effective_threshold(threshold: float, ae_ckpt: dict[str, Any]) -> float:
+    """The occupancy threshold to use: `threshold`, or when it is negative ("auto") the AE's threshold calibrated for
+    IoU on a held-out slice of the training split (checkpoint extra "threshold"), falling back to 0.5."""
+    if threshold >= 0:
+        return float(threshold)
+    return float((ae_ckpt.get("extra") or {}).get("threshold", 0.5))
 
 
 def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int | None = None) -> dict[str, Any]:
@@ -192,12 +202,16 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
     and finished batches); a rerun with the same settings skips finished batches and categories, and the final file
     appears by rename only when complete. `max_batches` stops after that many new batches (a time-sliced run).
     Writes `{save_dir}/sample.json` (config, checkpoints, timings, occupancy) and `sample.log`; returns that summary.
+    Under torchrun each rank samples whole batches (rank r the r-th pending batch of every round) with the same
+    per-batch seeds into rank 0's memmap (save_dir must be shared by the ranks): the file equals a one-process run's.
     """
-    device = resolve_device(cfg.device)
+    info = init_distributed(cfg.device)
+    device = info.device
+    check_same_config(to_dict(cfg), "sampling config")
     m = load_models(cfg, device)
     save_dir = Path(cfg.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    log = get_logger("voxdiff.sample", save_dir / "sample.log")
+    log = get_logger("voxdiff.sample", save_dir / "sample.log" if info.is_main else None)
     recorded = m["ldm_ckpt"]["extra"].get("ae_hash")
     if recorded and recorded != file_sha256(m["ae_file"]):
         log.warning("AE checkpoint %s differs from the one the LDM was trained with (%s)", m["ae_file"],
@@ -211,6 +225,8 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
                                "ldm_ckpt": str(m["ldm_file"]), "ldm_step": int(m["ldm_ckpt"]["step"]),
                                "ae_ckpt": str(m["ae_file"]), "cfg_scale_effective": scale,
                                "timesteps": len(scheduler.timesteps), "categories": {}, "complete": True}
+    if info.distributed:
+        summary["world_size"] = info.world_size
     budget = max_batches
     for cat in cfg.categories:
         c = category_index(cat)
@@ -222,6 +238,7 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
         prog = json.loads(prog_file.read_text()) if prog_file.is_file() else {}
         if prog.get("key") != key:
             prog = {"key": key, "done": {}, "complete": False}
+        prog = broadcast_object(prog)  # rank 0's reading of the progress file decides for every rank
         if prog["complete"] and final.is_file():
             log.info("%s: complete from an earlier run, skipped", cat)
             summary["categories"][cat] = {**prog["stats"], "skipped": True}
@@ -229,38 +246,45 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
         if budget is not None and budget <= 0:
             summary["complete"] = False
             break
-        if not prog["done"] or not partial.is_file():
+        if broadcast_object(not prog["done"] or not partial.is_file()):
             prog["done"] = {}
-            arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(cfg.num_samples, R, R, R))
+            if info.is_main:
+                np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(cfg.num_samples, R, R, R)).flush()
         else:
-            arr = np.lib.format.open_memmap(partial, mode="r+")
             log.info("%s: resuming, %d of %d batches done", cat, len(prog["done"]), nb)
+        barrier()  # the partial file exists: every rank writes its batches' rows into it
+        arr = np.lib.format.open_memmap(partial, mode="r+")
         t0, new, new_shapes = time.perf_counter(), 0, 0
         pbar = tqdm(total=cfg.num_samples, initial=sum(v["n"] for v in prog["done"].values()), unit="shape",
-                    desc=f"sample {cat}", disable=not progress, dynamic_ncols=True)
-        for b in range(nb):
-            if str(b) in prog["done"]:
-                continue
-            if budget is not None and budget <= 0:
-                break
-            s, e = b * cfg.batch_size, min(cfg.num_samples, (b + 1) * cfg.batch_size)
-            gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, c, b))
-            labels = torch.full((e - s,), c, dtype=torch.long, device=device)
-            z = sample_latents(model, scheduler, labels, gen, scale, latent_shape=m["latent_shape"])
-            probs = decode_latents(ae, z, m["mean"], m["std"])  # at the AE's resolution
-            k = m["topk"][cat]
-            grids = binarize(probs, threshold=cfg.threshold, topk=k if k > 0 else None)
-            grids = upsample_nearest(grids.to(torch.uint8), f).cpu().numpy()
-            arr[s:e] = grids
-            arr.flush()
-            occ = grids.reshape(len(grids), -1).sum(1)
-            prog["done"][str(b)] = {"n": e - s, "occ_sum": float(occ.sum()), "empty": int((occ == 0).sum())}
-            atomic_write_json(prog_file, prog)
-            new += 1
-            new_shapes += e - s
-            if budget is not None:
-                budget -= 1
-            pbar.update(e - s)
+                    desc=f"sample {cat}", disable=not (progress and info.is_main), dynamic_ncols=True)
+        pending = [b for b in range(nb) if str(b) not in prog["done"]]
+        if budget is not None:
+            pending = pending[: max(0, budget)]
+        for first in range(0, len(pending), info.world_size):
+            chunk = pending[first : first + info.world_size]  # a round: one batch per rank, in batch order
+            record: dict[str, Any] = {}
+            for b in chunk[info.rank : info.rank + 1]:  # this rank's batch (none in a short last round)
+                s, e = b * cfg.batch_size, min(cfg.num_samples, (b + 1) * cfg.batch_size)
+                gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, c, b))
+                labels = torch.full((e - s,), c, dtype=torch.long, device=device)
+                z = sample_latents(model, scheduler, labels, gen, scale, latent_shape=m["latent_shape"])
+                probs = decode_latents(ae, z, m["mean"], m["std"])  # at the AE's resolution
+                k = m["topk"][cat]
+                grids = binarize(probs, threshold=m["threshold"], topk=k if k > 0 else None)
+                grids = upsample_nearest(grids.to(torch.uint8), f).cpu().numpy()
+                arr[s:e] = grids
+                arr.flush()
+                occ = grids.reshape(len(grids), -1).sum(1)
+                record[str(b)] = {"n": e - s, "occ_sum": float(occ.sum()), "empty": int((occ == 0).sum())}
+            for rec in all_gather_object(record):  # every rank learns the round's finished batches, in batch order
+                prog["done"].update(rec)
+                new += len(rec)
+                new_shapes += sum(v["n"] for v in rec.values())
+                pbar.update(sum(v["n"] for v in rec.values()))
+            if info.is_main:
+                atomic_write_json(prog_file, prog)
+        if budget is not None:
+            budget -= new
         pbar.close()
         seconds = time.perf_counter() - t0
         done = len(prog["done"]) == nb
@@ -272,14 +296,17 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
                  "mean_occupancy": sum(v["occ_sum"] for v in prog["done"].values()) / max(1, cfg.num_samples) / R**3,
                  "empty": sum(v["empty"] for v in prog["done"].values()), "topk_at_ae_res": m["topk"][cat]}
         if done:
-            os.replace(partial, final)
             prog.update(complete=True, stats=stats)
-            atomic_write_json(prog_file, prog)
+            if info.is_main:  # every rank's rows were flushed before the last gather: rank 0 publishes the file
+                os.replace(partial, final)
+                atomic_write_json(prog_file, prog)
             log.info("%s: wrote %s %s, %.1fs, %s", cat, final, (cfg.num_samples, R, R, R), seconds, stats)
         else:
             summary["complete"] = False
             log.info("%s: stopped after %d new batches (%d/%d done); rerun to continue", cat, new,
                      len(prog["done"]), nb)
         summary["categories"][cat] = {**stats, "file": str(final) if done else None}
-    atomic_write_json(save_dir / "sample.json", summary)
+    if info.is_main:
+        atomic_write_json(save_dir / "sample.json", summary)
+    barrier()  # every rank returns once the files exist
     return summary

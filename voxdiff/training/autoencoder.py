@@ -27,11 +27,21 @@ from voxdiff.binarize import ThresholdCalibrator, binarize, recon_metrics
 from voxdiff.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, unwrap
 from voxdiff.config import CATEGORIES, AETrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
+from voxdiff.distributed import (
+    any_rank,
+    check_in_sync,
+    check_same_config,
+    epoch_sampler,
+    init_distributed,
+    mean_over_ranks,
+    split_batch,
+    wrap_ddp,
+)
 from voxdiff.losses import pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.metrics import chamfer_matrix
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.training.common import RunLogger, autocast, check_finite
-from voxdiff.utils import VoxdiffError, get_logger, resolve_device, seed_everything
+from voxdiff.utils import VoxdiffError, get_logger, seed_everything
 
 KIND = "autoencoder"
 # Training-config fields that fix the data order / model: a resume with different values cannot continue exactly.
@@ -186,11 +196,16 @@ def train_autoencoder(cfg: AETrainConfig) -> dict[str, Any]:
     """Train the voxel autoencoder described by `cfg`; returns the final metrics (also in best.pt / last.pt extra)."""
     # ---- setup -------------------------------------------------------------------------------------------------
     t_start = time.monotonic()
-    device = resolve_device(cfg.device)
+    info = init_distributed(cfg.device)  # under torchrun: batch_size is global, rank 0 alone writes (distributed.py)
+    device = info.device
+    check_same_config(to_dict(cfg), "AE training config")
+    per_rank = split_batch(cfg.batch_size, info.world_size)
+    if cfg.sync_bn and info.distributed and device.type != "cuda":
+        raise VoxdiffError("--sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
     seed_everything(cfg.seed)
     run_dir = Path(cfg.ckpt_path)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = get_logger("voxdiff.ae", run_dir / "train.log")
+    log = get_logger("voxdiff.ae", run_dir / "train.log" if info.is_main else None)
     log.info("config %s", to_dict(cfg))
 
     # ---- data --------------------------------------------------------------------------------------------------
@@ -214,6 +229,8 @@ def train_autoencoder(cfg: AETrainConfig) -> dict[str, Any]:
     model = VoxelAutoencoder(cfg.model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
+    if cfg.sync_bn and info.distributed:  # BatchNorm statistics over the global batch instead of each rank's shard
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = epoch = 0
     best_iou = -1.0
@@ -243,8 +260,9 @@ def train_autoencoder(cfg: AETrainConfig) -> dict[str, Any]:
     pos_weight = cfg.pos_weight if cfg.pos_weight > 0 else pos_weight_from_occupancy(mean_frac)
     log.info("train %d (fit %d, calibration %d), val %d; occupancy %.5f -> pos_weight %.1f",
              len(train_set), len(fit_idx), len(cal_idx), len(val_idx), mean_frac, pos_weight)
-    runlog = RunLogger(run_dir, "log", resume=cfg.resume)
-    if cfg.resume:
+    net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, evaluation and checkpoints use `model`
+    runlog = RunLogger(run_dir, "log", resume=cfg.resume) if info.is_main else None
+    if runlog is not None and cfg.resume:
         runlog.truncate_after(step)
 
     def extra(**more: Any) -> dict[str, Any]:
@@ -256,33 +274,38 @@ def train_autoencoder(cfg: AETrainConfig) -> dict[str, Any]:
                         optimizer=opt.state_dict(), step=step, epoch=epoch, rng=get_rng_state(), extra=extra())
 
     # ---- loop --------------------------------------------------------------------------------------------------
-    def out_of_time() -> bool:
-        return cfg.max_minutes > 0 and time.monotonic() - t_start > 60 * cfg.max_minutes
+    def out_of_time() -> bool:  # decided together: every rank stops at the same step
+        return cfg.max_minutes > 0 and any_rank(time.monotonic() - t_start > 60 * cfg.max_minutes, device)
 
-    pbar = tqdm(total=total_steps, initial=min(step, total_steps), desc="ae", dynamic_ncols=True, disable=None)
+    # epoch e's order is epoch_order(fit_idx, seed, e); this rank takes its shard of every global batch
+    sampler = epoch_sampler(len(fit_idx), info, cfg.seed * 1_000_003)
+    pbar = tqdm(total=total_steps, initial=min(step, total_steps), desc="ae", dynamic_ncols=True,
+                disable=None if info.is_main else True)
     samples, train_seconds = 0, 0.0
     stopped = "max_steps" if 0 < cfg.max_steps <= step else "done"
     while step < total_steps and epoch < cfg.num_epochs:
         skip = step - epoch * steps_per_epoch
-        order = epoch_order(fit_idx, cfg.seed, epoch)[skip * cfg.batch_size :]
+        sampler.set_epoch(epoch)
+        order = fit_idx[list(sampler)][skip * per_rank :]
         model.train()
         t0 = time.monotonic()
-        for x, _ in _loader(train_set, order, cfg.batch_size, cfg.num_workers, cfg.seed + epoch):
+        for x, _ in _loader(train_set, order, per_rank, cfg.num_workers, cfg.seed + epoch):
             x = _to_device(x, device)
             with autocast(device):
-                logits = model(x)
+                logits = net(x)
             loss = reconstruction_loss(logits, x, cfg.loss, pos_weight)
-            check_finite(loss, step)
+            loss_all = mean_over_ranks(loss.detach())  # the global batch's loss; every rank stops together on NaN
+            check_finite(loss_all, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            samples += x.shape[0]
+            samples += x.shape[0] * info.world_size
             pbar.update(1)
-            if step % cfg.log_every == 0:
-                lv = float(loss.detach())
+            if runlog is not None and step % cfg.log_every == 0:
+                lv = float(loss_all)
                 pbar.set_postfix(loss=f"{lv:.4g}")
                 runlog.log(step=step, epoch=epoch, loss=lv)
             if step >= total_steps or out_of_time():
@@ -292,16 +315,17 @@ def train_autoencoder(cfg: AETrainConfig) -> dict[str, Any]:
         if step - epoch * steps_per_epoch >= steps_per_epoch:
             epoch += 1
         # ---- per-epoch validation and checkpoints ------------------------------------------------------------
-        threshold, cal_iou = calibrate_threshold(model, cal_loader, device)
-        val = evaluate(model, val_loader, device, threshold, topk_by_class)
-        val["calib_iou"] = cal_iou
-        runlog.log(step=step, epoch=epoch, **{f"val_{k}": v for k, v in val.items()})
-        runlog.flush(("loss",))
-        log.info("step %d epoch %d val %s", step, epoch, {k: round(v, 5) for k, v in val.items()})
-        if val["iou_cal"] > best_iou:
-            best_iou = val["iou_cal"]
-            save("best.pt")
-        save("last.pt")
+        if runlog is not None:  # rank 0 validates and writes; the other ranks wait at the next collective
+            threshold, cal_iou = calibrate_threshold(model, cal_loader, device)
+            val = evaluate(model, val_loader, device, threshold, topk_by_class)
+            val["calib_iou"] = cal_iou
+            runlog.log(step=step, epoch=epoch, **{f"val_{k}": v for k, v in val.items()})
+            runlog.flush(("loss",))
+            log.info("step %d epoch %d val %s", step, epoch, {k: round(v, 5) for k, v in val.items()})
+            if val["iou_cal"] > best_iou:
+                best_iou = val["iou_cal"]
+                save("best.pt")
+            save("last.pt")
         if out_of_time() and step < total_steps:
             stopped = "max_minutes"
             log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
@@ -309,10 +333,10 @@ def train_autoencoder(cfg: AETrainConfig) -> dict[str, Any]:
     pbar.close()
 
     # ---- latent statistics for the LDM (both checkpoints) --------------------------------------------------------
-    if not last_file.is_file():
+    if info.is_main and not last_file.is_file():
         save("last.pt")
     stats_loader = _loader(train_set, np.arange(len(train_set)), eval_bs, cfg.num_workers, cfg.seed)
-    for name in ("last.pt", "best.pt"):
+    for name in ("last.pt", "best.pt") if info.is_main else ():  # rank 0 alone rewrites the checkpoints
         file = run_dir / name
         if not file.is_file():
             continue
@@ -323,8 +347,11 @@ def train_autoencoder(cfg: AETrainConfig) -> dict[str, Any]:
         ck["extra"].update(latent_mean=mean, latent_std=std)
         save_checkpoint(file, kind=KIND, config=ck["config"], model=ck["model"], optimizer=ck["optimizer"],
                         step=ck["step"], epoch=ck["epoch"], rng=ck["rng"], extra=ck["extra"])
-    runlog.flush(("loss",))
+    if runlog is not None:
+        runlog.flush(("loss",))
     result = {"step": step, "epoch": epoch, "stopped": stopped, "best_iou_cal": best_iou,
               "samples_per_s": samples / train_seconds if train_seconds > 0 else float("nan"), **val}
+    if info.distributed:  # DDP's invariant, checked once (also a barrier: rank 0 has finished the checkpoints)
+        result.update(world_size=info.world_size, param_hash=check_in_sync(model, "AE"))
     log.info("finished: %s", result)
     return result

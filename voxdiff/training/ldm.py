@@ -31,12 +31,25 @@ from voxdiff.checkpoint import (
 )
 from voxdiff.config import LDMTrainConfig, from_dict, to_dict
 from voxdiff.data.dataset import voxel_path
+from voxdiff.distributed import (
+    any_rank,
+    barrier,
+    check_in_sync,
+    check_same_config,
+    epoch_sampler,
+    init_distributed,
+    mean_over_ranks,
+    rank_rng,
+    share_device_rng,
+    split_batch,
+    wrap_ddp,
+)
 from voxdiff.latents import cached_latents, file_sha256, latent_stats, normalise
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training.common import RunLogger, autocast, check_finite, warmup_lr
-from voxdiff.utils import VoxdiffError, get_logger, resolve_device, seed_everything
+from voxdiff.utils import VoxdiffError, get_logger, seed_everything
 
 __all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "KIND"]
 
@@ -107,9 +120,14 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train the latent DDPM of `cfg`; writes `{ckpt_path}/last.pt`, `best.pt`, `train.log`, `log.csv/png`.
 
     Returns a summary: final step, losses, best held-out metric, checkpoint paths, throughput.
+    Under torchrun (voxdiff.distributed): cfg.batch_size is global, each rank trains on its shard with DDP, rank 0
+    alone writes; the step and data position are global, so last.pt resumes under any world size.
     """
     # ---- setup ------------------------------------------------------------------------------------------------
-    device = resolve_device(cfg.device)
+    info = init_distributed(cfg.device)
+    device = info.device
+    check_same_config(to_dict(cfg), "LDM training config")
+    per_rank = split_batch(cfg.batch_size, info.world_size)
     run_dir = Path(cfg.ckpt_path)
     last_file, best_file = run_dir / "last.pt", run_dir / "best.pt"
     resume_ckpt = None
@@ -138,9 +156,11 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
                            f"{cfg.model.downsample_factor}; use fewer ch_mult levels")
     cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else ae_file.parent / "latents"
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = get_logger("voxdiff.ldm", run_dir / "train.log")
+    log = get_logger("voxdiff.ldm", run_dir / "train.log" if info.is_main else None)
+    if not info.is_main:
+        barrier()  # rank 0 encodes (or finds) the latent cache first; the other ranks then read it
     z_train, y_train, cache_file = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir,
-                                                  device, progress)
+                                                  device, progress and info.is_main)
     stats = latent_stats(ae_ckpt, latent_shape[0])
     if stats is None:  # an AE checkpoint without statistics: compute them here and record them in the LDM checkpoint
         log.warning("AE checkpoint has no latent_mean/latent_std; using statistics of the encoded training set")
@@ -152,14 +172,17 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     has_val = all(voxel_path(cfg.dataset_path, c, "val").is_file() for c in cfg.categories)
     if has_val:
         z_val, y_val, _ = cached_latents(ae, ae_hash, cfg.dataset_path, "val", cfg.categories, cache_dir, device,
-                                         progress)
+                                         progress and info.is_main)
         z_val, y_val = normalise(z_val[:VAL_MAX], latent_mean, latent_std).to(device), y_val[:VAL_MAX].to(device)
+    if info.is_main:
+        barrier()
     n = len(z_train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     limits = [s for s in (cfg.num_steps, cfg.num_epochs * steps_per_epoch) if s > 0]
     total_steps = min(limits) if limits else None
     log.info("latents %s x %d (cache %s), val %s, device %s, steps/epoch %d, total %s", latent_shape, n, cache_file,
              len(z_val) if has_val else "none", device, steps_per_epoch, total_steps)
+    log.info("world size %d, global batch %d, per-rank batch %d", info.world_size, cfg.batch_size, per_rank)
 
     # ---- model, optimizer, EMA --------------------------------------------------------------------------------
     model = UNet3D(cfg.model, class_dropout=cfg.cfg_dropout if cfg.use_cfg else 0.0).to(device)
@@ -177,8 +200,10 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         best_metric = float(resume_ckpt["extra"].get("best_metric", math.inf))
         set_rng_state(resume_ckpt["rng"])
         log.info("resumed from %s at step %d", last_file, step)
-    runlog = RunLogger(run_dir, "log", resume=resume_ckpt is not None)
-    if resume_ckpt is not None:
+    share_device_rng(info)
+    net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, EMA and checkpoints use `model`
+    runlog = RunLogger(run_dir, "log", resume=resume_ckpt is not None) if info.is_main else None
+    if runlog is not None and resume_ckpt is not None:
         runlog.truncate_after(step)
     num_params = sum(p.numel() for p in model.parameters())
     log.info("UNet3D %.2fM parameters; config %s", num_params / 1e6, to_dict(cfg))
@@ -210,52 +235,64 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     start_step, stopped = step, "num_steps"
     model.train()
     perm_epoch, perm = -1, torch.empty(0, dtype=torch.long)
-    pbar = tqdm(total=total_steps, initial=step, desc="ldm", unit="step", disable=not progress, dynamic_ncols=True)
+    sampler = epoch_sampler(n, info, cfg.seed * 1_000_003)  # epoch order: randperm seeded by seed * 1_000_003 + epoch
+    pbar = tqdm(total=total_steps, initial=step, desc="ldm", unit="step", disable=not (progress and info.is_main),
+                dynamic_ncols=True)
     while total_steps is None or step < total_steps:
-        if cfg.max_minutes > 0 and time.perf_counter() - t_start > 60 * cfg.max_minutes:
+        if cfg.max_minutes > 0 and any_rank(time.perf_counter() - t_start > 60 * cfg.max_minutes, device):
             stopped = "max_minutes"
             break
-        # data: the epoch's order depends only on (seed, epoch), so a resume picks up the same batches
+        # data: the epoch's order depends only on (seed, epoch), so a resume picks up the same batches; this rank's
+        # batch i is its shard of the global batch i (see voxdiff.distributed.epoch_sampler)
         epoch, i = divmod(step, steps_per_epoch)
         if epoch != perm_epoch:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+            sampler.set_epoch(epoch)
+            perm = torch.tensor(list(sampler), dtype=torch.long)
             perm_epoch = epoch
-        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size].to(device)
+        idx = perm[i * per_rank : (i + 1) * per_rank].to(device)
         z0, y = z_train[idx], y_train[idx]
         # forward / backward
         lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        t = torch.randint(0, scheduler.num_train_timesteps, (len(idx),), device=device)
-        noise = torch.randn_like(z0)
-        loss = diffusion_loss(model, scheduler, z0, y, t, noise)
-        check_finite(loss, step)
+        # t and noise are drawn for the whole global batch (same stream on every rank) and each rank takes the rows
+        # of its samples, so a K-rank run sees the draws of a single-process run with the same global batch
+        g_batch, shard = len(idx) * info.world_size, slice(info.rank, None, info.world_size)
+        t = torch.randint(0, scheduler.num_train_timesteps, (g_batch,), device=device)[shard]
+        noise = torch.randn((g_batch, *z0.shape[1:]), device=device)[shard]
+        with rank_rng(info, cfg.seed, step):  # per-rank dropout / label-dropout masks in a distributed run
+            loss = diffusion_loss(net, scheduler, z0, y, t, noise)
+        loss_all = mean_over_ranks(loss.detach())  # the global batch's loss (every rank stops together on NaN)
+        check_finite(loss_all, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         optimizer.step()
         ema.update_parameters(model)
         step += 1
-        value = float(loss.detach())
+        value = float(loss_all)
         smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
         pbar.update(1)
-        if step % cfg.log_every == 0 or step == total_steps:
+        if runlog is not None and (step % cfg.log_every == 0 or step == total_steps):
             runlog.log(step=step, loss=value, loss_smooth=smooth, lr=lr, grad_norm=float(grad_norm))
             pbar.set_postfix(loss=f"{smooth:.4f}")
-        if step % cfg.ckpt_every == 0 and step != total_steps:
+        if info.is_main and step % cfg.ckpt_every == 0 and step != total_steps:
             checkpoint()
-        if cfg.sample_every > 0 and step % cfg.sample_every == 0 and step != total_steps:
+        if info.is_main and cfg.sample_every > 0 and step % cfg.sample_every == 0 and step != total_steps:
             _render_samples(ema.module, ae, ae_ckpt, latent_mean, latent_std, cfg, run_dir, step, log)
     pbar.close()
-    if step > start_step or not last_file.is_file():
+    if info.is_main and (step > start_step or not last_file.is_file()):
         checkpoint()
     seconds = time.perf_counter() - t_start
-    if cfg.sample_every >= 0:
+    if info.is_main and cfg.sample_every >= 0:
         _render_samples(ema.module, ae, ae_ckpt, latent_mean, latent_std, cfg, run_dir, step, log)
     result = {"step": step, "stopped": stopped, "loss_smooth": smooth, "best_metric": best_metric,
               "best_kind": "val_loss" if has_val else "smoothed_train_loss", "last": str(last_file),
               "best": str(best_file), "num_params": num_params, "seconds": seconds,
               "steps_per_s": (step - start_step) / seconds if seconds > 0 else float("nan")}
+    if info.distributed:  # DDP's invariant, checked once: every rank ends with bit-identical model and EMA weights
+        result.update(world_size=info.world_size, param_hash=check_in_sync(model, "UNet"),
+                      ema_hash=check_in_sync(ema.module, "EMA"))
     log.info("finished: %s", result)
     return result
 
