@@ -1,0 +1,250 @@
+"""Score distillation sampling (SDS, Poole et al. 2022, "DreamFusion") on the latents of the trained LDM.
+
+Instead of running the reverse process, SDS treats a batch of latents z as parameters and follows the denoiser's score:
+for a random t and ε ~ N(0, I),
+
+    ∇_z L_SDS = w(t) · (ε̂_cfg(z_t, t, c) − ε),    z_t = √ᾱ_t z + √(1 − ᾱ_t) ε        (DreamFusion eq. 3)
+
+with the U-Net Jacobian dropped (the U-Net gets no gradient) and ∂z/∂θ = I (the latents are the parameters; no
+renderer). Weighting w(t): "sds" = 1 − ᾱ_t (DreamFusion's choice, the noise variance σ_t²; it mutes the small-t
+terms whose ε-residual is mostly noise) or "uniform" = 1. The gradient is applied through the usual surrogate loss
+`(grad.detach() * z).sum()`, whose derivative in z is exactly `grad`, so any torch optimizer (Adam here) can step z.
+
+The model, the CFG helper, the schedulers, checkpoint loading and decode/binarise are all reused from
+`voxdiff.sampling` / `voxdiff.schedulers`, so SDS shapes are decoded and binarised exactly like `diffusion/sample.py`'s.
+With `init="ddim"` and the same seed, the starting latents are bit-identical to `sample_to_files`' DDIM (η = 0) samples.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from voxdiff import __version__
+from voxdiff.binarize import binarize
+from voxdiff.config import CATEGORIES, SampleConfig, SDSConfig, category_index, to_dict
+from voxdiff.latents import file_sha256
+from voxdiff.sampling import batch_seed, decode_latents, guided_eps, load_models, sample_latents, upsample_nearest
+from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, expand_as_sample, make_scheduler
+from voxdiff.utils import VoxdiffError, atomic_memmap, atomic_write_json, get_logger, resolve_device
+
+__all__ = ["sds_weight", "sds_grad", "sds_loss", "timestep_range", "run_sds"]
+
+
+def sds_weight(scheduler: DDPMScheduler | DDIMScheduler, t: torch.Tensor, weighting: str = "sds") -> torch.Tensor:
+    """w(t) per sample (float64, CPU): "sds" = 1 − ᾱ_t (DreamFusion), "uniform" = 1."""
+    t = torch.as_tensor(t, dtype=torch.long).cpu().reshape(-1)
+    if weighting == "sds":
+        return 1.0 - scheduler.alphas_cumprod[t]
+    if weighting == "uniform":
+        return torch.ones(t.shape, dtype=torch.float64)
+    raise ValueError(f"weighting must be one of sds, uniform; got {weighting!r}")
+
+
+def sds_grad(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    cfg_scale: float,
+    weighting: str = "sds",
+) -> torch.Tensor:
+    """The SDS gradient w(t) · (ε̂_cfg(z_t, t, c) − ε) for latents z (B, C, r, r, r), detached (no graph).
+
+    t (B,) integer timesteps, noise ε (like z), labels (B,) class ids; cfg_scale w as in `guided_eps`
+    ((1 + w) ε_c − w ε_u; 0 = plain conditional). The U-Net runs under no_grad: it receives no gradient.
+    """
+    with torch.no_grad():
+        # 1. forward process z_t = √ᾱ_t z + √(1 − ᾱ_t) ε (DDPM eq. 4)
+        z_t = scheduler.add_noise(z.detach(), noise, t)
+        # 2. guided noise prediction ε̂ (CFG, both branches in one forward)
+        eps_hat = guided_eps(model, z_t, t.to(z.device), labels, cfg_scale).to(z.dtype)
+        # 3. per-sample weight w(t), broadcast to z's rank
+        w = expand_as_sample(sds_weight(scheduler, t, weighting), z)
+        # 4. DreamFusion eq. 3 with ∂z/∂θ = I: w(t) (ε̂ − ε)
+        return w * (eps_hat - noise)
+
+
+def sds_loss(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    cfg_scale: float,
+    weighting: str = "sds",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surrogate loss, grad): loss = (grad.detach() · z).sum(), so loss.backward() puts exactly `grad` in z.grad."""
+    grad = sds_grad(model, scheduler, z, labels, t, noise, cfg_scale, weighting)
+    return (grad.detach() * z).sum(), grad
+
+
+def timestep_range(cfg: SDSConfig, num_train_timesteps: int, step: int = 0) -> tuple[int, int]:
+    """Inclusive integer range [lo, hi] of t at optimisation step `step`: [t_min·T, t_max·T] clipped to 0..T−1.
+
+    With `cfg.anneal` the upper bound falls linearly from t_max·T (first step) to t_min·T (last step): large noise
+    levels shape the coarse form early, small ones refine it late.
+    """
+    T = num_train_timesteps
+    hi = min(T - 1, round(cfg.t_max * T))
+    lo = min(hi, round(cfg.t_min * T))
+    if cfg.anneal and cfg.steps > 1:
+        p = step / (cfg.steps - 1)
+        hi = round(hi - (hi - lo) * p)
+    return lo, hi
+
+
+def _to_grids(ae: Any, z: torch.Tensor, m: dict[str, Any], cfg: SDSConfig, k: int, factor: int) -> np.ndarray:
+    """Latents -> uint8 grids at cfg.resolution, with the calls and order of `sample_to_files`."""
+    probs = decode_latents(ae, z.detach(), m["mean"], m["std"])  # at the AE's resolution
+    grids = binarize(probs, threshold=m["threshold"], topk=k if k > 0 else None)
+    return upsample_nearest(grids.to(torch.uint8), factor).cpu().numpy()
+
+
+def _render(grids: np.ndarray, path: Path, title: str) -> None:
+    try:
+        from voxdiff.render import render_voxels
+    except ImportError:  # rendering is optional
+        return
+    render_voxels(grids, path, titles=[f"{title} #{i}" for i in range(len(grids))])
+
+
+def _write_summary(path: Path, category: str, summary: dict[str, Any]) -> None:
+    """sds.json holds one entry per category (runs of other categories into the same save_dir are kept)."""
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if not isinstance(data, dict) or not all(c in CATEGORIES for c in data):
+            data = {}
+    data[category] = summary
+    atomic_write_json(path, data)
+
+
+def _sample_config(cfg: SDSConfig) -> SampleConfig:
+    """The SampleConfig whose checks `load_models` applies (init DDIM steps, CFG, resolution, top-k)."""
+    return SampleConfig(
+        ldm_ckpt_path=cfg.ldm_ckpt_path, ae_ckpt_path=cfg.ae_ckpt_path, save_dir=cfg.save_dir,
+        categories=(cfg.category,), num_samples=cfg.num_samples, batch_size=cfg.batch_size, sampler="ddim",
+        steps=cfg.init_steps if cfg.init == "ddim" else 0, eta=0.0, use_cfg=cfg.guidance_scale != 0,
+        cfg_scale=cfg.guidance_scale, resolution=cfg.resolution, threshold=cfg.threshold, topk=cfg.topk,
+        use_ema=cfg.use_ema, device=cfg.device, seed=cfg.seed,
+    )
+
+
+def run_sds(cfg: SDSConfig, progress: bool = True) -> dict[str, Any]:
+    """Optimise `cfg.num_samples` latents of `cfg.category` by SDS (batches of `batch_size` at once) and decode them.
+
+    Writes `{save_dir}/{category}.npy` ((N, R, R, R) uint8 in {0, 1}, for eval.py; atomic), `sds.json` (one entry
+    per category: config, timings, final mean per-sample SDS-gradient norm, occupancy), `sds.log`, and renders of the
+    first batch's first `render_n` shapes every `render_every` steps (`renders/{category}_step_XXXXX.png`).
+    Returns this category's summary.
+    Every checkpoint/flag error is raised before anything is written.
+    """
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    m = load_models(_sample_config(cfg), device)
+    model, ae = m["model"].requires_grad_(False), m["ae"].requires_grad_(False)
+    sched_cfg = m["ldm_cfg"].scheduler
+    T = sched_cfg.num_train_timesteps
+    noise_sched = make_scheduler("ddpm", sched_cfg)  # add_noise and ᾱ only
+    init_sched = make_scheduler("ddim", sched_cfg, cfg.init_steps, eta=0.0) if cfg.init == "ddim" else None
+    c, k = category_index(cfg.category), m["topk"][cfg.category]
+    R, factor = cfg.resolution, cfg.resolution // m["ae_res"]
+    save_dir = Path(cfg.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    log = get_logger("voxdiff.sds", save_dir / "sds.log")
+    recorded = (m["ldm_ckpt"].get("extra") or {}).get("ae_hash")
+    if recorded and recorded != file_sha256(m["ae_file"]):
+        log.warning("AE checkpoint %s differs from the one the LDM was trained with", m["ae_file"])
+    log.info("SDS %s: %d samples, %d steps, t in [%s, %s] of T=%d, w=%s, init=%s", cfg.category, cfg.num_samples,
+             cfg.steps, *timestep_range(cfg, T), T, cfg.weighting, cfg.init)
+
+    nb = -(-cfg.num_samples // cfg.batch_size)
+    timing = {"init_s": 0.0, "optimise_s": 0.0, "decode_s": 0.0, "render_s": 0.0}
+    step_norm = np.zeros(cfg.steps)  # mean per-sample ‖grad‖ at each step, averaged over batches
+    final_norms: list[np.ndarray] = []
+    occ_sum, empty = 0.0, 0
+    out = save_dir / f"{cfg.category}.npy"
+    pbar = tqdm(total=nb * cfg.steps, desc=f"sds {cfg.category}", unit="step", disable=not progress,
+                dynamic_ncols=True)
+    with atomic_memmap(out, (cfg.num_samples, R, R, R), np.uint8) as arr:
+        for b in range(nb):
+            s, e = b * cfg.batch_size, min(cfg.num_samples, (b + 1) * cfg.batch_size)
+            gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, c, b))
+            labels = torch.full((e - s,), c, dtype=torch.long, device=device)
+            # 1. initial latents: N(0, I), or DDIM (η = 0) samples drawn exactly as sample_to_files draws them
+            t0 = time.perf_counter()
+            if init_sched is not None:
+                z0 = sample_latents(model, init_sched, labels, gen, cfg.guidance_scale, latent_shape=m["latent_shape"])
+            else:
+                z0 = torch.randn((e - s, *m["latent_shape"]), generator=gen, device=device)
+            z = z0.detach().clone().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=cfg.lr)
+            timing["init_s"] += time.perf_counter() - t0
+            render_here = b == 0 and cfg.render_every > 0
+            if render_here:
+                t0 = time.perf_counter()
+                _render(_to_grids(ae, z[: cfg.render_n], m, cfg, k, factor),
+                        save_dir / "renders" / f"{cfg.category}_step_00000.png", "init")
+                timing["render_s"] += time.perf_counter() - t0
+            # 2. SDS steps: t ~ U[lo, hi] per sample, ε ~ N(0, I), surrogate loss -> Adam
+            norms = torch.zeros(e - s)
+            for i in range(cfg.steps):
+                t0 = time.perf_counter()
+                lo, hi = timestep_range(cfg, T, i)
+                t = torch.randint(lo, hi + 1, (e - s,), generator=gen, device=device)
+                noise = torch.randn(z.shape, generator=gen, device=device)
+                opt.zero_grad(set_to_none=True)
+                loss, grad = sds_loss(model, noise_sched, z, labels, t, noise, cfg.guidance_scale, cfg.weighting)
+                if not torch.isfinite(grad).all():
+                    raise VoxdiffError(f"non-finite SDS gradient at step {i} of batch {b}; check the checkpoints")
+                loss.backward()
+                opt.step()
+                norms = grad.flatten(1).norm(dim=1).cpu()
+                step_norm[i] += float(norms.mean()) * (e - s) / cfg.num_samples
+                timing["optimise_s"] += time.perf_counter() - t0
+                pbar.update(1)
+                if render_here and (i + 1) % cfg.render_every == 0:
+                    t0 = time.perf_counter()
+                    _render(_to_grids(ae, z[: cfg.render_n], m, cfg, k, factor),
+                            save_dir / "renders" / f"{cfg.category}_step_{i + 1:05d}.png", f"step {i + 1}")
+                    timing["render_s"] += time.perf_counter() - t0
+            final_norms.append(norms.numpy())
+            # 3. decode + binarise exactly like diffusion/sample.py, into the memmap
+            t0 = time.perf_counter()
+            grids = _to_grids(ae, z, m, cfg, k, factor)
+            arr[s:e] = grids
+            occ = grids.reshape(len(grids), -1).sum(1)
+            occ_sum += float(occ.sum())
+            empty += int((occ == 0).sum())
+            timing["decode_s"] += time.perf_counter() - t0
+            log.info("batch %d/%d: mean final grad norm %.4f, mean occupancy %.5f", b + 1, nb,
+                     float(norms.mean()) if cfg.steps else float("nan"), float(occ.mean()) / R**3)
+        pbar.close()
+    timing["total_s"] = time.perf_counter() - t_start
+    final = float(np.concatenate(final_norms).mean()) if cfg.steps else None
+    summary: dict[str, Any] = {
+        "config": to_dict(cfg), "version": __version__, "device": str(device), "file": str(out),
+        "ldm_ckpt": str(m["ldm_file"]), "ldm_step": int(m["ldm_ckpt"]["step"]), "ae_ckpt": str(m["ae_file"]),
+        "num_train_timesteps": T, "t_range": list(timestep_range(cfg, T)), "topk_at_ae_res": k,
+        "threshold_effective": m["threshold"],
+        "weighting": "1 - alpha_bar_t (DreamFusion)" if cfg.weighting == "sds" else "1",
+        "timings": timing, "s_per_step": timing["optimise_s"] / max(1, nb * cfg.steps),
+        "final_grad_norm_mean": final, "grad_norm_per_step": [round(float(x), 6) for x in step_norm],
+        "mean_occupancy": occ_sum / cfg.num_samples / R**3, "empty": empty,
+    }
+    _write_summary(save_dir / "sds.json", cfg.category, summary)
+    log.info("wrote %s %s in %.1fs", out, (cfg.num_samples, R, R, R), timing["total_s"])
+    return summary
