@@ -15,18 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from voxdiff.binarize import threshold_from_flag, topk_from_flag
 from voxdiff.config import CATEGORIES, SampleConfig
-from voxdiff.utils import VoxdiffError, run_cli
-
-
-def _threshold(text: str) -> float:
-    """--threshold T (a float in [0, 1)) or 'auto' (-1: the AE checkpoint's calibrated threshold)."""
-    if text == "auto":
-        return -1.0
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1) or 'auto'; got {text}")
-    return value
+from voxdiff.utils import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg_scale", type=float, default=d.cfg_scale, help="w in (1+w) eps_c - w eps_u")
     p.add_argument("--resolution", type=int, default=d.resolution,
                    help="output grid side: the AE's resolution or a power-of-two multiple (e.g. 64 or 128)")
-    p.add_argument("--threshold", type=_threshold, default=d.threshold,
+    p.add_argument("--threshold", default=str(d.threshold),
                    help="occupancy threshold (without --topk), or 'auto' for the AE's calibrated threshold")
     p.add_argument("--topk", default=None, help="keep K voxels per shape (at --resolution), or 'auto' for the "
                                                 "AE's per-category training occupancy")
@@ -57,22 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    if a.topk is None:
-        topk = 0
-    elif a.topk == "auto":
-        topk = -1
-    else:
-        try:
-            topk = int(a.topk)
-        except ValueError:
-            raise VoxdiffError(f"--topk must be a positive integer or 'auto'; got {a.topk!r}") from None
-        if topk <= 0:
-            raise VoxdiffError(f"--topk must be a positive integer or 'auto'; got {a.topk!r}")
+    topk, threshold = topk_from_flag(a.topk), threshold_from_flag(a.threshold)
     cfg = SampleConfig(
         ldm_ckpt_path=a.ldm_ckpt_path, ae_ckpt_path=a.ae_ckpt_path, save_dir=a.save_dir,
         categories=CATEGORIES if a.category == "all" else (a.category,), num_samples=a.num_samples,
         batch_size=a.batch_size, sampler=a.sampler, steps=a.steps or 0,
-        eta=a.eta, use_cfg=a.use_cfg, cfg_scale=a.cfg_scale, resolution=a.resolution, threshold=a.threshold,
+        eta=a.eta, use_cfg=a.use_cfg, cfg_scale=a.cfg_scale, resolution=a.resolution, threshold=threshold,
         topk=topk, use_ema=not a.no_ema, device=a.device, seed=a.seed,
     )
     from voxdiff.distributed import cleanup, is_main

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from voxdiff.binarize import threshold_from_flag, topk_from_flag
 from voxdiff.config import CATEGORIES, SDSConfig
-from voxdiff.utils import VoxdiffError, run_cli
+from voxdiff.utils import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init_steps", type=int, default=d.init_steps, help="DDIM steps (eta 0) for --init ddim")
     p.add_argument("--save_dir", default=d.save_dir)
     p.add_argument("--resolution", type=int, default=d.resolution, help="output grid side (a multiple of the AE's)")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="threshold without --topk (<0: AE-calibrated)")
+    p.add_argument("--threshold", default=str(d.threshold),
+                   help="threshold without --topk, or 'auto' for the AE's calibrated threshold")
     p.add_argument("--topk", default=None, help="keep K voxels per shape (at --resolution), or 'auto' for the "
                                                 "AE's per-category training occupancy")
     p.add_argument("--no_ema", action="store_true", help="use the raw LDM weights instead of the EMA weights")
@@ -50,22 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    if a.topk is None:
-        topk = 0
-    elif a.topk == "auto":
-        topk = -1
-    else:
-        try:
-            topk = int(a.topk)
-        except ValueError:
-            raise VoxdiffError(f"--topk must be a positive integer or 'auto'; got {a.topk!r}") from None
-        if topk <= 0:
-            raise VoxdiffError(f"--topk must be a positive integer or 'auto'; got {a.topk!r}")
+    topk, threshold = topk_from_flag(a.topk), threshold_from_flag(a.threshold)
     cfg = SDSConfig(
         ldm_ckpt_path=a.ldm_ckpt_path, ae_ckpt_path=a.ae_ckpt_path, category=a.category, num_samples=a.num_samples,
         batch_size=a.batch_size, steps=a.steps, lr=a.lr, guidance_scale=a.guidance_scale, t_min=a.t_min,
         t_max=a.t_max, anneal=a.anneal, weighting=a.weighting, init=a.init, init_steps=a.init_steps,
-        save_dir=a.save_dir, resolution=a.resolution, threshold=a.threshold, topk=topk, use_ema=not a.no_ema,
+        save_dir=a.save_dir, resolution=a.resolution, threshold=threshold, topk=topk, use_ema=not a.no_ema,
         render_every=a.render_every, render_n=a.render_n, device=a.device, seed=a.seed,
     )
     from voxdiff.sds import run_sds

@@ -124,3 +124,37 @@ class ThresholdCalibrator:
         cands = torch.nonzero(iou >= top - 1e-12).reshape(-1)
         j = int(cands[torch.argmin((self.thresholds[cands] - 0.5).abs())])
         return float(self.thresholds[j]), float(iou[j])
+
+
+def topk_from_flag(text: str | None) -> int:
+    """`--topk` as the configs store it: None -> 0 (threshold instead), 'auto' -> -1 (the AE's training occupancy),
+    else a positive integer (voxels kept per shape at the output resolution). Bad values raise VoxdiffError."""
+    from voxdiff.utils import VoxdiffError
+
+    if text is None:
+        return 0
+    if text == "auto":
+        return -1
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k <= 0:
+        raise VoxdiffError(f"--topk must be a positive integer or 'auto'; got {text!r}")
+    return k
+
+
+def threshold_from_flag(text: str) -> float:
+    """`--threshold` as the configs store it: a float below 1 (negative or 'auto' -> -1: the AE's calibrated
+    threshold). Bad values raise VoxdiffError."""
+    from voxdiff.utils import VoxdiffError
+
+    if text == "auto":
+        return -1.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise VoxdiffError(f"--threshold must be a number in [0, 1) or 'auto'; got {text!r}") from None
+    if not value < 1.0 or value != value:
+        raise VoxdiffError(f"--threshold must be a number in [0, 1) or 'auto'; got {text!r}")
+    return -1.0 if value < 0 else value
