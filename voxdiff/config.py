@@ -309,7 +309,9 @@ def _preset_medium() -> PipelineConfig:
                          log_every=20),
         ldm=LDMTrainConfig(model=unet_preset("small", ch=32), batch_size=32, num_steps=60000, max_minutes=25,
                            lr=1e-3, warmup_steps=200, ckpt_every=500, ema_decay=0.998, log_every=20),
-        sample=SampleConfig(num_samples=1000, batch_size=250, sampler="ddim", steps=50, resolution=32),
+        # w and the binarisation picked by bench/tune_sampling.py on training shapes (docs/BENCHMARKS.md).
+        sample=SampleConfig(num_samples=1000, batch_size=250, sampler="ddim", steps=50, resolution=32, cfg_scale=3.0,
+                            threshold=0.5),
     )
 
 
