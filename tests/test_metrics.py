@@ -217,3 +217,21 @@ def test_jsd_is_zero_for_identical_sets_and_symmetric(sets):
     assert metrics.jsd(s, s) == pytest.approx(0.0, abs=1e-12)
     assert metrics.jsd(s, ref) == pytest.approx(metrics.jsd(ref, s), rel=1e-12)
     assert 0 < metrics.jsd(s, ref) <= math.log(2)
+
+
+def test_one_nna_balanced_uses_equal_sets():
+    # 3 samples far from 2 references; the third sample is the odd one out and only the first k=2 of each set count.
+    rng = np.random.default_rng(0)
+    pts = np.r_[rng.normal(0, 1, (3, 2)), rng.normal(0, 1, (2, 2))]
+    d = ((pts[:, None] - pts[None]) ** 2).sum(-1)
+    d_ss, d_sr, d_rr = d[:3, :3], d[:3, 3:], d[3:, 3:]
+    bal = metrics.one_nna_balanced(d_ss, d_sr, d_rr)
+    assert bal == metrics.one_nna(d_ss[:2, :2], d_sr[:2], d_rr)
+    # Equal sizes: identical to the plain definition.
+    assert metrics.one_nna_balanced(d_ss[:2, :2], d_sr[:2], d_rr) == metrics.one_nna(d_ss[:2, :2], d_sr[:2], d_rr)
+    # Same distribution, 10:1 sizes: the plain score is inflated by the majority set, the balanced one is not.
+    x = rng.normal(0, 1, (220, 3))
+    dd = ((x[:, None] - x[None]) ** 2).sum(-1)
+    plain = metrics.one_nna(dd[:200, :200], dd[:200, 200:], dd[200:, 200:])
+    balanced = metrics.one_nna_balanced(dd[:200, :200], dd[:200, 200:], dd[200:, 200:])
+    assert plain > 0.8 and abs(balanced - 0.5) < 0.2

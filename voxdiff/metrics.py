@@ -482,6 +482,17 @@ def one_nna(d_ss: np.ndarray, d_sr: np.ndarray, d_rr: np.ndarray) -> float:
     return float(correct.mean())
 
 
+def one_nna_balanced(d_ss: np.ndarray, d_sr: np.ndarray, d_rr: np.ndarray) -> float:
+    """1-NNA on equal-size sets: the first k = min(N_sample, N_ref) items of each set, then `one_nna`.
+
+    1-NNA's 0.5 optimum assumes |S| = |R| (PointFlow, LION); with 1,000 samples against 200 references even a perfect
+    generator scores well above 0.5 because most nearest neighbours come from the larger set. Taking the first k of
+    each set (deterministic: samples are already i.i.d.) restores the intended scale.
+    """
+    k = min(d_sr.shape)
+    return one_nna(d_ss[:k, :k], d_sr[:k, :k], d_rr[:k, :k])
+
+
 # --------------------------------------------------------------------------------------------------------- evaluate
 
 
@@ -519,6 +530,7 @@ def evaluate(
         "mmd": mmd,
         "cov": cov,
         "nna": one_nna(d_ss, d_sr, d_rr),
+        "nna_balanced": one_nna_balanced(d_ss, d_sr, d_rr),
         "n_samples": s.n,
         "n_refs": r.n,
         "n_empty_samples": n_empty,
