@@ -273,6 +273,7 @@ def test_cli_world_size_error_is_one_line(tiny_voxel_dir: Path, tmp_path: Path) 
                   "--ckpt_path", str(tmp_path / "run"), "--batch_size", "3", "--device", "cpu"])
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if "train.py: error:" in ln]
-    assert len(lines) == 2 and all("cannot be split across 2 ranks" in ln for ln in lines), r.stderr[-2000:]
+    # Each rank prints the same one line; torchrun may SIGTERM the second rank once the first has exited, so 1 or 2.
+    assert 1 <= len(lines) <= 2 and all("cannot be split across 2 ranks" in ln for ln in lines), r.stderr[-2000:]
     assert "Traceback" not in r.stderr.split("train.py: error:")[0]
     assert not (tmp_path / "run").exists()
