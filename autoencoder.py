@@ -26,17 +26,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight_decay", type=float, default=d.weight_decay)
     p.add_argument("--num_epochs", type=int, default=d.num_epochs)
-    p.add_argument("--max_steps", type=int, default=d.max_steps, help="stop after this many steps (0 = no limit)")
-    p.add_argument("--max_minutes", type=float, default=d.max_minutes, help="time budget (0 = none); stops cleanly")
+    p.add_argument("--num_steps", type=int, default=None, help="optimizer steps (default: num_epochs passes)")
+    p.add_argument("--max_minutes", type=float, default=None, help="safety cap on wall time (default none)")
     p.add_argument("--loss", default=d.loss, choices=get_args(AELoss))
-    p.add_argument("--pos_weight", type=float, default=d.pos_weight, help="weighted_bce weight (0 = from occupancy)")
+    p.add_argument("--pos_weight", type=float, default=None, help="weighted_bce weight (default: from occupancy)")
     p.add_argument("--grad_clip", type=float, default=d.grad_clip)
     p.add_argument("--resolution", type=int, default=d.model.resolution)
     p.add_argument("--channels", type=int, nargs=3, default=list(d.model.channels))
     p.add_argument("--latent_channels", type=int, default=d.model.latent_channels)
-    p.add_argument("--calib_fraction", type=float, default=d.calib_fraction)
-    p.add_argument("--max_val_shapes", type=int, default=d.max_val_shapes, help="cap on val shapes (0 = all)")
-    p.add_argument("--num_workers", type=int, default=d.num_workers)
+    p.add_argument("--holdout_fraction", type=float, default=d.holdout_fraction)
+    p.add_argument("--holdout_max", type=int, default=d.holdout_max)
+    p.add_argument("--ckpt_every", type=int, default=d.ckpt_every)
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"])
     p.add_argument("--log_every", type=int, default=d.log_every)
     p.add_argument("--device", default=d.device, help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -50,9 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = AETrainConfig(
         dataset_path=a.dataset_path, ckpt_path=a.ckpt_path, categories=tuple(a.categories),
         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, num_epochs=a.num_epochs,
-        max_steps=a.max_steps, max_minutes=a.max_minutes, loss=a.loss, pos_weight=a.pos_weight,
-        grad_clip=a.grad_clip, calib_fraction=a.calib_fraction, max_val_shapes=a.max_val_shapes,
-        num_workers=a.num_workers, log_every=a.log_every, device=a.device, seed=a.seed, resume=a.resume,
+        num_steps=a.num_steps, max_minutes=a.max_minutes, loss=a.loss, pos_weight=a.pos_weight,
+        grad_clip=a.grad_clip, holdout_fraction=a.holdout_fraction, holdout_max=a.holdout_max,
+        ckpt_every=a.ckpt_every, precision=a.precision, log_every=a.log_every, device=a.device, seed=a.seed,
+        resume=a.resume,
         sync_bn=a.sync_bn,
         model=AEConfig(resolution=a.resolution, channels=tuple(a.channels), latent_channels=a.latent_channels),
     )

@@ -33,17 +33,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight_decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
-    p.add_argument("--num_epochs", type=int, default=0, help="epochs over the training latents (0 = use steps)")
+    p.add_argument("--num_epochs", type=int, default=None, help="epochs over the training latents")
     p.add_argument("--num_steps", type=int, default=None,
                    help=f"optimizer steps (default {d.num_steps}, or no step limit when --num_epochs is given)")
-    p.add_argument("--max_minutes", type=float, default=d.max_minutes, help="time budget (0 = none); stops cleanly")
+    p.add_argument("--max_minutes", type=float, default=None, help="safety cap on wall time (default none)")
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"])
     p.add_argument("--ema_decay", type=float, default=d.ema_decay)
     p.add_argument("--grad_clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
     p.add_argument("--num_train_timesteps", type=int, default=SchedulerConfig().num_train_timesteps)
     p.add_argument("--ckpt_every", type=int, default=d.ckpt_every, help="steps between last.pt / held-out checks")
     p.add_argument("--log_every", type=int, default=d.log_every)
-    p.add_argument("--sample_every", type=int, default=d.sample_every,
-                   help="steps between sample renders (PNG in ckpt_path); 0 = only at the end, -1 = never")
+    p.add_argument("--preview_every", type=int, default=None, help="steps between preview renders (default: end)")
+    p.add_argument("--no_preview", action="store_true", help="no preview renders")
     p.add_argument("--latent_cache_dir", default=d.latent_cache_dir, help="default: latents/ beside the AE checkpoint")
     p.add_argument("--device", default=d.device, help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -53,14 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    num_steps = a.num_steps if a.num_steps is not None else (0 if a.num_epochs > 0 else LDMTrainConfig().num_steps)
+    num_steps = a.num_steps if a.num_steps is not None else (None if a.num_epochs else LDMTrainConfig().num_steps)
     overrides = {} if a.dropout is None else {"dropout": a.dropout}
     cfg = LDMTrainConfig(
         dataset_path=a.dataset_path, ae_ckpt_path=a.ae_ckpt_path, ckpt_path=a.ckpt_path,
         categories=tuple(a.categories), use_cfg=a.use_cfg, cfg_dropout=a.cfg_dropout if a.use_cfg else 0.0,
         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
         num_epochs=a.num_epochs, num_steps=num_steps, max_minutes=a.max_minutes, ema_decay=a.ema_decay,
-        grad_clip=a.grad_clip, ckpt_every=a.ckpt_every, log_every=a.log_every, sample_every=a.sample_every,
+        grad_clip=a.grad_clip, ckpt_every=a.ckpt_every, log_every=a.log_every, preview_every=a.preview_every,
+        preview=not a.no_preview, precision=a.precision,
         latent_cache_dir=a.latent_cache_dir,
         device=a.device, seed=a.seed, resume=a.resume, model=unet_preset(a.preset, **overrides),
         scheduler=SchedulerConfig(num_train_timesteps=a.num_train_timesteps),

@@ -18,7 +18,6 @@ from voxdiff.config import AEConfig, AETrainConfig, to_dict
 from voxdiff.losses import pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.training.autoencoder import (
-    _loader,
     calibrate_threshold,
     chamfer_pairs,
     evaluate,
@@ -31,7 +30,7 @@ TINY = AEConfig(resolution=32, channels=(4, 8, 8))
 
 def tiny_cfg(data: Path, run: Path, **kw) -> AETrainConfig:
     base = dict(dataset_path=str(data), ckpt_path=str(run), batch_size=8, lr=3e-3, num_epochs=10, device="cpu",
-                max_val_shapes=3, log_every=1, model=TINY)
+                holdout_fraction=0.25, log_every=1, ckpt_every=2, model=TINY)
     base.update(kw)
     return AETrainConfig(**base)
 
@@ -162,10 +161,10 @@ def runs(tiny_voxel_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ae_runs")
     full, split = root / "full", root / "split"
-    train_autoencoder(tiny_cfg(tiny_voxel_dir, full, max_steps=5))
-    first = train_autoencoder(tiny_cfg(tiny_voxel_dir, split, max_steps=4))
-    assert first["step"] == 4 and first["epoch"] == 1 and first["stopped"] == "max_steps"
-    train_autoencoder(tiny_cfg(tiny_voxel_dir, split, max_steps=5, resume=True))
+    train_autoencoder(tiny_cfg(tiny_voxel_dir, full, num_steps=5))
+    first = train_autoencoder(tiny_cfg(tiny_voxel_dir, split, num_steps=4))
+    assert first["step"] == 4 and first["stopped"] == "num_steps"
+    train_autoencoder(tiny_cfg(tiny_voxel_dir, split, num_steps=5, resume=True))
     return {"full": full, "split": split, "data": tiny_voxel_dir}
 
 
@@ -197,8 +196,10 @@ def test_checkpoint_round_trip(runs: dict[str, Path]) -> None:
     twin.load_state_dict(ckpt["model"])
     x = (torch.rand(2, 1, 32, 32, 32) > 0.95).float()
     assert torch.equal(model.decode(model.encode(x)), twin.eval().decode(twin.encode(x)))
-    # the latent stats describe this model's encodings of the train split
-    data = np.concatenate([np.load(runs["data"] / f"{c}_voxels_train.npy") for c in ("airplane", "chair", "table")])
+    # the latent stats describe this model's encodings of the train split minus its held-out slice
+    data = np.concatenate([np.delete(np.load(runs["data"] / f"{c}_voxels_train.npy"), extra["holdout"][c], axis=0)
+                           for c in ("airplane", "chair", "table")])
+    assert extra["latent_stats_shapes"] == len(data)
     with torch.no_grad():
         z = model.encode(torch.from_numpy(data[:, None].astype(np.float32))).double()
     torch.testing.assert_close(z.mean((0, 2, 3, 4)), torch.tensor(extra["latent_mean"], dtype=torch.float64))
@@ -209,7 +210,7 @@ def test_checkpoint_round_trip(runs: dict[str, Path]) -> None:
 def test_resume_refuses_mismatched_config(runs: dict[str, Path], tmp_path: Path) -> None:
     run = tmp_path / "copy"
     shutil.copytree(runs["split"], run)
-    cfg = tiny_cfg(runs["data"], run, max_steps=6, resume=True, model=AEConfig(resolution=32, channels=(4, 8, 16)))
+    cfg = tiny_cfg(runs["data"], run, num_steps=6, resume=True, model=AEConfig(resolution=32, channels=(4, 8, 16)))
     with pytest.raises(VoxdiffError, match=r"config mismatch \(model"):
         train_autoencoder(cfg)
     with pytest.raises(VoxdiffError, match="no checkpoint"):
@@ -235,12 +236,29 @@ def test_unsafe_and_foreign_checkpoints_refused(tmp_path: Path) -> None:
         VoxelAutoencoder.from_checkpoint(tmp_path / "ldm.pt")
 
 
-def test_time_budget_stops_cleanly(tiny_voxel_dir: Path, tmp_path: Path) -> None:
-    """A spent --max_minutes budget stops after the current step and still writes checkpoints with latent stats."""
-    result = train_autoencoder(tiny_cfg(tiny_voxel_dir, tmp_path / "run", max_minutes=1e-6))
-    assert result["stopped"] == "max_minutes" and result["step"] == 1
+def test_time_cap_stops_cleanly_and_says_so(tiny_voxel_dir: Path, tmp_path: Path) -> None:
+    """A spent --max_minutes cap stops before the next step, still writes checkpoints with latent stats, and the
+    result carries the one-line note the pipeline's report prints."""
+    result = train_autoencoder(tiny_cfg(tiny_voxel_dir, tmp_path / "run", num_steps=5, max_minutes=1e-9))
+    assert result["stopped"] == "time_cap" and result["step"] == 0
+    assert result["note"] == "AE stopped by the time cap at step 0 of 5; these results are not the preset's"
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt", kind="autoencoder")
-    assert ckpt["step"] == 1 and ckpt["epoch"] == 0 and len(ckpt["extra"]["latent_mean"]) == 16
+    assert ckpt["step"] == 0 and len(ckpt["extra"]["latent_mean"]) == 16
+
+
+def test_holdout_slice_is_train_only_and_never_trained_on(tiny_voxel_dir: Path, tmp_path: Path) -> None:
+    """best.pt is chosen on a seeded slice of TRAIN rows (recorded in the checkpoint); those rows are not in the
+    fit set, and every category keeps a share."""
+    from voxdiff.training.common import holdout_rows
+
+    counts = {"airplane": 40, "chair": 8, "table": 3}
+    rows = holdout_rows(counts, 0.25, 5, seed=3)
+    assert [len(rows[c]) for c in counts] == [5, 2, 1]  # capped, rounded, at least one
+    assert all(0 <= r < counts[c] for c in counts for r in rows[c])
+    assert rows == holdout_rows(counts, 0.25, 5, seed=3) and rows != holdout_rows(counts, 0.25, 5, seed=4)
+    train_autoencoder(tiny_cfg(tiny_voxel_dir, tmp_path / "run", num_steps=2))
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt", kind="autoencoder")
+    assert ckpt["extra"]["holdout"] == holdout_rows(dict.fromkeys(("airplane", "chair", "table"), 8), 0.25, 100, 0)
 
 
 def test_tiny_ae_overfits_a_handful_of_shapes(tmp_path: Path) -> None:
@@ -250,7 +268,7 @@ def test_tiny_ae_overfits_a_handful_of_shapes(tmp_path: Path) -> None:
     for c in ("airplane", "chair", "table"):
         shapes = np.load(data / f"{c}_voxels_val.npy")
         np.save(data / f"{c}_voxels_train.npy", np.concatenate([shapes] * 8))  # 8 copies: one epoch = 6 steps
-    cfg = tiny_cfg(data, tmp_path / "run", batch_size=12, lr=5e-3, num_epochs=4, max_val_shapes=0,
+    cfg = tiny_cfg(data, tmp_path / "run", batch_size=12, lr=5e-3, num_epochs=4, holdout_fraction=0.1,
                    model=AEConfig(resolution=32, channels=(8, 16, 16)))
     # the untrained model, initialised exactly as the trainer does (same seed), scored the same way
     seed_everything(cfg.seed)
@@ -258,11 +276,10 @@ def test_tiny_ae_overfits_a_handful_of_shapes(tmp_path: Path) -> None:
     from voxdiff.data.dataset import VoxelDataset
 
     val = VoxelDataset(data, "val", resolution=32)
-    loader = _loader(val, np.arange(len(val)), 9, 0, 0)
-    thr0, _ = calibrate_threshold(start_model, loader, torch.device("cpu"))
-    start = evaluate(start_model, loader, torch.device("cpu"), thr0, {0: 50, 1: 50, 2: 50})["iou_cal"]
-    empty = recon_metrics(torch.zeros(len(val), 32**3, dtype=torch.bool), torch.stack([val[i][0] for i in
-                                                                                        range(len(val))]))["iou"]
+    grids, labels = val.load(), torch.from_numpy(val.class_indices())
+    thr0, _ = calibrate_threshold(start_model, grids, torch.device("cpu"))
+    start = evaluate(start_model, grids, labels, torch.device("cpu"), thr0, {0: 50, 1: 50, 2: 50})["iou_cal"]
+    empty = recon_metrics(torch.zeros(len(val), 32**3, dtype=torch.bool), grids)["iou"]
     result = train_autoencoder(cfg)
     assert result["best_iou_cal"] > max(0.15, 4 * start, float(empty.mean()) + 0.15)
 

@@ -86,14 +86,14 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.
 def _ldm_cfg(data: Path, ae: Path, run: Path, **kw: Any) -> LDMTrainConfig:
     # dropout and label dropout off: a K-rank run then sees exactly the draws of a single-process run
     base = dict(dataset_path=str(data), ae_ckpt_path=str(ae), ckpt_path=str(run), num_steps=3, batch_size=8,
-                warmup_steps=1, ckpt_every=100, log_every=1, device="cpu", seed=5, model=TINY, sample_every=-1,
-                lr=1e-3, use_cfg=False, scheduler=SchedulerConfig(num_train_timesteps=50))
+                warmup_steps=1, ckpt_every=100, log_every=1, device="cpu", seed=5, model=TINY, preview=False,
+                lr=1e-3, use_cfg=False, scheduler=SchedulerConfig(num_train_timesteps=50), precision="fp32")
     return LDMTrainConfig(**{**base, **kw})
 
 
 def _ae_cfg(data: Path, run: Path, **kw: Any) -> AETrainConfig:
-    base = dict(dataset_path=str(data), ckpt_path=str(run), batch_size=8, num_epochs=1, max_steps=2, lr=1e-3,
-                log_every=1, device="cpu", seed=2, max_val_shapes=3,
+    base = dict(dataset_path=str(data), ckpt_path=str(run), batch_size=8, num_steps=2, lr=1e-3,
+                log_every=1, device="cpu", seed=2, holdout_fraction=0.25, precision="fp32",
                 model=AEConfig(resolution=32, channels=(4, 8, 8)))
     return AETrainConfig(**{**base, **kw})
 
@@ -113,7 +113,10 @@ def launched(tiny_voxel_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     ae_cfg = AEConfig(resolution=32, channels=(4, 8, 8))
     save_checkpoint(d / "ae.pt", kind="autoencoder", config=to_dict(AETrainConfig(model=ae_cfg)),
                     model=VoxelAutoencoder(ae_cfg).state_dict(),
-                    extra={"latent_mean": [0.05] * 16, "latent_std": [0.5] * 16, "threshold": 0.5})
+                    extra={"latent_mean": [0.05] * 16, "latent_std": [0.5] * 16, "threshold": 0.5,
+                           # 16 training latents are left: every global batch of 8 is full, so K ranks together
+                           # take exactly the single-process batches
+                           "holdout": {"airplane": [0, 1, 2], "chair": [0, 1, 2], "table": [0, 1]}})
     spec = {"out": str(d), "ldm": to_dict(_ldm_cfg(tiny_voxel_dir, d / "ae.pt", d / "ldm2")),
             "ldm_odd": to_dict(_ldm_cfg(tiny_voxel_dir, d / "ae.pt", d / "ldm_odd", batch_size=5)),
             "sample": to_dict(_sample_cfg(d / "ldm2", d / "ae.pt", d / "samples2")),

@@ -50,7 +50,7 @@ def ae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(data: Path, ae: Path, run: Path, **kw) -> LDMTrainConfig:
     base = dict(dataset_path=str(data), ae_ckpt_path=str(ae), ckpt_path=str(run), num_steps=6, batch_size=8,
-                warmup_steps=2, ckpt_every=3, log_every=1, device="cpu", seed=5, model=TINY, sample_every=-1,
+                warmup_steps=2, ckpt_every=3, log_every=1, device="cpu", seed=5, model=TINY, preview=False,
                 scheduler=SchedulerConfig(num_train_timesteps=50))
     return LDMTrainConfig(**{**base, **kw})
 
@@ -94,9 +94,9 @@ def test_ema_warmup_then_decay() -> None:
 
 
 def test_train_writes_checkpoints_and_caches_latents(tiny_voxel_dir: Path, ae_dir: Path, tmp_path: Path) -> None:
-    res = train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / "run", num_steps=3, use_cfg=True, sample_every=0),
+    res = train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / "run", num_steps=3, use_cfg=True, preview=True),
                     progress=False)
-    assert res["step"] == 3 and res["best_kind"] == "val_loss"
+    assert res["step"] == 3 and res["best_heldout_loss"] < float("inf")
     ck = load_checkpoint(tmp_path / "run" / "last.pt", kind="ldm")
     assert ck["step"] == 3 and ck["ema"] is not None and ck["extra"]["latent_shape"] == [16, 4, 4, 4]
     assert ck["extra"]["latent_std"] == pytest.approx([0.5] * 16) and len(ck["extra"]["ae_hash"]) == 64
@@ -104,7 +104,7 @@ def test_train_writes_checkpoints_and_caches_latents(tiny_voxel_dir: Path, ae_di
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "log.png").is_file()
     assert (tmp_path / "run" / "samples_000003.png").stat().st_size > 1000  # end-of-training render
     cached = sorted((ae_dir / "latents").glob("*.npz"))
-    assert [p.name.split("_")[0] for p in cached] == ["train", "val"]
+    assert [p.name.split("_")[0] for p in cached] == ["train"]
     mtimes = [p.stat().st_mtime_ns for p in cached]
     train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / "run2", num_steps=1), progress=False)
     assert [p.stat().st_mtime_ns for p in sorted((ae_dir / "latents").glob("*.npz"))] == mtimes  # reused
@@ -151,7 +151,7 @@ def test_train_cli(tiny_voxel_dir: Path, ae_dir: Path, tmp_path: Path, python: s
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [python, "diffusion/train.py", "--dataset_path", str(tiny_voxel_dir), "--ae_ckpt_path", str(ae_dir),
             "--ckpt_path", str(tmp_path / "run"), "--use_cfg", "--preset", "small", "--num_steps", "2",
-            "--batch_size", "4", "--warmup_steps", "1", "--sample_every", "-1", "--device", "cpu"]
+            "--batch_size", "4", "--warmup_steps", "1", "--no_preview", "--device", "cpu"]
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     ck = load_checkpoint(tmp_path / "run")

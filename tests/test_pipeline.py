@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from voxdiff.config import CATEGORIES, PIPELINE_PRESETS, PipelineConfig, from_dict, pipeline_preset, to_dict
 from voxdiff.pipeline import main, run
@@ -70,3 +71,37 @@ def test_cli_rejects_bad_stage(tmp_path: Path) -> None:
         main(["--preset", "tiny", "--run_dir", str(tmp_path / "x"), "--stages", "data,oops"])
     with pytest.raises(VoxdiffError, match="config file not found"):
         main(["--config", str(tmp_path / "missing.json")])
+
+
+def _weights(ckpt: dict) -> dict:
+    return {**{f"model.{k}": v for k, v in ckpt["model"].items()},
+            **{f"ema.{k}": v for k, v in (ckpt.get("ema") or {}).items()}}
+
+
+def test_same_command_twice_is_bit_identical(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """Training lengths are steps, so a second run of the same preset and seed gives the same weights and samples."""
+    from voxdiff.checkpoint import load_checkpoint
+
+    run_dir, _ = tiny_run
+    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "again"), device="cpu")
+    run(cfg, stages=("data", "ae", "ldm", "sample"))
+    for f in ("ae/best.pt", "ae/last.pt", "ldm/best.pt", "ldm/last.pt"):
+        a, b = load_checkpoint(run_dir / f), load_checkpoint(tmp_path / "again" / f)
+        wa, wb = _weights(a), _weights(b)
+        assert wa.keys() == wb.keys() and a["step"] == b["step"] > 0
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f
+    for cat in CATEGORIES:
+        assert np.array_equal(np.load(run_dir / "samples" / f"{cat}.npy"),
+                              np.load(tmp_path / "again" / "samples" / f"{cat}.npy"))
+
+
+def test_time_cap_is_reported(tmp_path: Path) -> None:
+    """A stage that the safety cap stopped says so on the console, in stages.json and in report.md."""
+    base = pipeline_preset("tiny")
+    cfg = dataclasses.replace(base, run_dir=str(tmp_path / "capped"), device="cpu",
+                              ae=dataclasses.replace(base.ae, max_minutes=1e-9))
+    report = run(cfg, stages=("data", "ae", "report"))
+    line = "AE stopped by the time cap at step 0 of 3; these results are not the preset's"
+    assert report["notes"] == [line]
+    assert json.loads((tmp_path / "capped" / "stages.json").read_text())["ae"]["result"]["note"] == line
+    assert line in (tmp_path / "capped" / "report.md").read_text()

@@ -19,6 +19,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 AELoss = Literal["bce", "weighted_bce", "dice", "bce_dice", "focal"]
 BetaSchedule = Literal["linear", "cosine"]
 SamplerName = Literal["ddpm", "ddim"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 def check_literal(value: Any, lit: Any, name: str) -> None:
@@ -150,29 +151,31 @@ class AETrainConfig:
     categories: tuple[str, ...] = CATEGORIES
     batch_size: int = 64
     lr: float = 1e-3
+    num_steps: int | None = None  # optimizer steps; None: num_epochs passes over the training shapes
     num_epochs: int = 50
-    max_steps: int = 0  # 0 = no limit beyond num_epochs
-    max_minutes: float = 0.0  # 0 = no time budget
+    max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); None: none
     loss: AELoss = "weighted_bce"
-    pos_weight: float = 0.0  # 0 = derive from training occupancy
+    pos_weight: float | None = None  # weighted_bce's occupied-voxel weight; None: (1 - p) / p of the training data
     grad_clip: float = 1.0
     weight_decay: float = 0.0
+    precision: Precision = "auto"  # autocast dtype of training forwards; auto: bf16 where the hardware has it
     device: str = "auto"
     seed: int = 0
     resume: bool = False
-    num_workers: int = 0
     log_every: int = 10
-    calib_fraction: float = 0.05  # held-out slice of TRAIN used to calibrate the binarisation threshold
-    max_val_shapes: int = 0  # 0 = validate on the whole val split; >0 caps it (first shapes of each category)
+    ckpt_every: int = 500  # steps between held-out validation and last.pt / best.pt
+    holdout_fraction: float = 0.05  # per category, held out of TRAIN for best.pt and threshold calibration
+    holdout_max: int = 100  # at most this many held-out shapes per category
     sync_bn: bool = False  # under torchrun: SyncBatchNorm (full-global-batch statistics; CUDA only)
     model: AEConfig = field(default_factory=AEConfig)
 
     def __post_init__(self) -> None:
         check_literal(self.loss, AELoss, "loss")
+        check_literal(self.precision, Precision, "precision")
         for c in self.categories:
             category_index(c)
-        if not 0.0 < self.calib_fraction < 1.0:
-            raise ValueError(f"calib_fraction must be in (0, 1); got {self.calib_fraction}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in (0, 1); got {self.holdout_fraction}")
 
 
 @dataclass
@@ -188,18 +191,20 @@ class LDMTrainConfig:
     batch_size: int = 16
     lr: float = 2e-4
     warmup_steps: int = 500
-    num_epochs: int = 0
-    num_steps: int = 10000
-    max_minutes: float = 0.0
+    num_epochs: int | None = None  # passes over the training latents; None: num_steps decides
+    num_steps: int | None = 10000  # optimizer steps; None: num_epochs decides (with both, the first reached)
+    max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); None: none
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     device: str = "auto"
     seed: int = 0
     resume: bool = False
     log_every: int = 10
-    sample_every: int = 0  # steps between sample renders; 0 = only at the end, < 0 = never
+    preview: bool = True  # render 2 samples per category at the end (and every preview_every steps)
+    preview_every: int | None = None  # steps between preview renders; None: only at the end
     ckpt_every: int = 500  # steps between last.pt saves (and held-out evaluations for best.pt)
     weight_decay: float = 0.0
+    precision: Precision = "auto"  # autocast dtype of training forwards; auto: bf16 where the hardware has it
     latent_cache_dir: str = ""  # "" = `latents/` beside the AE checkpoint
     model: UNetConfig = field(default_factory=UNetConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -209,8 +214,9 @@ class LDMTrainConfig:
             category_index(c)
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1); got {self.cfg_dropout}")
-        if self.num_steps <= 0 and self.num_epochs <= 0 and self.max_minutes <= 0:
-            raise ValueError("give a training length: num_steps, num_epochs or max_minutes > 0")
+        check_literal(self.precision, Precision, "precision")
+        if not (self.num_steps or self.num_epochs):
+            raise ValueError("give a training length: num_steps or num_epochs > 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
 
@@ -272,8 +278,8 @@ def _preset_tiny() -> PipelineConfig:
     """Seconds on a CPU: the test-sized pipeline, so the real pipeline cannot rot."""
     return PipelineConfig(
         name="tiny", run_dir="runs/tiny", data_preset="tiny", resolution=32, render_n=4,
-        ae=AETrainConfig(model=AEConfig(resolution=32, channels=(4, 8, 8)), batch_size=8, num_epochs=1, max_steps=3,
-                         lr=1e-3, log_every=1),
+        ae=AETrainConfig(model=AEConfig(resolution=32, channels=(4, 8, 8)), batch_size=8, num_steps=3, lr=1e-3,
+                         log_every=1, ckpt_every=2, holdout_fraction=0.25),
         ldm=LDMTrainConfig(model=unet_preset("small", ch=16, num_groups=4), batch_size=8, num_steps=4,
                            warmup_steps=1, ckpt_every=2, log_every=1),
         sample=SampleConfig(num_samples=4, batch_size=4, sampler="ddim", steps=3, resolution=32),
@@ -281,35 +287,33 @@ def _preset_tiny() -> PipelineConfig:
 
 
 def _preset_demo() -> PipelineConfig:
-    """The README's main job on 2 CPU cores in about ten minutes: 64 train shapes per category at 32³ (latent 16×4³).
+    """The README's main job on 2 CPU cores in under ten minutes: 64 train shapes per category at 32³.
 
-    CPU 3D-conv backward passes run at tens of GFLOP/s here, so the demo trades resolution for training steps; the
-    architecture and every stage are the real ones (the 64³ seed AE runs in the `medium` and `full` presets).
+    Training lengths are steps (the same command gives the same model on a busy machine); `max_minutes` is only a
+    safety cap that the report flags when it bites.
     """
     return PipelineConfig(
         name="demo", run_dir="runs/demo", data_preset="small", resolution=32, render_n=8,
-        ae=AETrainConfig(model=AEConfig(resolution=32), batch_size=16, num_epochs=200, max_minutes=3.0, lr=2e-3,
-                         log_every=5),
-        ldm=LDMTrainConfig(model=unet_preset("small", ch=32), batch_size=32, num_steps=20000, max_minutes=3.0,
+        ae=AETrainConfig(model=AEConfig(resolution=32), batch_size=16, num_steps=1000, max_minutes=6.0, lr=2e-3,
+                         log_every=10, ckpt_every=250),
+        ldm=LDMTrainConfig(model=unet_preset("small", ch=32), batch_size=32, num_steps=1500, max_minutes=6.0,
                            lr=1e-3, warmup_steps=100, ckpt_every=250, ema_decay=0.995),
         sample=SampleConfig(num_samples=100, batch_size=100, sampler="ddim", steps=50, resolution=32),
     )
 
 
 def _preset_medium() -> PipelineConfig:
-    """About 90 minutes on 2 CPU cores: 400 train shapes per category, 1,000 samples per category.
+    """The CPU quality run: about an hour on 2 CPU cores, 1,000 samples per category.
 
-    Measured on the 2-core VM, the seed AE trains at about 0.5 shapes/s at 64³ but about 4 shapes/s at 32³, so a 64³ AE
-    would not see its 1,200 training shapes twice in the budget; the CPU quality run therefore uses 32³ grids (latent
-    16×4³). The `full` preset is the 64³ / 128³ configuration for a GPU.
+    The CPU preset uses 32³ grids: a 3D conv AE trains several times faster there than at 64³. The `full` preset is
+    the 64³ / 128³ configuration for a GPU.
     """
     return PipelineConfig(
         name="medium", run_dir="runs/medium", data_preset="medium", resolution=32, render_n=16,
-        ae=AETrainConfig(model=AEConfig(resolution=32), batch_size=16, num_epochs=400, max_minutes=30, lr=2e-3,
-                         log_every=20),
-        ldm=LDMTrainConfig(model=unet_preset("small", ch=32), batch_size=32, num_steps=60000, max_minutes=25,
-                           lr=1e-3, warmup_steps=200, ckpt_every=500, ema_decay=0.998, log_every=20),
-        # w and the binarisation picked by bench/tune_sampling.py on training shapes (docs/BENCHMARKS.md).
+        ae=AETrainConfig(model=AEConfig(resolution=32), batch_size=16, num_steps=10000, max_minutes=60, lr=2e-3,
+                         log_every=20, ckpt_every=1000),
+        ldm=LDMTrainConfig(model=unet_preset("small", ch=32), batch_size=32, num_steps=15000, max_minutes=60,
+                           lr=1e-3, warmup_steps=200, ckpt_every=1000, ema_decay=0.998, log_every=20),
         sample=SampleConfig(num_samples=1000, batch_size=250, sampler="ddim", steps=50, resolution=32, cfg_scale=3.0,
                             threshold=0.5),
     )
@@ -319,7 +323,7 @@ def _preset_full() -> PipelineConfig:
     """A GPU server: the ShapeNet-sized procedural set at 128³, the seed's U-Net, 1,000 samples per category."""
     return PipelineConfig(
         name="full", run_dir="runs/full", data_preset="full", resolution=128, render_n=16,
-        ae=AETrainConfig(model=AEConfig(resolution=64), batch_size=64, num_epochs=100, lr=1e-3),
+        ae=AETrainConfig(model=AEConfig(resolution=64), batch_size=64, num_epochs=100, lr=1e-3, ckpt_every=1000),
         ldm=LDMTrainConfig(model=unet_preset("seed"), batch_size=64, num_steps=100000, lr=2e-4, warmup_steps=1000,
                            ckpt_every=2000, ema_decay=0.9999),
         sample=SampleConfig(num_samples=1000, batch_size=500, sampler="ddim", steps=50, resolution=128),

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,9 @@ def write_report(cfg: PipelineConfig, report: dict[str, Any]) -> None:
              "References: test + val of each category. JSD, MMD (Chamfer, squared distances in the unit cube) lower is "
              "better; COV higher is better; 1-NNA closest to 0.5 is best (its 0.5 optimum assumes equal-size sets, "
              "hence the column on the first min(N, M) of each set).", ""]
+    lines += [f"**Warning: {note}.**" for note in report.get("notes", [])]
+    if report.get("notes"):
+        lines.append("")
     for cat, res in report.get("eval", {}).items():
         lines += [f"## {cat} ({res['references']['count']} references)", "",
                   "| set | JSD | MMD | COV | 1-NNA | 1-NNA (equal sets) | empty | mean voxels |",
@@ -311,7 +315,10 @@ def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = Fal
         report["stages"][stage] = _jsonable(out)
         done.mark(stage, keys[stage], dt, report["stages"][stage])
         log.info("stage %s done in %.1fs", stage, dt)
+        if isinstance(out, dict) and out.get("note"):
+            print(f"warning: {out['note']}", file=sys.stderr)
     stages_out = report.get("stages", {})
+    report["notes"] = [r["note"] for r in stages_out.values() if isinstance(r, dict) and r.get("note")]
     if "eval" in stages_out:
         report["eval"] = stages_out["eval"]
         for res in report["eval"].values():
@@ -347,8 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import sys
-
     args = build_parser().parse_args(argv)
     if args.config:
         path = Path(args.config)

@@ -39,6 +39,7 @@ class VoxelDataset(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise VoxdiffError(f"dataset directory not found: {root}")
+        self.categories = tuple(categories)
         self.arrays: list[np.ndarray] = []
         self.labels: list[int] = []
         self.offsets: list[int] = [0]
@@ -78,6 +79,43 @@ class VoxelDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         g = torch.from_numpy(self.grid(index).astype(np.float32))
         return g.unsqueeze(0), self.class_index(index)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Shapes per category, in the dataset's order."""
+        return {c: len(a) for c, a in zip(self.categories, self.arrays)}
+
+    def global_indices(self, rows: dict[str, list[int]]) -> np.ndarray:
+        """Dataset indices of per-category row numbers (e.g. a held-out slice), in category order."""
+        unknown = set(rows) - set(self.categories)
+        if unknown:
+            raise VoxdiffError(f"rows given for categories {sorted(unknown)} that this dataset does not hold")
+        parts = [np.asarray(rows.get(c, []), dtype=np.int64) + off for c, off in zip(self.categories, self.offsets)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def load(self, indices: np.ndarray | None = None, progress: bool = False) -> torch.Tensor:
+        """uint8 tensor (n, r, r, r) of the items `indices` (default all) at the dataset's resolution, in RAM.
+
+        Training reads batches from this tensor instead of re-reading and pooling the files every epoch
+        (8,451 shapes at 32³ are 277 MB; at 64³, 2.2 GB).
+        """
+        from tqdm import tqdm
+
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        r = self.resolution
+        out = torch.empty((len(idx), r, r, r), dtype=torch.uint8)
+        arr_of = np.searchsorted(self.offsets, idx, side="right") - 1
+        chunk = 256
+        with tqdm(total=len(idx), desc="loading grids", unit="shape", disable=not progress, leave=False) as bar:
+            for s in range(0, len(idx), chunk):  # consecutive rows of one file are read in one slice
+                for a in np.unique(arr_of[s : s + chunk]):
+                    sel = np.nonzero(arr_of[s : s + chunk] == a)[0] + s
+                    rows = idx[sel] - self.offsets[a]
+                    grids = downsample_max(np.asarray(self.arrays[a][np.sort(rows)]) > 0, r)
+                    order = np.argsort(np.argsort(rows))  # back from sorted rows to the requested order
+                    out[torch.from_numpy(sel)] = torch.from_numpy(grids[order].astype(np.uint8))
+                bar.update(min(chunk, len(idx) - s))
+        return out
 
     def class_indices(self) -> np.ndarray:
         """Class index of every item, in order (for samplers and latent caches)."""

@@ -1,37 +1,33 @@
 """`train_autoencoder(cfg)`: the 3D conv autoencoder's training loop, read top to bottom.
 
-setup -> data (train split minus a held-out calibration slice; val split) -> training occupancy -> model, AdamW ->
-[resume] -> loop (tqdm, bf16 autocast + channels_last_3d on CUDA only, gradient clipping, non-finite check) ->
-per epoch: calibrate the threshold on the held-out slice, validate (IoU / precision / recall / Chamfer at 0.5,
-calibrated threshold and per-shape top-k), write last.pt and best.pt -> at the end: per-channel latent mean/std over
-the train split, stored in both checkpoints.
+setup -> data (the train split in RAM at the training resolution; a held-out slice of it, never val or test) ->
+training occupancy -> model, AdamW -> [resume] -> loop over steps (autocast in `cfg.precision`, gradient clipping,
+non-finite stop) -> every `ckpt_every` steps and at the end: calibrate the threshold on the held-out slice, validate
+there (IoU / precision / recall), write last.pt and best.pt (best calibrated held-out IoU) -> at the end: Chamfer and
+top-k on the held-out slice, and the per-channel latent mean/std the LDM normalises with, stored in both checkpoints.
 
-Exact resume: the data order of epoch e is a permutation seeded by (seed, e), so a run stopped after any step resumes
-by skipping the batches of the current epoch it already took; optimizer, step, epoch and RNG states come from last.pt.
-The loop is plain enough for a DistributedSampler + DDP wrap to slot in (state dicts are saved from `unwrap(model)`).
+The length is a number of steps (`num_steps`, or `num_epochs` passes); `max_minutes` is a safety cap whose stop is
+reported. Exact resume: the order of epoch e is a permutation seeded by (seed, e) and step s takes its batch from
+position s, so a run stopped after any step resumes with the same batches; optimizer, step and RNG states come from
+last.pt.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from voxdiff.binarize import ThresholdCalibrator, binarize, recon_metrics
 from voxdiff.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, unwrap
 from voxdiff.config import CATEGORIES, AETrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
 from voxdiff.distributed import (
-    any_rank,
     check_in_sync,
     check_same_config,
-    epoch_sampler,
     init_distributed,
     mean_over_ranks,
     split_batch,
@@ -40,59 +36,43 @@ from voxdiff.distributed import (
 from voxdiff.losses import pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.metrics import chamfer_matrix
 from voxdiff.models.autoencoder import VoxelAutoencoder
-from voxdiff.training.common import RunLogger, autocast, check_finite
-from voxdiff.utils import VoxdiffError, get_logger, seed_everything
+from voxdiff.training.common import (
+    RunLogger,
+    StepOrder,
+    TimeCap,
+    autocast,
+    cap_message,
+    check_finite,
+    holdout_rows,
+    resolve_precision,
+)
+from voxdiff.utils import Progress, VoxdiffError, flush_denormals, get_logger, seed_everything
 
 KIND = "autoencoder"
 # Training-config fields that fix the data order / model: a resume with different values cannot continue exactly.
-_RESUME_FIXED = ("model", "batch_size", "seed", "categories", "calib_fraction")
-_MODES = ("05", "cal", "topk")  # binarisation modes reported in validation
-
-
-def calibration_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held-out calibration) indices of a train split of size n: a seeded random `fraction` is held out."""
-    if n < 2:
-        raise VoxdiffError(f"the train split has {n} shape(s); need at least 2 (one is held out for calibration)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    n_cal = min(n - 1, max(1, round(fraction * n)))
-    return np.sort(perm[n_cal:]), np.sort(perm[:n_cal])
-
-
-def epoch_order(indices: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """The training order of epoch `epoch`: a permutation seeded by (seed, epoch) (DistributedSampler's convention)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return indices[torch.randperm(len(indices), generator=g).numpy()]
+_RESUME_FIXED = ("model", "batch_size", "seed", "categories", "holdout_fraction", "holdout_max")
+EVAL_BATCH = 32
+STATS_MAX_SHAPES = 2048  # latent statistics from at most this many training shapes (1M values per channel at 8³)
 
 
 def training_occupancy(dataset: VoxelDataset) -> dict[str, dict[str, float]]:
     """Mean occupied-voxel count per shape, per category, at every power-of-two resolution from 64 up to the data's.
 
     Keys: str(resolution) -> category -> mean count (e.g. {"64": {"chair": 1930.5, ...}, "128": {...}}), plus the
-    dataset's own resolution. These are the per-category k of top-k binarisation.
+    dataset's own resolution. These are the per-category k of top-k binarisation and the scale of "bloated".
     """
     src = dataset.source_resolution
     resolutions = sorted({r for r in (64, 128) if r <= src and src % r == 0} | {dataset.resolution})
     out: dict[str, dict[str, float]] = {str(r): {} for r in resolutions}
     for arr, label in zip(dataset.arrays, dataset.labels):
         sums = dict.fromkeys(resolutions, 0.0)
-        for i in range(len(arr)):
-            g = np.asarray(arr[i]) > 0
+        for s in range(0, len(arr), 256):
+            g = np.asarray(arr[s : s + 256]) > 0
             for r in resolutions:
                 sums[r] += float(downsample_max(g, r).sum())
         for r in resolutions:
             out[str(r)][CATEGORIES[label]] = sums[r] / max(1, len(arr))
     return out
-
-
-def _loader(dataset: VoxelDataset, indices: np.ndarray, batch_size: int, num_workers: int, seed: int) -> DataLoader:
-    """A DataLoader over `indices` in the given order (the generator only seeds workers; no global RNG is used)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=indices.tolist(),
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 def chamfer_pairs(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
@@ -105,47 +85,57 @@ def chamfer_pairs(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     return d
 
 
-@torch.no_grad()
-def _predict(model: torch.nn.Module, loader: DataLoader, device: torch.device):
-    """Yield (probabilities, targets, class indices) on CPU, batch by batch, in eval mode."""
-    model.eval()
-    for x, y in loader:
-        with autocast(device):
-            logits = model(_to_device(x, device))
-        yield torch.sigmoid(logits.float()).cpu(), x, y
-
-
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last_3d)
-    return x.to(device)
+    """uint8 grids (B, r, r, r) -> float (B, 1, r, r, r) on `device` (channels_last_3d on CUDA, where it is faster)."""
+    x = x.to(device, non_blocking=True).unsqueeze(1).float()
+    return x.contiguous(memory_format=torch.channels_last_3d) if device.type == "cuda" else x
 
 
-def calibrate_threshold(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """(threshold, mean IoU) maximising mean per-shape IoU on the shapes of `loader` (see ThresholdCalibrator)."""
+@torch.no_grad()
+def predict(model: torch.nn.Module, grids: torch.Tensor, device: torch.device, batch_size: int = EVAL_BATCH):
+    """Yield (probabilities, targets) on CPU, batch by batch, in eval mode and fp32 (as sampling decodes)."""
+    model.eval()
+    for s in range(0, len(grids), batch_size):
+        x = _to_device(grids[s : s + batch_size], device)
+        yield torch.sigmoid(unwrap(model)(x).float()).cpu(), x.cpu()
+
+
+def calibrate_threshold(model: torch.nn.Module, grids: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(threshold, mean IoU) maximising mean per-shape IoU on `grids` (see ThresholdCalibrator)."""
     cal = ThresholdCalibrator()
-    for probs, x, _ in _predict(model, loader, device):
+    for probs, x in predict(model, grids, device):
         cal.update(probs, x)
     return cal.best()
 
 
 def evaluate(
     model: torch.nn.Module,
-    loader: DataLoader,
+    grids: torch.Tensor,
+    labels: torch.Tensor,
     device: torch.device,
     threshold: float,
-    topk_by_class: dict[int, int],
+    topk_by_class: dict[int, int] | None = None,
+    chamfer: bool = False,
 ) -> dict[str, float]:
-    """Mean per-shape IoU / precision / recall / Chamfer of reconstructions at 0.5 ("_05"), the calibrated threshold
-    ("_cal") and per-shape top-k ("_topk"); "empty_*" counts empty predictions (excluded from the Chamfer mean)."""
+    """Mean per-shape IoU / precision / recall of reconstructions at 0.5 ("_05"), the calibrated threshold ("_cal")
+    and, with `topk_by_class`, per-shape top-k ("_topk"); "empty_*" counts empty predictions; `voxel_ratio_*` is
+    predicted / true occupied voxels; with `chamfer`, the mean per-shape Chamfer distance (empty predictions excluded).
+    """
     acc: dict[str, list[float]] = {}
-    for probs, x, y in _predict(model, loader, device):
-        ks = torch.tensor([topk_by_class[int(c)] for c in y])
-        preds = {"05": binarize(probs), "cal": binarize(probs, threshold=threshold), "topk": binarize(probs, topk=ks)}
+    start = 0
+    for probs, x in predict(model, grids, device):
+        y = labels[start : start + len(x)]
+        start += len(x)
+        preds = {"05": binarize(probs), "cal": binarize(probs, threshold=threshold)}
+        if topk_by_class is not None:
+            preds["topk"] = binarize(probs, topk=torch.tensor([topk_by_class[int(c)] for c in y]))
         for mode, pred in preds.items():
             for name, v in recon_metrics(pred, x).items():
                 acc.setdefault(f"{name}_{mode}", []).extend(v.tolist())
-            acc.setdefault(f"chamfer_{mode}", []).extend(chamfer_pairs(pred, x).tolist())
+            acc.setdefault(f"voxels_{mode}", []).extend(pred.reshape(len(pred), -1).sum(1).tolist())
+            if chamfer:
+                acc.setdefault(f"chamfer_{mode}", []).extend(chamfer_pairs(pred, x).tolist())
+        acc.setdefault("voxels_true", []).extend((x > 0.5).reshape(len(x), -1).sum(1).tolist())
     out: dict[str, float] = {}
     for key, vals in acc.items():
         a = np.asarray(vals, dtype=np.float64)
@@ -153,21 +143,24 @@ def evaluate(
             out[key] = float(a.sum())
         elif key.startswith("chamfer"):
             out[key] = float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
-        else:
+        elif not key.startswith("voxels"):
             out[key] = float(a.mean())
+    true = max(1.0, float(np.sum(acc["voxels_true"])))
+    for mode in [k[len("voxels_") :] for k in acc if k.startswith("voxels_") and k != "voxels_true"]:
+        out[f"voxel_ratio_{mode}"] = float(np.sum(acc[f"voxels_{mode}"])) / true
     out["threshold"] = float(threshold)
     return out
 
 
 @torch.no_grad()
-def latent_stats(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the latents of every shape in `loader` (float64 sums over batch and space)."""
+def latent_stats(model: torch.nn.Module, grids: torch.Tensor, device: torch.device) -> tuple[list[float], list[float]]:
+    """Per-channel mean and population std of the latents of `grids` (float64 sums over shapes and space)."""
     model.eval()
     enc = unwrap(model)
     s = s2 = None
     n = 0
-    for x, _ in loader:
-        z = enc.encode(_to_device(x, device)).double()
+    for i in range(0, len(grids), EVAL_BATCH):
+        z = enc.encode(_to_device(grids[i : i + EVAL_BATCH], device)).double()
         zs = z.transpose(0, 1).reshape(z.shape[1], -1)
         s = zs.sum(1) if s is None else s + zs.sum(1)
         s2 = (zs**2).sum(1) if s2 is None else s2 + (zs**2).sum(1)
@@ -192,38 +185,44 @@ def _norm(x: Any) -> Any:
     return [_norm(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
-def train_autoencoder(cfg: AETrainConfig) -> dict[str, Any]:
+def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train the voxel autoencoder described by `cfg`; returns the final metrics (also in best.pt / last.pt extra)."""
     # ---- setup -------------------------------------------------------------------------------------------------
-    t_start = time.monotonic()
     info = init_distributed(cfg.device)  # under torchrun: batch_size is global, rank 0 alone writes (distributed.py)
     device = info.device
+    cap = TimeCap(cfg.max_minutes, device)
     check_same_config(to_dict(cfg), "AE training config")
-    per_rank = split_batch(cfg.batch_size, info.world_size)
+    split_batch(cfg.batch_size, info.world_size)
     if cfg.sync_bn and info.distributed and device.type != "cuda":
         raise VoxdiffError("--sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
+    amp = resolve_precision(cfg.precision, device)
+    flush_denormals(device)
     seed_everything(cfg.seed)
     run_dir = Path(cfg.ckpt_path)
+    last_file = run_dir / "last.pt"
+    resume_ckpt = None
+    if cfg.resume:
+        if not last_file.is_file():
+            raise VoxdiffError(f"--resume: no checkpoint at {last_file}")
+        resume_ckpt = load_checkpoint(last_file, kind=KIND, map_location="cpu")
+        _check_resume(resume_ckpt["config"], cfg, last_file)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = get_logger("voxdiff.ae", run_dir / "train.log" if info.is_main else None)
     log.info("config %s", to_dict(cfg))
 
-    # ---- data --------------------------------------------------------------------------------------------------
+    # ---- data: the train split in RAM, minus a held-out slice (checkpoint selection, threshold calibration) ------
     res = cfg.model.resolution
     train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=res)
-    val_set = VoxelDataset(cfg.dataset_path, "val", cfg.categories, resolution=res)
-    fit_idx, cal_idx = calibration_split(len(train_set), cfg.calib_fraction, cfg.seed)
-    val_idx = np.arange(len(val_set))
-    if cfg.max_val_shapes > 0:
-        per = max(1, cfg.max_val_shapes // len(val_set.arrays))
-        val_idx = np.concatenate([np.arange(o, min(o + per, e)) for o, e in zip(val_set.offsets, val_set.offsets[1:])])
-    eval_bs = max(1, min(cfg.batch_size, 16))
-    cal_loader = _loader(train_set, cal_idx, eval_bs, cfg.num_workers, cfg.seed)
-    val_loader = _loader(val_set, val_idx, eval_bs, cfg.num_workers, cfg.seed)
-    steps_per_epoch = math.ceil(len(fit_idx) / cfg.batch_size)
-    total_steps = cfg.num_epochs * steps_per_epoch
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
+    holdout = holdout_rows(train_set.counts, cfg.holdout_fraction, cfg.holdout_max, cfg.seed)
+    held_idx = train_set.global_indices(holdout)
+    fit_idx = np.setdiff1d(np.arange(len(train_set)), held_idx)
+    if resume_ckpt is not None and resume_ckpt["extra"].get("holdout") != holdout:
+        raise VoxdiffError(f"cannot resume from {last_file}: the train split changed since it was written")
+    grids = train_set.load(progress=progress and info.is_main)
+    labels = torch.from_numpy(train_set.class_indices())
+    held_grids, held_labels = grids[held_idx], labels[held_idx]
+    order = StepOrder(len(fit_idx), cfg.batch_size, info, cfg.seed)
+    total_steps = cfg.num_steps or cfg.num_epochs * order.steps_per_epoch
 
     # ---- model, optimizer, resume --------------------------------------------------------------------------------
     model = VoxelAutoencoder(cfg.model).to(device)
@@ -232,125 +231,115 @@ def train_autoencoder(cfg: AETrainConfig) -> dict[str, Any]:
     if cfg.sync_bn and info.distributed:  # BatchNorm statistics over the global batch instead of each rank's shard
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = epoch = 0
-    best_iou = -1.0
+    step, best_iou, threshold = 0, -1.0, 0.5
     val: dict[str, float] = {}
-    threshold = 0.5
     occupancy: dict[str, dict[str, float]] | None = None
-    last_file = run_dir / "last.pt"
-    if cfg.resume:
-        if not last_file.is_file():
-            raise VoxdiffError(f"--resume: no checkpoint at {last_file}")
-        ckpt = load_checkpoint(last_file, kind=KIND, map_location="cpu")
-        _check_resume(ckpt["config"], cfg, last_file)
-        if ckpt["extra"].get("num_fit") != len(fit_idx):
-            raise VoxdiffError(f"cannot resume from {last_file}: the train split changed size since it was written")
-        unwrap(model).load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, epoch = ckpt["step"], ckpt["epoch"]
-        extra = ckpt["extra"]
+    if resume_ckpt is not None:
+        unwrap(model).load_state_dict(resume_ckpt["model"])
+        opt.load_state_dict(resume_ckpt["optimizer"])
+        step = resume_ckpt["step"]
+        extra = resume_ckpt["extra"]
         best_iou, val = extra.get("best_iou", -1.0), extra.get("val", {})
         threshold, occupancy = extra.get("threshold", 0.5), extra.get("occupancy")
-        set_rng_state(ckpt["rng"])
-        log.info("resumed from %s at step %d (epoch %d)", last_file, step, epoch)
+        set_rng_state(resume_ckpt["rng"])
+        log.info("resumed from %s at step %d", last_file, step)
     if occupancy is None:
         occupancy = training_occupancy(train_set)
     topk_by_class = {CATEGORIES.index(c): int(round(k)) for c, k in occupancy[str(res)].items()}
     mean_frac = float(np.mean(list(occupancy[str(res)].values()))) / res**3
-    pos_weight = cfg.pos_weight if cfg.pos_weight > 0 else pos_weight_from_occupancy(mean_frac)
-    log.info("train %d (fit %d, calibration %d), val %d; occupancy %.5f -> pos_weight %.1f",
-             len(train_set), len(fit_idx), len(cal_idx), len(val_idx), mean_frac, pos_weight)
+    pos_weight = cfg.pos_weight if cfg.pos_weight is not None else pos_weight_from_occupancy(mean_frac)
+    log.info("train %d (fit %d, held out %d); occupancy %.5f -> pos_weight %.1f; %d steps; autocast %s",
+             len(train_set), len(fit_idx), len(held_idx), mean_frac, pos_weight, total_steps, amp)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, evaluation and checkpoints use `model`
-    runlog = RunLogger(run_dir, "log", resume=cfg.resume) if info.is_main else None
+    runlog = RunLogger(run_dir, "log", resume=cfg.resume, log=log) if info.is_main else None
     if runlog is not None and cfg.resume:
         runlog.truncate_after(step)
 
-    def extra(**more: Any) -> dict[str, Any]:
-        return {"threshold": threshold, "occupancy": occupancy, "val": val, "best_iou": best_iou,
-                "pos_weight": pos_weight, "num_fit": len(fit_idx), **more}
-
-    def save(name: str) -> None:
+    def save(name: str, **more: Any) -> None:
         save_checkpoint(run_dir / name, kind=KIND, config=to_dict(cfg), model=unwrap(model).state_dict(),
-                        optimizer=opt.state_dict(), step=step, epoch=epoch, rng=get_rng_state(), extra=extra())
+                        optimizer=opt.state_dict(), step=step, epoch=step // order.steps_per_epoch,
+                        rng=get_rng_state(),
+                        extra={"threshold": threshold, "occupancy": occupancy, "val": val, "best_iou": best_iou,
+                               "pos_weight": pos_weight, "holdout": holdout, **more})
+
+    def validate_and_save() -> None:  # rank 0 validates and writes; the other ranks wait at the next collective
+        nonlocal threshold, val, best_iou
+        threshold, cal_iou = calibrate_threshold(model, held_grids, device)
+        val = evaluate(model, held_grids, held_labels, device, threshold)
+        runlog.log(step=step, **{f"val_{k}": v for k, v in val.items()})
+        runlog.flush(("loss",))
+        log.info("step %d held-out %s", step, {k: round(v, 5) for k, v in val.items()})
+        if val["iou_cal"] > best_iou:
+            best_iou = val["iou_cal"]
+            save("best.pt")
+        save("last.pt")
+        model.train()
 
     # ---- loop --------------------------------------------------------------------------------------------------
-    def out_of_time() -> bool:  # decided together: every rank stops at the same step
-        return cfg.max_minutes > 0 and any_rank(time.monotonic() - t_start > 60 * cfg.max_minutes, device)
-
-    # epoch e's order is epoch_order(fit_idx, seed, e); this rank takes its shard of every global batch
-    sampler = epoch_sampler(len(fit_idx), info, cfg.seed * 1_000_003)
-    pbar = tqdm(total=total_steps, initial=min(step, total_steps), desc="ae", dynamic_ncols=True,
-                disable=None if info.is_main else True)
-    samples, train_seconds = 0, 0.0
-    stopped = "max_steps" if 0 < cfg.max_steps <= step else "done"
-    while step < total_steps and epoch < cfg.num_epochs:
-        skip = step - epoch * steps_per_epoch
-        sampler.set_epoch(epoch)
-        order = fit_idx[list(sampler)][skip * per_rank :]
-        model.train()
-        t0 = time.monotonic()
-        for x, _ in _loader(train_set, order, per_rank, cfg.num_workers, cfg.seed + epoch):
-            x = _to_device(x, device)
-            with autocast(device):
-                logits = net(x)
-            loss = reconstruction_loss(logits, x, cfg.loss, pos_weight)
-            loss_all = mean_over_ranks(loss.detach())  # the global batch's loss; every rank stops together on NaN
-            check_finite(loss_all, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            samples += x.shape[0] * info.world_size
-            pbar.update(1)
-            if runlog is not None and step % cfg.log_every == 0:
-                lv = float(loss_all)
-                pbar.set_postfix(loss=f"{lv:.4g}")
-                runlog.log(step=step, epoch=epoch, loss=lv)
-            if step >= total_steps or out_of_time():
-                stopped = "max_steps" if cfg.max_steps > 0 and step >= cfg.max_steps else stopped
-                break
-        train_seconds += time.monotonic() - t0
-        if step - epoch * steps_per_epoch >= steps_per_epoch:
-            epoch += 1
-        # ---- per-epoch validation and checkpoints ------------------------------------------------------------
-        if runlog is not None:  # rank 0 validates and writes; the other ranks wait at the next collective
-            threshold, cal_iou = calibrate_threshold(model, cal_loader, device)
-            val = evaluate(model, val_loader, device, threshold, topk_by_class)
-            val["calib_iou"] = cal_iou
-            runlog.log(step=step, epoch=epoch, **{f"val_{k}": v for k, v in val.items()})
-            runlog.flush(("loss",))
-            log.info("step %d epoch %d val %s", step, epoch, {k: round(v, 5) for k, v in val.items()})
-            if val["iou_cal"] > best_iou:
-                best_iou = val["iou_cal"]
-                save("best.pt")
-            save("last.pt")
-        if out_of_time() and step < total_steps:
-            stopped = "max_minutes"
-            log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
+    bar = Progress(total_steps, "ae", initial=min(step, total_steps), time_cap_s=cap.seconds,
+                   enabled=progress and info.is_main, log=log)
+    start_step, train_seconds, stopped = step, 0.0, "num_steps"  # train_seconds: forward, backward, optimizer
+    model.train()
+    while step < total_steps:
+        if cap.reached():
+            stopped = "time_cap"
             break
-    pbar.close()
+        x = _to_device(grids[fit_idx[order.batch(step).numpy()]], device)
+        t0 = time.perf_counter()
+        with autocast(device, amp):
+            logits = net(x)
+        loss = reconstruction_loss(logits, x, cfg.loss, pos_weight)
+        loss_all = mean_over_ranks(loss.detach())  # the global batch's loss; every rank stops together on NaN
+        check_finite(loss_all, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        train_seconds += time.perf_counter() - t0
+        if step % cfg.log_every == 0:
+            lv = float(loss_all)
+            bar.update(1, loss=f"{lv:.4g}")
+            if runlog is not None:
+                runlog.log(step=step, loss=lv)
+        else:
+            bar.update(1)
+        if runlog is not None and step % cfg.ckpt_every == 0 and step < total_steps:
+            validate_and_save()
+    bar.close()
+    if stopped == "time_cap":
+        log.warning(cap_message("AE", step, total_steps))
 
-    # ---- latent statistics for the LDM (both checkpoints) --------------------------------------------------------
-    if info.is_main and not last_file.is_file():
-        save("last.pt")
-    stats_loader = _loader(train_set, np.arange(len(train_set)), eval_bs, cfg.num_workers, cfg.seed)
-    for name in ("last.pt", "best.pt") if info.is_main else ():  # rank 0 alone rewrites the checkpoints
-        file = run_dir / name
-        if not file.is_file():
-            continue
-        ck = load_checkpoint(file, kind=KIND, map_location="cpu")
-        probe = VoxelAutoencoder(cfg.model).to(device)
-        probe.load_state_dict(ck["model"])
-        mean, std = latent_stats(probe, stats_loader, device)
-        ck["extra"].update(latent_mean=mean, latent_std=std)
-        save_checkpoint(file, kind=KIND, config=ck["config"], model=ck["model"], optimizer=ck["optimizer"],
-                        step=ck["step"], epoch=ck["epoch"], rng=ck["rng"], extra=ck["extra"])
+    # ---- final validation, latent statistics for the LDM (both checkpoints) ----------------------------------------
     if runlog is not None:
+        if step > start_step or not last_file.is_file():
+            validate_and_save()
+        final = evaluate(model, held_grids, held_labels, device, threshold, topk_by_class, chamfer=True)
+        stats_idx = fit_idx[:: max(1, -(-len(fit_idx) // STATS_MAX_SHAPES))]
+        stats_grids = grids[stats_idx]
+        for name in ("last.pt", "best.pt"):
+            file = run_dir / name
+            ck = load_checkpoint(file, kind=KIND, map_location="cpu")
+            probe = VoxelAutoencoder(cfg.model).to(device)
+            probe.load_state_dict(ck["model"])
+            mean, std = latent_stats(probe, stats_grids, device)
+            ck["extra"].update(latent_mean=mean, latent_std=std, latent_stats_shapes=len(stats_idx))
+            if name == "last.pt":
+                ck["extra"]["final"] = final
+            save_checkpoint(file, kind=KIND, config=ck["config"], model=ck["model"], optimizer=ck["optimizer"],
+                            step=ck["step"], epoch=ck["epoch"], rng=ck["rng"], extra=ck["extra"])
         runlog.flush(("loss",))
-    result = {"step": step, "epoch": epoch, "stopped": stopped, "best_iou_cal": best_iou,
-              "samples_per_s": samples / train_seconds if train_seconds > 0 else float("nan"), **val}
+    else:
+        final = {}
+    seconds = cap.elapsed()
+    result = {"step": step, "total_steps": total_steps, "stopped": stopped, "best_iou_cal": best_iou,
+              "seconds": seconds, "train_seconds": train_seconds,
+              "overhead_fraction": 1.0 - train_seconds / seconds if seconds > 0 else None,
+              "samples_per_s": (step - start_step) * cfg.batch_size / train_seconds if train_seconds > 0 else None,
+              **{f"heldout_{k}": v for k, v in final.items()}}
+    if stopped == "time_cap":
+        result["note"] = cap_message("AE", step, total_steps)
     if info.distributed:  # DDP's invariant, checked once (also a barrier: rank 0 has finished the checkpoints)
         result.update(world_size=info.world_size, param_hash=check_in_sync(model, "AE"))
     log.info("finished: %s", result)

@@ -1,27 +1,32 @@
-"""What both training loops share: metric logging to files, loss curves, non-finite checks, warmup LR, EMA."""
+"""What both training loops share: metric logs, non-finite checks, warmup LR, precision, the data order, time caps."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from voxdiff.utils import VoxdiffError
+from voxdiff.config import Precision, check_literal
+from voxdiff.distributed import DistInfo, any_rank, epoch_sampler
+from voxdiff.utils import VoxdiffError, get_logger
 
 
 class RunLogger:
-    """Append rows of scalars to `{run_dir}/{name}.csv` (+ `.jsonl`) and redraw `{name}.png` on demand.
+    """Append rows of scalars to `{run_dir}/{name}.jsonl`; `flush` rewrites `{name}.csv` and redraws `{name}.png`.
 
     Rows may have different keys (train rows vs validation rows); the CSV keeps the union, in first-seen order.
-    Only rank 0 should construct one.
+    On resume a last line cut by a kill is dropped with a warning. Only rank 0 should construct one.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], name: str = "log", resume: bool = False) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], name: str = "log", resume: bool = False,
+                 log: Any = None) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.dir / f"{name}.jsonl"
@@ -29,9 +34,21 @@ class RunLogger:
         self.png = self.dir / f"{name}.png"
         self.rows: list[dict[str, Any]] = []
         if resume and self.jsonl.is_file():
-            self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
+            for i, line in enumerate(lines):
+                try:
+                    self.rows.append(json.loads(line))
+                except ValueError:
+                    if i != len(lines) - 1:
+                        raise VoxdiffError(f"{self.jsonl}: line {i + 1} is not JSON; move the file away to resume") \
+                            from None
+                    (log or get_logger("voxdiff")).warning("%s: dropped a cut last line (a killed run)", self.jsonl)
+            self._rewrite()
         else:
             self.jsonl.write_text("")
+
+    def _rewrite(self) -> None:
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, **row: Any) -> None:
         row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
@@ -42,7 +59,7 @@ class RunLogger:
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step` (a resume from an earlier checkpoint rewrites history from there)."""
         self.rows = [r for r in self.rows if r.get("step", 0) <= step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._rewrite()
 
     def flush(self, curves: tuple[str, ...] = ("loss",)) -> None:
         """Rewrite the CSV and the PNG curve of `curves` against step."""
@@ -74,14 +91,97 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     return base_lr * min(1.0, (step + 1) / warmup_steps)
 
 
-def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup then cosine decay to `min_ratio * base_lr` at `total_steps`."""
-    if step < warmup_steps:
-        return warmup_lr(step, base_lr, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def cpu_has_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16), where oneDNN runs bf16
+    convolutions faster than fp32; without them bf16 is emulated and slower."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch builds
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); a no-op context on CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a `precision` setting: None (fp32) or torch.bfloat16.
+
+    "auto" is bf16 on CUDA devices that support it and on CPUs with native bf16 (see `cpu_has_bf16`), fp32 elsewhere.
+    bf16 needs no loss scaling (unlike fp16): its exponent range is fp32's.
+    """
+    check_literal(precision, Precision, "precision")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Mixed-precision context for forward passes: `dtype` autocast on `device`, a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def holdout_rows(counts: dict[str, int], fraction: float, max_per_category: int, seed: int) -> dict[str, list[int]]:
+    """The held-out slice of a TRAIN split: per category, a seeded random `fraction` of its rows (at least 1, at most
+    `max_per_category`, always leaving one to train on). Sorted row numbers per category.
+
+    Checkpoint selection and threshold calibration look at these shapes only, never at val or test (which are the
+    references the metrics score against). The LDM reads the AE's slice from its checkpoint and never trains on it.
+    """
+    out: dict[str, list[int]] = {}
+    for i, (cat, n) in enumerate(counts.items()):
+        if n < 2:
+            raise VoxdiffError(f"the {cat} train split has {n} shape(s); need at least 2 (one is held out)")
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i, n]).generate_state(1)[0]))
+        k = min(n - 1, max_per_category, max(1, round(fraction * n)))
+        out[cat] = sorted(torch.randperm(n, generator=g)[:k].tolist())
+    return out
+
+
+class StepOrder:
+    """The training order: step s of a run uses the s-th batch of a seeded per-epoch permutation of `n` items.
+
+    Epoch e's global order is randperm(n) seeded by (seed, e) (DistributedSampler's convention); this rank takes its
+    shard of every global batch. The position depends on the global step only, so a resume (under any world size)
+    continues with exactly the batches an uninterrupted run would take.
+    """
+
+    def __init__(self, n: int, batch_size: int, info: DistInfo, seed: int) -> None:
+        self.n, self.batch_size, self.info = n, batch_size, info
+        self.per_rank = batch_size // info.world_size
+        self.steps_per_epoch = -(-n // batch_size)
+        self._sampler = epoch_sampler(n, info, seed * 1_000_003)
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """This rank's item positions (int64) for global step `step`."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._sampler.set_epoch(epoch)
+            self._perm = torch.tensor(list(self._sampler), dtype=torch.long)
+            self._epoch = epoch
+        return self._perm[i * self.per_rank : (i + 1) * self.per_rank]
+
+
+class TimeCap:
+    """A safety cap on a stage's wall time. Training lengths are steps; the cap only stops a run that would otherwise
+    overrun (a loaded machine), and the stop is reported as such. Every rank decides together."""
+
+    def __init__(self, minutes: float | None, device: torch.device) -> None:
+        self.seconds = None if minutes is None else 60.0 * minutes
+        self.device = device
+        self.t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def reached(self) -> bool:
+        return self.seconds is not None and any_rank(self.elapsed() > self.seconds, self.device)
+
+
+def cap_message(stage: str, step: int, total: int) -> str:
+    """The one line every report prints when the time cap, not the step count, ended a training stage."""
+    return f"{stage} stopped by the time cap at step {step} of {total}; these results are not the preset's"

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
 
 from voxdiff.checkpoint import (
     get_rng_state,
@@ -30,13 +29,11 @@ from voxdiff.checkpoint import (
     set_rng_state,
 )
 from voxdiff.config import LDMTrainConfig, from_dict, to_dict
-from voxdiff.data.dataset import voxel_path
+from voxdiff.data.dataset import VoxelDataset, voxel_path
 from voxdiff.distributed import (
-    any_rank,
     barrier,
     check_in_sync,
     check_same_config,
-    epoch_sampler,
     init_distributed,
     mean_over_ranks,
     rank_rng,
@@ -48,13 +45,23 @@ from voxdiff.latents import cached_latents, file_sha256, latent_stats, normalise
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDPMScheduler
-from voxdiff.training.common import RunLogger, autocast, check_finite, warmup_lr
-from voxdiff.utils import VoxdiffError, get_logger, seed_everything
+from voxdiff.training.common import (
+    RunLogger,
+    StepOrder,
+    TimeCap,
+    autocast,
+    cap_message,
+    check_finite,
+    holdout_rows,
+    resolve_precision,
+    warmup_lr,
+)
+from voxdiff.utils import Progress, VoxdiffError, flush_denormals, get_logger, seed_everything
 
 __all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "KIND"]
 
 KIND = "ldm"
-VAL_MAX = 256  # held-out latents used for best.pt selection
+VAL_MAX = 512  # at most this many held-out latents score best.pt
 
 
 def ema_multi_avg_fn(decay: float) -> Any:
@@ -81,10 +88,13 @@ def diffusion_loss(
     y: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
+    amp: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """L_simple = E‖ε − ε_θ(√ᾱ_t z_0 + √(1−ᾱ_t) ε, t, y)‖² (DDPM eq. 14), mean over elements, in float32."""
+    """L_simple = E‖ε − ε_θ(√ᾱ_t z_0 + √(1−ᾱ_t) ε, t, y)‖² (DDPM eq. 14), mean over elements, in float32.
+
+    `amp`: autocast dtype of the network's forward (None: fp32)."""
     zt = scheduler.add_noise(z0, noise, t)
-    with autocast(z0.device):
+    with autocast(z0.device, amp):
         eps = model(zt, t, y)
     return F.mse_loss(eps.float(), noise)
 
@@ -119,15 +129,18 @@ def _check_resume(saved: LDMTrainConfig, cfg: LDMTrainConfig, file: Path) -> Non
 def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train the latent DDPM of `cfg`; writes `{ckpt_path}/last.pt`, `best.pt`, `train.log`, `log.csv/png`.
 
-    Returns a summary: final step, losses, best held-out metric, checkpoint paths, throughput.
+    Returns a summary: final step, losses, best held-out loss, checkpoint paths, throughput.
     Under torchrun (voxdiff.distributed): cfg.batch_size is global, each rank trains on its shard with DDP, rank 0
     alone writes; the step and data position are global, so last.pt resumes under any world size.
     """
     # ---- setup ------------------------------------------------------------------------------------------------
     info = init_distributed(cfg.device)
     device = info.device
+    cap = TimeCap(cfg.max_minutes, device)
     check_same_config(to_dict(cfg), "LDM training config")
-    per_rank = split_batch(cfg.batch_size, info.world_size)
+    split_batch(cfg.batch_size, info.world_size)
+    amp = resolve_precision(cfg.precision, device)
+    flush_denormals(device)
     run_dir = Path(cfg.ckpt_path)
     last_file, best_file = run_dir / "last.pt", run_dir / "best.pt"
     resume_ckpt = None
@@ -159,30 +172,38 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     log = get_logger("voxdiff.ldm", run_dir / "train.log" if info.is_main else None)
     if not info.is_main:
         barrier()  # rank 0 encodes (or finds) the latent cache first; the other ranks then read it
-    z_train, y_train, cache_file = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir,
-                                                  device, progress and info.is_main)
+    z_all, y_all, cache_file = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir,
+                                              device, progress and info.is_main)
+    if info.is_main:
+        barrier()
     stats = latent_stats(ae_ckpt, latent_shape[0])
     if stats is None:  # an AE checkpoint without statistics: compute them here and record them in the LDM checkpoint
         log.warning("AE checkpoint has no latent_mean/latent_std; using statistics of the encoded training set")
-        stats = (z_train.transpose(0, 1).reshape(latent_shape[0], -1).mean(1),
-                 z_train.transpose(0, 1).reshape(latent_shape[0], -1).std(1).clamp(min=1e-6))
+        flat = z_all.transpose(0, 1).reshape(latent_shape[0], -1)
+        stats = (flat.mean(1), flat.std(1, unbiased=False).clamp(min=1e-6))
     latent_mean, latent_std = stats
-    z_train = normalise(z_train, latent_mean, latent_std).to(device)
-    y_train = y_train.to(device)
-    has_val = all(voxel_path(cfg.dataset_path, c, "val").is_file() for c in cfg.categories)
-    if has_val:
-        z_val, y_val, _ = cached_latents(ae, ae_hash, cfg.dataset_path, "val", cfg.categories, cache_dir, device,
-                                         progress and info.is_main)
-        z_val, y_val = normalise(z_val[:VAL_MAX], latent_mean, latent_std).to(device), y_val[:VAL_MAX].to(device)
-    if info.is_main:
-        barrier()
+    # the AE's held-out slice of the train split: never trained on, it picks best.pt (val and test are references)
+    train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=None)
+    ae_holdout = (ae_ckpt.get("extra") or {}).get("holdout")
+    if ae_holdout is None:
+        log.warning("AE checkpoint records no held-out slice; holding out 5% of each category here")
+        ae_holdout = holdout_rows(train_set.counts, 0.05, 100, cfg.seed)
+    holdout = {c: rows for c, rows in ae_holdout.items() if c in cfg.categories}
+    held_idx = torch.from_numpy(train_set.global_indices(holdout))
+    fit_mask = torch.ones(len(z_all), dtype=torch.bool)
+    fit_mask[held_idx] = False
+    z_train = normalise(z_all[fit_mask], latent_mean, latent_std).to(device)
+    y_train = y_all[fit_mask].to(device)
+    held_eval = held_idx[:: -(-len(held_idx) // VAL_MAX)]  # evenly thinned, so every category stays in
+    z_held = normalise(z_all[held_eval], latent_mean, latent_std).to(device)
+    y_held = y_all[held_eval].to(device)
     n = len(z_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    limits = [s for s in (cfg.num_steps, cfg.num_epochs * steps_per_epoch) if s > 0]
-    total_steps = min(limits) if limits else None
-    log.info("latents %s x %d (cache %s), val %s, device %s, steps/epoch %d, total %s", latent_shape, n, cache_file,
-             len(z_val) if has_val else "none", device, steps_per_epoch, total_steps)
-    log.info("world size %d, global batch %d, per-rank batch %d", info.world_size, cfg.batch_size, per_rank)
+    order = StepOrder(n, cfg.batch_size, info, cfg.seed)
+    limits = [s for s in (cfg.num_steps, (cfg.num_epochs or 0) * order.steps_per_epoch) if s]
+    total_steps = min(limits)
+    log.info("latents %s x %d for training, %d held out (cache %s), device %s, autocast %s, steps/epoch %d, total %d",
+             latent_shape, n, len(z_held), cache_file, device, amp, order.steps_per_epoch, total_steps)
+    log.info("world size %d, global batch %d, per-rank batch %d", info.world_size, cfg.batch_size, order.per_rank)
 
     # ---- model, optimizer, EMA --------------------------------------------------------------------------------
     model = UNet3D(cfg.model, class_dropout=cfg.cfg_dropout if cfg.use_cfg else 0.0).to(device)
@@ -202,7 +223,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         log.info("resumed from %s at step %d", last_file, step)
     share_device_rng(info)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, EMA and checkpoints use `model`
-    runlog = RunLogger(run_dir, "log", resume=resume_ckpt is not None) if info.is_main else None
+    runlog = RunLogger(run_dir, "log", resume=resume_ckpt is not None, log=log) if info.is_main else None
     if runlog is not None and resume_ckpt is not None:
         runlog.truncate_after(step)
     num_params = sum(p.numel() for p in model.parameters())
@@ -211,47 +232,38 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     def save(file: Path, metric: float) -> None:
         save_checkpoint(
             file, kind=KIND, config=to_dict(cfg), model=model.state_dict(), ema=ema.module.state_dict(),
-            optimizer=optimizer.state_dict(), step=step, epoch=step // steps_per_epoch, rng=get_rng_state(),
+            optimizer=optimizer.state_dict(), step=step, epoch=step // order.steps_per_epoch, rng=get_rng_state(),
             extra={"ae_hash": ae_hash, "ae_ckpt_path": str(ae_file), "latent_shape": list(latent_shape),
                    "latent_mean": latent_mean.tolist(), "latent_std": latent_std.tolist(),
                    "ema_n_averaged": int(ema.n_averaged), "smooth_loss": smooth, "best_metric": metric,
-                   "best_kind": "val_loss" if has_val else "smoothed_train_loss", "num_train": n})
+                   "best_kind": "heldout_train_loss", "holdout": holdout, "num_train": n})
 
     def checkpoint() -> None:
         nonlocal best_metric
-        metric = _heldout_loss(ema.module, scheduler, z_val, y_val, cfg.seed + 1, cfg.batch_size) if has_val \
-            else (smooth if smooth is not None else math.inf)
+        metric = _heldout_loss(ema.module, scheduler, z_held, y_held, cfg.seed + 1, cfg.batch_size)
         improved = metric < best_metric
         best_metric = min(best_metric, metric)
-        runlog.log(step=step, val_loss=metric if has_val else None)
+        runlog.log(step=step, val_loss=metric)
         save(last_file, best_metric)
         if improved:
             save(best_file, best_metric)
         runlog.flush(("loss", "val_loss"))
-        log.info("step %d: held-out %s %.5f (best %.5f)", step, "val" if has_val else "train~", metric, best_metric)
+        log.info("step %d: held-out loss %.5f (best %.5f)", step, metric, best_metric)
 
     # ---- loop ---------------------------------------------------------------------------------------------------
-    t_start = time.perf_counter()
-    start_step, stopped = step, "num_steps"
+    start_step, stopped, train_seconds = step, "num_steps", 0.0
     model.train()
-    perm_epoch, perm = -1, torch.empty(0, dtype=torch.long)
-    sampler = epoch_sampler(n, info, cfg.seed * 1_000_003)  # epoch order: randperm seeded by seed * 1_000_003 + epoch
-    pbar = tqdm(total=total_steps, initial=step, desc="ldm", unit="step", disable=not (progress and info.is_main),
-                dynamic_ncols=True)
-    while total_steps is None or step < total_steps:
-        if cfg.max_minutes > 0 and any_rank(time.perf_counter() - t_start > 60 * cfg.max_minutes, device):
-            stopped = "max_minutes"
+    bar = Progress(total_steps, "ldm", initial=step, time_cap_s=cap.seconds, enabled=progress and info.is_main,
+                   log=log)
+    while step < total_steps:
+        if cap.reached():
+            stopped = "time_cap"
             break
         # data: the epoch's order depends only on (seed, epoch), so a resume picks up the same batches; this rank's
         # batch i is its shard of the global batch i (see voxdiff.distributed.epoch_sampler)
-        epoch, i = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            sampler.set_epoch(epoch)
-            perm = torch.tensor(list(sampler), dtype=torch.long)
-            perm_epoch = epoch
-        idx = perm[i * per_rank : (i + 1) * per_rank].to(device)
+        idx = order.batch(step).to(device)
         z0, y = z_train[idx], y_train[idx]
-        # forward / backward
+        t0 = time.perf_counter()
         lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -261,7 +273,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         t = torch.randint(0, scheduler.num_train_timesteps, (g_batch,), device=device)[shard]
         noise = torch.randn((g_batch, *z0.shape[1:]), device=device)[shard]
         with rank_rng(info, cfg.seed, step):  # per-rank dropout / label-dropout masks in a distributed run
-            loss = diffusion_loss(net, scheduler, z0, y, t, noise)
+            loss = diffusion_loss(net, scheduler, z0, y, t, noise, amp)
         loss_all = mean_over_ranks(loss.detach())  # the global batch's loss (every rank stops together on NaN)
         check_finite(loss_all, step)
         optimizer.zero_grad(set_to_none=True)
@@ -270,26 +282,34 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         optimizer.step()
         ema.update_parameters(model)
         step += 1
+        train_seconds += time.perf_counter() - t0
         value = float(loss_all)
         smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
-        pbar.update(1)
         if runlog is not None and (step % cfg.log_every == 0 or step == total_steps):
             runlog.log(step=step, loss=value, loss_smooth=smooth, lr=lr, grad_norm=float(grad_norm))
-            pbar.set_postfix(loss=f"{smooth:.4f}")
+            bar.update(1, loss=f"{smooth:.4f}")
+        else:
+            bar.update(1)
         if info.is_main and step % cfg.ckpt_every == 0 and step != total_steps:
             checkpoint()
-        if info.is_main and cfg.sample_every > 0 and step % cfg.sample_every == 0 and step != total_steps:
+        if info.is_main and cfg.preview and cfg.preview_every and step % cfg.preview_every == 0 \
+                and step != total_steps:
             _render_samples(ema.module, ae, ae_ckpt, latent_mean, latent_std, cfg, run_dir, step, log)
-    pbar.close()
+    bar.close()
+    if stopped == "time_cap":
+        log.warning(cap_message("LDM", step, total_steps))
     if info.is_main and (step > start_step or not last_file.is_file()):
         checkpoint()
-    seconds = time.perf_counter() - t_start
-    if info.is_main and cfg.sample_every >= 0:
+    if info.is_main and cfg.preview:
         _render_samples(ema.module, ae, ae_ckpt, latent_mean, latent_std, cfg, run_dir, step, log)
-    result = {"step": step, "stopped": stopped, "loss_smooth": smooth, "best_metric": best_metric,
-              "best_kind": "val_loss" if has_val else "smoothed_train_loss", "last": str(last_file),
-              "best": str(best_file), "num_params": num_params, "seconds": seconds,
-              "steps_per_s": (step - start_step) / seconds if seconds > 0 else float("nan")}
+    seconds = cap.elapsed()
+    result = {"step": step, "total_steps": total_steps, "stopped": stopped, "loss_smooth": smooth,
+              "best_heldout_loss": best_metric, "last": str(last_file), "best": str(best_file),
+              "num_params": num_params, "seconds": seconds, "train_seconds": train_seconds,
+              "overhead_fraction": 1.0 - train_seconds / seconds if seconds > 0 else None,
+              "steps_per_s": (step - start_step) / train_seconds if train_seconds > 0 else None}
+    if stopped == "time_cap":
+        result["note"] = cap_message("LDM", step, total_steps)
     if info.distributed:  # DDP's invariant, checked once: every rank ends with bit-identical model and EMA weights
         result.update(world_size=info.world_size, param_hash=check_in_sync(model, "UNet"),
                       ema_hash=check_in_sync(ema.module, "EMA"))
