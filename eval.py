@@ -1,43 +1,32 @@
 """Score generated voxel shapes against the test+val references: JSD, MMD, COV (the reference's lines) and 1-NNA.
 
     python eval.py chair samples.npy [--dataset_path ./data/hdf5_data] [--threshold 0.5] [--json scores.json]
+    python eval.py all samples/            # samples/{airplane,chair,table}.npy, one block per category
 
-Definitions and the conventions for empty shapes: voxdiff/metrics.py. 1-NNA is printed as a fraction in [0, 1]
-(0.5 is ideal).
+Prints the reference's four lines (JSD, MMD, COV, 1-NNA), then 1-NNA on equal-size sets and the counts of empty and
+bloated samples (more occupied voxels than twice the category's largest training shape). Definitions and the
+conventions for empty shapes: voxdiff/metrics.py; the scorer and its provenance record: voxdiff/scoring.py. 1-NNA is
+printed as a fraction in [0, 1] (0.5 is ideal).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-import voxdiff
-from voxdiff import metrics
-from voxdiff.config import CATEGORIES, category_index
-from voxdiff.data.voxelize import open_voxels, voxel_path
+from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
+from voxdiff.config import CATEGORIES
+from voxdiff.metrics_backends import default_workers
+from voxdiff.scoring import References, open_samples, score_sets
 from voxdiff.utils import VoxdiffError, atomic_write_json, get_logger, resolve_device, run_cli
 
-REF_SPLITS = ("test", "val")  # the reference set is test then val, concatenated
-
-
-def load_samples(path: str | Path) -> np.ndarray:
-    """Memory-map a samples .npy with a clear error for a missing or unreadable file."""
-    p = Path(path)
-    if not p.is_file():
-        raise VoxdiffError(f"samples file not found: {p}")
-    try:
-        return np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise VoxdiffError(f"{p} is not a readable .npy array ({e})") from None
+ALL = "all"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("category", help=f"one of {', '.join(CATEGORIES)}")
+    ap = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
+    ap.add_argument("category", help=f"one of {', '.join(CATEGORIES)}, or {ALL} (SAMPLES is then a directory)")
     ap.add_argument("samples", help="(N,R,R,R) .npy of generated grids (bool/uint8, or float in {0,1})")
     ap.add_argument("--dataset_path", default="./data/hdf5_data", help="folder with {category}_voxels_{split}.npy")
     ap.add_argument("--threshold", type=float, default=None, help="binarise samples as x > T first (e.g. 0.5)")
@@ -49,66 +38,82 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def sample_files(category: str, samples: str) -> dict[str, Path]:
+    """category -> samples .npy: the file itself, or {cat}.npy in the directory for `all` (each checked up front)."""
+    if category != ALL:
+        files = {category: Path(samples)}
+    elif not Path(samples).is_dir():
+        raise VoxdiffError(f"with category {ALL}, SAMPLES must be a directory holding {{category}}.npy; got {samples}")
+    else:
+        files = {cat: Path(samples) / f"{cat}.npy" for cat in CATEGORIES}
+    for path in files.values():
+        open_samples(path)  # a missing or unreadable file fails before any reference is read
+    return files
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The printed block: the reference's four lines (full repr), 1-NNA on equal sets, empty and bloated counts."""
+    n = result["n_samples"]
+    if result["bloated_above_voxels"] is None:
+        bloated = "bloated: not counted (no train split)"
+    else:
+        over = result["bloated_above_voxels"]
+        bloated = f"bloated samples: {result['n_bloated_samples']} of {n} (over {over} voxels)"
+    return [
+        f"JSD: {result['jsd']}",
+        f"MMD: {result['mmd']}",
+        f"COV: {result['cov']}",
+        f"1-NNA: {result['nna']}",
+        f"1-NNA (equal sets): {result['nna_balanced']}",
+        f"empty samples: {result['n_empty_samples']} of {n}; {bloated}",
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Score SAMPLES; returns the result dict (one category) or {category: record} (`all`)."""
     args = build_parser().parse_args(argv)
-    t0 = time.perf_counter()
-    category_index(args.category)  # clear error for unknown names
+    if args.category != ALL and args.category not in CATEGORIES:
+        raise VoxdiffError(f"unknown category {args.category!r}; choose from {', '.join(CATEGORIES)} or {ALL}")
     if args.workers < 0:
         raise VoxdiffError(f"--workers must be >= 0; got {args.workers}")
     device = resolve_device(args.device)
-    samples = load_samples(args.samples)
-    ref_files = [voxel_path(args.dataset_path, args.category, split) for split in REF_SPLITS]
-    refs = [open_voxels(p) for p in ref_files]
+    files = sample_files(args.category, args.samples)
     log = get_logger("voxdiff.eval", Path(args.json).with_suffix(".log") if args.json else None)
-
-    # References are read once: validated, indexed and hashed in the same pass.
-    hasher = hashlib.sha256()
-    ref_pts = metrics.extract_points(refs, name="references", hasher=hasher, progress=not args.no_progress)
-    workers = args.workers or metrics.default_workers()
-    result = metrics.evaluate(
-        samples, ref_pts, device=device, progress=not args.no_progress, threshold=args.threshold, workers=workers
-    )
-
-    print(f"JSD: {result['jsd']}")
-    print(f"MMD: {result['mmd']}")
-    print(f"COV: {result['cov']}")
-    print(f"1-NNA: {result['nna']}")
-    note = "1-NNA is a fraction in [0, 1]; 0.5 is ideal"
-    if result["n_empty_samples"]:
-        log.warning(
-            "%d of %d samples are empty (no occupied voxel): they match nothing and count as misses",
-            result["n_empty_samples"],
-            result["n_samples"],
+    progress = not args.no_progress
+    records: dict[str, dict[str, Any]] = {}
+    for cat, path in files.items():
+        refs = References.load(args.dataset_path, cat, progress=progress)
+        out = score_sets(
+            refs,
+            {"samples": path},
+            threshold=args.threshold,
+            device=device,
+            workers=args.workers or default_workers(),
+            seed=args.seed,
+            progress=progress,
         )
-    log.info("%s; %s", note, {k: v for k, v in result.items()})
+        result = out["sets"]["samples"]
+        if args.category == ALL:
+            print(f"== {cat}")
+        print("\n".join(report_lines(result)), flush=True)
+        if result["n_empty_samples"]:
+            log.warning(
+                "%s: %d of %d samples are empty (no occupied voxel): they match nothing and count as misses",
+                cat,
+                result["n_empty_samples"],
+                result["n_samples"],
+            )
+        log.info("%s: %s", cat, result)
+        records[cat] = {"category": cat, "samples_file": str(path.resolve()), "provenance": out["provenance"], **result}
 
+    if args.category != ALL:
+        if args.json:
+            atomic_write_json(args.json, records[args.category])
+        return records[args.category]
     if args.json:
-        record = {
-            "category": args.category,
-            "samples_file": str(Path(args.samples).resolve()),
-            **result,
-            "nna_note": note,
-            "threshold": args.threshold,
-            "reference": {
-                "files": [p.name for p in ref_files],
-                "count": ref_pts.n,
-                "sha256": hasher.hexdigest(),
-                "sha256_of": "raw bytes of the test then val arrays, concatenated in order",
-            },
-            "seed": args.seed,
-            "device": str(device),
-            "voxdiff_version": voxdiff.__version__,
-            "elapsed_s": time.perf_counter() - t0,
-            "definitions": {
-                "points": "indices of voxels > 0 divided by (R-1)",
-                "chamfer": "mean_y min_x |x-y|^2 + mean_x min_y |x-y|^2 (squared, no sqrt)",
-                "mmd": "mean over references of min over samples of CD",
-                "cov": "distinct nearest references of samples / N_ref",
-                "jsd": "per-voxel sums normalised; KL with eps=1e-10 on both arguments; natural log",
-            },
-        }
-        atomic_write_json(args.json, record)
-    return result
+        samples_dir = str(Path(args.samples).resolve())
+        atomic_write_json(args.json, {"category": ALL, "samples_dir": samples_dir, "categories": records})
+    return records
 
 
 if __name__ == "__main__":

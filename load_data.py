@@ -1,9 +1,9 @@
 """Prepare voxel data: ShapeNet PartSeg HDF5 (real zip, download, or procedural) -> `{category}_voxels_{split}.npy`.
 
 Examples:
-    python load_data.py --synthetic --preset small --dataset_path data/hdf5_data      # procedural, then voxelize
+    python load_data.py --synthetic --data_preset small --dataset_path data/hdf5_data      # procedural, voxelize
     python load_data.py --zip shapenet_part_seg_hdf5_data.zip --dataset_path data/hdf5_data
-    python load_data.py --dataset_path data/hdf5_data --resolution 64 --categories chair table
+    python load_data.py --dataset_path data/hdf5_data --resolution 64 --category chair table
 """
 
 from __future__ import annotations
@@ -28,19 +28,22 @@ from voxdiff.utils import VoxdiffError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset_path", "--hdf5_dir", dest="dataset_path", default="data/hdf5_data",
+    from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
+
+    p = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--dataset_path", default="data/hdf5_data",
                    help="directory of ply_data_*.h5 + *_hdf5_file_list.txt (created by --synthetic/--zip/--download)")
-    p.add_argument("--out_dir", default=None, help="where the .npy grids go (default: --dataset_path)")
-    p.add_argument("--resolution", type=int, default=128, help="grid size, a power of two >= 8 (default 128)")
-    p.add_argument("--categories", nargs="+", default=list(CATEGORIES), help="categories to voxelize")
+    p.add_argument("--out_dir", default=None, help="where the .npy grids go (none: --dataset_path)")
+    p.add_argument("--resolution", type=int, default=128, help="grid size, a power of two >= 8")
+    p.add_argument("--category", dest="categories", nargs="+", default=["all"], choices=[*CATEGORIES, "all"],
+                   help="categories to voxelize")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), help="splits to voxelize")
     p.add_argument("--isotropic", action="store_true",
                    help="one scale for all axes, centred (default: the reference per-axis scaling)")
     p.add_argument("--chunk", type=int, default=32, help="shapes voxelized per step (bounds memory)")
     g = p.add_argument_group("procedural dataset")
     g.add_argument("--synthetic", action="store_true", help="generate the procedural PartSeg HDF5 into --dataset_path")
-    g.add_argument("--preset", choices=sorted(COUNT_PRESETS), default="small", help="shape counts (default small)")
+    g.add_argument("--data_preset", choices=sorted(COUNT_PRESETS), default="small", help="shape counts")
     for s in SPLITS:
         g.add_argument(f"--n_{s}", type=int, default=None, help=f"override: shapes per category in {s}")
     g.add_argument("--seed", type=int, default=0)
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _counts(args: argparse.Namespace) -> dict[str, dict[str, int]]:
-    counts = {s: dict(COUNT_PRESETS[args.preset][s]) for s in SPLITS}
+    counts = {s: dict(COUNT_PRESETS[args.data_preset][s]) for s in SPLITS}
     for s in SPLITS:
         n = getattr(args, f"n_{s}")
         if n is not None:
@@ -72,8 +75,6 @@ def _counts(args: argparse.Namespace) -> dict[str, dict[str, int]]:
 def _preview_points(args: argparse.Namespace, split: str) -> None:
     from voxdiff import render
 
-    if not hasattr(render, "plot_pointclouds"):
-        raise VoxdiffError("--preview needs voxdiff.render.plot_pointclouds, which this version lacks")
     pts, titles = [], []
     for c in args.categories:
         got = next(iter_category_points(args.dataset_path, split, c, chunk=args.preview_n), np.zeros((0, 1, 3)))
@@ -88,8 +89,6 @@ def _preview_voxels(args: argparse.Namespace, out_dir: Path, split: str) -> None
     from voxdiff import render
     from voxdiff.data.voxelize import open_voxels, voxel_path
 
-    if not hasattr(render, "render_voxels"):
-        raise VoxdiffError("--preview_voxels needs voxdiff.render.render_voxels, which this version lacks")
     grids, titles = [], []
     for c in args.categories:
         g = np.asarray(open_voxels(voxel_path(out_dir, c, split))[: args.preview_n])
@@ -101,9 +100,7 @@ def _preview_voxels(args: argparse.Namespace, out_dir: Path, split: str) -> None
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_resolution(args.resolution)
-    bad = [c for c in args.categories if c not in CATEGORIES]
-    if bad:
-        raise VoxdiffError(f"unknown category {bad[0]!r}; choose from {', '.join(CATEGORIES)}")
+    args.categories = list(CATEGORIES) if "all" in args.categories else list(dict.fromkeys(args.categories))
     bad = [s for s in args.splits if s not in SPLITS]
     if bad:
         raise VoxdiffError(f"unknown split {bad[0]!r}; choose from {', '.join(SPLITS)}")

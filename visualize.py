@@ -2,9 +2,11 @@
 
     python visualize.py samples/chair.npy                      # first 16 shapes -> samples/chair.png
     python visualize.py data/hdf5_data/chair_voxels_test.npy --n 4 --start 10 --views 22,-55 22,35 85,-90
-    python visualize.py samples/chair.npy --n 8 --mesh_dir meshes --mesh_format obj
+    python visualize.py samples/chair.npy --n 8 --mesh_dir meshes --mesh_format obj   # meshes/chair_00000.obj, ...
 
 The file is memory-mapped: only the shapes drawn are read. Float arrays (probabilities) are binarised at --threshold.
+Meshes are named {prefix}_{index:05d}.{ply,obj} (+ {prefix}_{index:05d}_points.ply with --points), where the prefix is
+the category when the file is named after one (samples/chair.npy -> chair_00003.ply) and "shape" otherwise.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
+from voxdiff.config import CATEGORIES
 from voxdiff.data.voxelize import open_voxels
-from voxdiff.render import DEFAULT_VIEW, DEFAULT_VIEWS, export_mesh, export_pointcloud, render_voxels
+from voxdiff.mesh import export_mesh, export_pointcloud
+from voxdiff.render import DEFAULT_VIEW, DEFAULT_VIEWS, render_voxels
 from voxdiff.utils import VoxdiffError, run_cli
 
 
@@ -29,8 +34,14 @@ def parse_view(text: str) -> tuple[float, float]:
     return e, a
 
 
+def mesh_prefix(samples: str | Path) -> str:
+    """Prefix of mesh file names: the category when the samples file is named after one (chair.npy), else "shape"."""
+    stem = Path(samples).stem
+    return stem if stem in CATEGORIES else "shape"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("samples", help="(N,R,R,R) .npy of voxel grids (uint8/bool, or float probabilities)")
     p.add_argument("--out", default=None, help="PNG to write (default: the input path with .png)")
     p.add_argument("--n", type=int, default=16, help="number of shapes to draw")
@@ -89,10 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     n_mesh = 0
     if args.mesh_dir:
         mesh_dir = Path(args.mesh_dir)
+        prefix = mesh_prefix(args.samples)
         for i in tqdm(range(len(grids)), desc="meshes", unit="shape", leave=False):
             if occ[i] == 0:
                 continue  # nothing to mesh; the PNG shows it as "empty"
-            stem = mesh_dir / f"shape_{args.start + i:05d}"
+            stem = mesh_dir / f"{prefix}_{args.start + i:05d}"
             export_mesh(grids[i], stem.with_suffix(f".{args.mesh_format}"), args.threshold, args.smooth)
             if args.points:
                 export_pointcloud(grids[i], stem.with_name(stem.name + "_points.ply"), args.threshold)

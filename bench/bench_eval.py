@@ -24,6 +24,7 @@ from scipy.spatial import cKDTree
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from voxdiff import metrics  # noqa: E402
+from voxdiff.metrics_backends import default_workers  # noqa: E402
 
 
 def surface_points(rng: np.random.Generator, n: int = 2048) -> np.ndarray:
@@ -79,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     r = args.resolution
-    workers = args.workers or metrics.default_workers()
+    workers = args.workers or default_workers()
     with tempfile.TemporaryDirectory() as tmp:
         samples = write_set(Path(tmp) / "s.npy", args.n_samples, r, rng)
         refs = write_set(Path(tmp) / "r.npy", args.n_refs, r, rng)

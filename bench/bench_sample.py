@@ -5,7 +5,7 @@ initialised UNet3D of the chosen preset: speed does not depend on the weights. R
 the same process.
 
     python bench/bench_sample.py                                   # CPU, small preset
-    python bench/bench_sample.py --preset seed --device cuda --batch_size 100
+    python bench/bench_sample.py --unet_preset seed --device cuda --batch_size 100
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def time_cfg(model: UNet3D, x: torch.Tensor, labels: torch.Tensor, batched: bool
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small", choices=list(UNET_PRESETS))
+    p.add_argument("--unet_preset", default="small", choices=list(UNET_PRESETS))
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--latent_side", type=int, default=8)
@@ -71,11 +71,11 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     torch.manual_seed(0)
-    model = UNet3D(unet_preset(a.preset)).to(device).eval()
+    model = UNet3D(unet_preset(a.unet_preset)).to(device).eval()
     shape = (model.cfg.in_channels, a.latent_side, a.latent_side, a.latent_side)
     labels = torch.arange(a.batch_size, device=device) % model.num_classes
     x = torch.randn(a.batch_size, *shape, device=device)
-    print(f"device={device} preset={a.preset} params={sum(q.numel() for q in model.parameters()) / 1e6:.2f}M "
+    print(f"device={device} preset={a.unet_preset} params={sum(q.numel() for q in model.parameters()) / 1e6:.2f}M "
           f"batch={a.batch_size} latent={shape} threads={torch.get_num_threads()}")
     # warm-up (allocator, cudnn autotune, lazy init)
     time_cfg(model, x, labels, True, 2)

@@ -1,11 +1,12 @@
-"""Sample shapes from a trained latent DDPM: flags -> SampleConfig -> sample_to_files.
+r"""Sample shapes from a trained latent DDPM: flags -> SampleConfig -> sample_to_files.
 
 Example:
     python diffusion/sample.py --ldm_ckpt_path checkpoints/ldm --ae_ckpt_path checkpoints/ae --save_dir samples \
-        --use_cfg --cfg_scale 1.0 --category all --num_samples 1000 --sampler ddim --steps 50 --topk auto
+        --category all --num_samples 1000 --sampler ddim --steps 50 --cfg_scale 1.0 --resolution 128
 Writes {save_dir}/{category}.npy, (N, R, R, R) uint8 in {0, 1} (what eval.py reads), sample.json and sample.log.
 An interrupted run continues where it stopped when rerun with the same flags.
-CFG: eps = (1 + w) * eps_cond - w * eps_uncond with w = --cfg_scale (w = 0: plain conditional, w = -1: unconditional).
+Guidance: ε̂ = (1 + w)·ε_cond − w·ε_uncond with w = --cfg_scale, on by default (w = 0 or --no_use_cfg: the plain
+conditional model; w = −1: unconditional). w is the "guidance scale" minus one of the other common convention.
 Several GPUs: `torchrun --nproc_per_node=K diffusion/sample.py ...` splits the batches over the ranks; the files are
 identical to a one-process run with the same --seed.
 """
@@ -15,47 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from voxdiff.binarize import threshold_from_flag, topk_from_flag
-from voxdiff.config import CATEGORIES, SampleConfig
+from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_from_args
+from voxdiff.config import SampleConfig
 from voxdiff.utils import run_cli
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    d = SampleConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ldm_ckpt_path", default=d.ldm_ckpt_path, help="LDM checkpoint file or run directory")
-    p.add_argument("--ae_ckpt_path", default=d.ae_ckpt_path, help="AE checkpoint file or run directory")
-    p.add_argument("--save_dir", default=d.save_dir)
-    p.add_argument("--category", default="all", choices=[*CATEGORIES, "all"])
-    p.add_argument("--num_samples", type=int, default=d.num_samples, help="shapes per category")
-    p.add_argument("--batch_size", type=int, default=d.batch_size)
-    p.add_argument("--sampler", default=d.sampler, choices=["ddpm", "ddim"])
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: all T for ddpm, 50 for ddim)")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM stochasticity (0 deterministic, 1 ~ DDPM)")
-    p.add_argument("--use_cfg", action="store_true", help="classifier-free guidance with --cfg_scale")
-    p.add_argument("--cfg_scale", type=float, default=d.cfg_scale, help="w in (1+w) eps_c - w eps_u")
-    p.add_argument("--resolution", type=int, default=d.resolution,
-                   help="output grid side: the AE's resolution or a power-of-two multiple (e.g. 64 or 128)")
-    p.add_argument("--threshold", default=str(d.threshold),
-                   help="occupancy threshold (without --topk), or 'auto' for the AE's calibrated threshold")
-    p.add_argument("--topk", default=None, help="keep K voxels per shape (at --resolution), or 'auto' for the "
-                                                "AE's per-category training occupancy")
-    p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--device", default=d.device, help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=d.seed)
-    return p.parse_args(argv)
+def build_parser() -> tuple[argparse.ArgumentParser, list]:
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    return p, add_config_arguments(p, SampleConfig)
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = parse_args(argv)
-    topk, threshold = topk_from_flag(a.topk), threshold_from_flag(a.threshold)
-    cfg = SampleConfig(
-        ldm_ckpt_path=a.ldm_ckpt_path, ae_ckpt_path=a.ae_ckpt_path, save_dir=a.save_dir,
-        categories=CATEGORIES if a.category == "all" else (a.category,), num_samples=a.num_samples,
-        batch_size=a.batch_size, sampler=a.sampler, steps=a.steps or 0,
-        eta=a.eta, use_cfg=a.use_cfg, cfg_scale=a.cfg_scale, resolution=a.resolution, threshold=threshold,
-        topk=topk, use_ema=not a.no_ema, device=a.device, seed=a.seed,
-    )
+    parser, flags = build_parser()
+    cfg = config_from_args(SampleConfig, parser.parse_args(argv), flags)
     from voxdiff.distributed import cleanup, is_main
     from voxdiff.sampling import sample_to_files
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_voxel_dir
+from conftest import ROOT, TINY_AE, make_voxel_dir
 
 from voxdiff.binarize import ThresholdCalibrator, binarize, recon_metrics
-from voxdiff.checkpoint import load_checkpoint, save_checkpoint
+from voxdiff.checkpoint import AEMeta, Checkpoint, load_autoencoder, load_checkpoint, save_checkpoint
 from voxdiff.config import AEConfig, AETrainConfig, to_dict
 from voxdiff.losses import pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.models.autoencoder import VoxelAutoencoder
@@ -25,7 +25,7 @@ from voxdiff.training.autoencoder import (
 )
 from voxdiff.utils import VoxdiffError, seed_everything
 
-TINY = AEConfig(resolution=32, channels=(4, 8, 8))
+TINY = TINY_AE
 
 
 def tiny_cfg(data: Path, run: Path, **kw) -> AETrainConfig:
@@ -106,8 +106,9 @@ def test_binarize_topk_keeps_exactly_k() -> None:
     # the kept voxels are the most probable ones
     assert probs[0][out[0]].min() >= probs[0][~out[0]].max()
     assert binarize(probs, topk=10).reshape(3, -1).sum(1).tolist() == [10, 10, 10]
-    assert torch.equal(binarize(probs, threshold=0.7), probs >= 0.7)
-    assert torch.equal(binarize(probs), probs >= 0.5)
+    assert torch.equal(binarize(probs, threshold=0.7), probs > 0.7)
+    assert torch.equal(binarize(probs), probs > 0.5)  # the one rule: strictly greater (as metrics and renders)
+    assert not binarize(probs[2:]).any()
 
 
 def test_recon_metrics_definitions() -> None:
@@ -127,6 +128,7 @@ def test_calibrator_matches_brute_force() -> None:
     g = torch.Generator().manual_seed(1)
     target = torch.rand(4, 1, 8, 8, 8, generator=g) > 0.9
     probs = (0.6 * target + 0.5 * torch.rand(4, 1, 8, 8, 8, generator=g)).clamp(0, 1)
+    probs[:, :, :4] = torch.round(probs[:, :, :4] * 20) / 20  # many probabilities exactly on a threshold
     cal = ThresholdCalibrator(num_bins=20)
     cal.update(probs[:2], target[:2].float())
     cal.update(probs[2:], target[2:].float())
@@ -171,39 +173,40 @@ def runs(tiny_voxel_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 def test_resume_equals_uninterrupted(runs: dict[str, Path]) -> None:
     a = load_checkpoint(runs["full"] / "last.pt", kind="autoencoder")
     b = load_checkpoint(runs["split"] / "last.pt", kind="autoencoder")
-    assert a["step"] == b["step"] == 5
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=1e-6, rtol=0, msg=k)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], atol=1e-9, rtol=0)
-    assert a["extra"]["threshold"] == b["extra"]["threshold"]
+    assert a.step == b.step == 5
+    for k, v in a.model.items():  # bit-identical: same batches, same RNG, same arithmetic
+        assert torch.equal(b.model[k], v), k
+    for sa, sb in zip(a.optimizer["state"].values(), b.optimizer["state"].values()):
+        assert torch.equal(sb["exp_avg_sq"], sa["exp_avg_sq"])
+    assert a.meta.threshold == b.meta.threshold and a.meta.latent_mean == b.meta.latent_mean
     # the resumed run's log holds each step once
     rows = [json.loads(line) for line in (runs["split"] / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
 
 
 def test_checkpoint_round_trip(runs: dict[str, Path]) -> None:
-    model, ckpt = VoxelAutoencoder.from_checkpoint(runs["full"])  # a run dir: best.pt
-    extra = ckpt["extra"]
-    assert len(extra["latent_mean"]) == len(extra["latent_std"]) == 16
-    assert all(s > 0 for s in extra["latent_std"])
-    assert 0 < extra["threshold"] < 1
-    assert set(extra["occupancy"]["32"]) == {"airplane", "chair", "table"}
-    assert all(v > 0 for v in extra["occupancy"]["32"].values())
+    model, ckpt = load_autoencoder(runs["full"])  # a run dir: best.pt
+    extra = ckpt.meta
+    assert ckpt.model_config == to_dict(TINY)  # the network is rebuilt from its own config alone
+    assert len(extra.latent_mean) == len(extra.latent_std) == 16
+    assert all(s > 0 for s in extra.latent_std)
+    assert 0 < extra.threshold < 1
+    assert set(extra.occupancy["32"]) == {"airplane", "chair", "table"}
+    assert all(v > 0 for v in extra.occupancy["32"].values())
+    assert all(extra.max_voxels["32"][c] >= extra.occupancy["32"][c] for c in extra.occupancy["32"])
     assert (runs["full"] / "log.png").is_file() and (runs["full"] / "log.csv").is_file()
     # the rebuilt model reproduces the saved weights' outputs
     twin = VoxelAutoencoder(TINY)
-    twin.load_state_dict(ckpt["model"])
+    twin.load_state_dict(ckpt.model)
     x = (torch.rand(2, 1, 32, 32, 32) > 0.95).float()
     assert torch.equal(model.decode(model.encode(x)), twin.eval().decode(twin.encode(x)))
     # the latent stats describe this model's encodings of the train split minus its held-out slice
-    data = np.concatenate([np.delete(np.load(runs["data"] / f"{c}_voxels_train.npy"), extra["holdout"][c], axis=0)
+    data = np.concatenate([np.delete(np.load(runs["data"] / f"{c}_voxels_train.npy"), extra.holdout[c], axis=0)
                            for c in ("airplane", "chair", "table")])
-    assert extra["latent_stats_shapes"] == len(data)
     with torch.no_grad():
         z = model.encode(torch.from_numpy(data[:, None].astype(np.float32))).double()
-    torch.testing.assert_close(z.mean((0, 2, 3, 4)), torch.tensor(extra["latent_mean"], dtype=torch.float64))
-    std = torch.tensor(extra["latent_std"], dtype=torch.float64)
+    torch.testing.assert_close(z.mean((0, 2, 3, 4)), torch.tensor(extra.latent_mean, dtype=torch.float64))
+    std = torch.tensor(extra.latent_std, dtype=torch.float64)
     torch.testing.assert_close(z.std((0, 2, 3, 4), correction=0), std)
 
 
@@ -224,16 +227,38 @@ def test_unsafe_and_foreign_checkpoints_refused(tmp_path: Path) -> None:
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    torch.save({"format": 1, "model": Evil()}, tmp_path / "evil.pt")
+    torch.save({"format": 2, "model": Evil()}, tmp_path / "evil.pt")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
     for name in ("evil.pt", "module.pt"):
         with pytest.raises(VoxdiffError, match="not a safe voxdiff checkpoint"):
-            VoxelAutoencoder.from_checkpoint(tmp_path / name)
+            load_autoencoder(tmp_path / name)
     assert not marker.exists()
-    cfg = AETrainConfig(model=TINY)
-    save_checkpoint(tmp_path / "ldm.pt", kind="ldm", config=to_dict(cfg), model=VoxelAutoencoder(TINY).state_dict())
+    save_checkpoint(tmp_path / "ldm.pt", Checkpoint(kind="ldm", model_config=to_dict(TINY),
+                                                    model=VoxelAutoencoder(TINY).state_dict(), meta=AEMeta()))
     with pytest.raises(VoxdiffError, match="expected 'autoencoder'"):
-        VoxelAutoencoder.from_checkpoint(tmp_path / "ldm.pt")
+        load_autoencoder(tmp_path / "ldm.pt")
+
+
+def test_format1_checkpoints_load_but_do_not_resume(tmp_path: Path, tiny_voxel_dir: Path) -> None:
+    """A checkpoint written by voxdiff 0.1 (whole training config + `extra`) still decodes; resuming it is refused
+    with a one-line reason."""
+    torch.manual_seed(0)
+    ae = VoxelAutoencoder(TINY)
+    v1 = {"format": 1, "version": "0.1.0", "kind": "autoencoder", "step": 9, "epoch": 1, "rng": None, "ema": None,
+          "optimizer": None, "model": ae.state_dict(),
+          "config": {**to_dict(AETrainConfig(model=TINY)), "model": {"resolution": 32, "channels": [4, 8, 8],
+                                                                   "latent_channels": 16, "negative_slope": 0.2}},
+          "extra": {"threshold": 0.42, "latent_mean": [0.0] * 16, "latent_std": [1.0] * 16}}
+    (tmp_path / "run").mkdir()
+    torch.save(v1, tmp_path / "run" / "last.pt")
+    model, ckpt = load_autoencoder(tmp_path / "run" / "last.pt")
+    x = (torch.rand(1, 1, 32, 32, 32) > 0.9).float()
+    assert torch.equal(model(x), ae.eval()(x)) and ckpt.meta.threshold == 0.42 and ckpt.format == 1
+    with pytest.raises(VoxdiffError, match="cannot resume from it"):
+        train_autoencoder(tiny_cfg(tiny_voxel_dir, tmp_path / "run", num_steps=2, resume=True))
+    torch.save({**v1, "config": {}}, tmp_path / "empty.pt")
+    with pytest.raises(VoxdiffError, match="unreadable"):
+        load_autoencoder(tmp_path / "empty.pt")
 
 
 def test_time_cap_stops_cleanly_and_says_so(tiny_voxel_dir: Path, tmp_path: Path) -> None:
@@ -243,7 +268,7 @@ def test_time_cap_stops_cleanly_and_says_so(tiny_voxel_dir: Path, tmp_path: Path
     assert result["stopped"] == "time_cap" and result["step"] == 0
     assert result["note"] == "AE stopped by the time cap at step 0 of 5; these results are not the preset's"
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt", kind="autoencoder")
-    assert ckpt["step"] == 0 and len(ckpt["extra"]["latent_mean"]) == 16
+    assert ckpt.step == 0 and len(ckpt.meta.latent_mean) == 16
 
 
 def test_holdout_slice_is_train_only_and_never_trained_on(tiny_voxel_dir: Path, tmp_path: Path) -> None:
@@ -258,7 +283,7 @@ def test_holdout_slice_is_train_only_and_never_trained_on(tiny_voxel_dir: Path, 
     assert rows == holdout_rows(counts, 0.25, 5, seed=3) and rows != holdout_rows(counts, 0.25, 5, seed=4)
     train_autoencoder(tiny_cfg(tiny_voxel_dir, tmp_path / "run", num_steps=2))
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt", kind="autoencoder")
-    assert ckpt["extra"]["holdout"] == holdout_rows(dict.fromkeys(("airplane", "chair", "table"), 8), 0.25, 100, 0)
+    assert ckpt.meta.holdout == holdout_rows(dict.fromkeys(("airplane", "chair", "table"), 8), 0.25, 100, 0)
 
 
 def test_tiny_ae_overfits_a_handful_of_shapes(tmp_path: Path) -> None:

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from voxdiff.checkpoint import clean_state_dict, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from voxdiff.checkpoint import (
+    AEMeta,
+    Checkpoint,
+    clean_state_dict,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from voxdiff.config import AETrainConfig, LDMTrainConfig, check_literal, from_dict, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
 from voxdiff.utils import VoxdiffError, atomic_save_npy, atomic_write_json
@@ -47,17 +55,20 @@ def test_checkpoint_roundtrip_strips_prefixes_and_restores_rng(tmp_path: Path) -
     wrapped = {f"module.{k}": v for k, v in model.state_dict().items()}
     rng = get_rng_state()
     a = torch.rand(3)
-    save_checkpoint(tmp_path / "c.pt", kind="x", config={"a": 1}, model=wrapped, step=5, rng=rng)
-    ck = load_checkpoint(tmp_path / "c.pt", kind="x")
-    assert set(ck["model"]) == {"weight", "bias"} and ck["step"] == 5 and ck["config"] == {"a": 1}
-    set_rng_state(ck["rng"])
+    meta = AEMeta(threshold=0.3, holdout={"chair": [1, 4]})
+    save_checkpoint(tmp_path / "c.pt", Checkpoint(kind="autoencoder", model_config={"a": 1}, model=wrapped, step=5,
+                                                  rng=rng, meta=meta, train_config={"lr": 0.1}))
+    ck = load_checkpoint(tmp_path / "c.pt", kind="autoencoder")
+    assert set(ck.model) == {"weight", "bias"} and ck.step == 5 and ck.model_config == {"a": 1}
+    assert ck.meta == meta and ck.train_config == {"lr": 0.1} and ck.format == 2  # typed metadata round trip
+    set_rng_state(ck.rng)
     assert torch.equal(torch.rand(3), a)
     assert clean_state_dict({"_orig_mod.module.w": torch.ones(1)}).keys() == {"w"}
-    with pytest.raises(VoxdiffError, match="expected 'y'"):
-        load_checkpoint(tmp_path / "c.pt", kind="y")
+    with pytest.raises(VoxdiffError, match="expected 'ldm'"):
+        load_checkpoint(tmp_path / "c.pt", kind="ldm")
     # A directory resolves to last.pt when best.pt is absent.
     (tmp_path / "c.pt").rename(tmp_path / "last.pt")
-    assert load_checkpoint(tmp_path)["kind"] == "x"
+    assert load_checkpoint(tmp_path).kind == "autoencoder"
 
 
 class _Evil:
@@ -66,7 +77,7 @@ class _Evil:
 
 
 def test_pickle_payload_is_refused(tmp_path: Path) -> None:
-    torch.save({"format": 1, "model": _Evil()}, tmp_path / "evil.pt")
+    torch.save({"format": 2, "model": _Evil()}, tmp_path / "evil.pt")
     with pytest.raises(VoxdiffError, match="not a safe voxdiff checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
     (tmp_path / "junk.pt").write_bytes(pickle.dumps([1, 2]) + b"garbage")

@@ -19,18 +19,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY_AE, TINY_UNET, make_ae_ckpt
 
-from voxdiff.checkpoint import load_checkpoint, save_checkpoint
-from voxdiff.config import AEConfig, AETrainConfig, LDMTrainConfig, SampleConfig, SchedulerConfig, UNetConfig, to_dict
+from voxdiff.checkpoint import load_checkpoint
+from voxdiff.config import AETrainConfig, LDMTrainConfig, SampleConfig, SchedulerConfig, to_dict
 from voxdiff.distributed import DistInfo, check_same_config, epoch_sampler, init_distributed, split_batch
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.utils import VoxdiffError
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(_k, None)
-TINY = UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4, num_heads=2, dropout=0.0)
+TINY = TINY_UNET
 
 DRIVER = r'''
 import json, sys
@@ -62,15 +62,6 @@ cleanup()
 '''
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine's cores are shared: one intra-op thread each (the torchrun ranks get OMP_NUM_THREADS=1 too)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,7 +85,7 @@ def _ldm_cfg(data: Path, ae: Path, run: Path, **kw: Any) -> LDMTrainConfig:
 def _ae_cfg(data: Path, run: Path, **kw: Any) -> AETrainConfig:
     base = dict(dataset_path=str(data), ckpt_path=str(run), batch_size=8, num_steps=2, lr=1e-3,
                 log_every=1, device="cpu", seed=2, holdout_fraction=0.25, precision="fp32",
-                model=AEConfig(resolution=32, channels=(4, 8, 8)))
+                model=TINY_AE)
     return AETrainConfig(**{**base, **kw})
 
 
@@ -109,14 +100,9 @@ def _sample_cfg(ldm: Path, ae: Path, save_dir: Path) -> SampleConfig:
 def launched(tiny_voxel_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One torchrun launch (2 ranks, gloo) running the driver; returns the paths and each rank's report."""
     d = tmp_path_factory.mktemp("dist")
-    torch.manual_seed(0)
-    ae_cfg = AEConfig(resolution=32, channels=(4, 8, 8))
-    save_checkpoint(d / "ae.pt", kind="autoencoder", config=to_dict(AETrainConfig(model=ae_cfg)),
-                    model=VoxelAutoencoder(ae_cfg).state_dict(),
-                    extra={"latent_mean": [0.05] * 16, "latent_std": [0.5] * 16, "threshold": 0.5,
-                           # 16 training latents are left: every global batch of 8 is full, so K ranks together
-                           # take exactly the single-process batches
-                           "holdout": {"airplane": [0, 1, 2], "chair": [0, 1, 2], "table": [0, 1]}})
+    # 16 training latents are left: every global batch of 8 is full, so K ranks together take exactly the
+    # single-process batches
+    make_ae_ckpt(d / "ae.pt", holdout={"airplane": [0, 1, 2], "chair": [0, 1, 2], "table": [0, 1]})
     spec = {"out": str(d), "ldm": to_dict(_ldm_cfg(tiny_voxel_dir, d / "ae.pt", d / "ldm2")),
             "ldm_odd": to_dict(_ldm_cfg(tiny_voxel_dir, d / "ae.pt", d / "ldm_odd", batch_size=5)),
             "sample": to_dict(_sample_cfg(d / "ldm2", d / "ae.pt", d / "samples2")),
@@ -185,7 +171,7 @@ def test_ldm_ranks_identical_and_match_one_process(launched: dict[str, Any], tmp
     assert r0["world_size"] == 2 and r0["ldm"]["step"] == r1["ldm"]["step"] == 3
     assert r0["ldm"]["param_hash"] == r1["ldm"]["param_hash"] and r0["ldm"]["ema_hash"] == r1["ldm"]["ema_hash"]
     ddp = load_checkpoint(d / "ldm2" / "last.pt", kind="ldm")
-    assert not any(k.startswith("module.") for k in ddp["model"])  # the unwrapped module was saved
+    assert not any(k.startswith("module.") for k in ddp.model)  # the unwrapped module was saved
     assert (d / "ldm2" / "log.jsonl").read_text().count('"step": 1,') == 1  # one writer: one row per step
     from voxdiff.training.ldm import train_ldm
 
@@ -193,9 +179,9 @@ def test_ldm_ranks_identical_and_match_one_process(launched: dict[str, Any], tmp
     one = load_checkpoint(tmp_path / "one" / "last.pt", kind="ldm")
     # Same global batches, t and noise; only the gradient all-reduce sums in another order (float32 rounding, ~1e-7
     # relative), which Adam's normalised step can magnify on near-zero gradients: 3 steps of lr 1e-3 bound it.
-    assert _max_diff(ddp["model"], one["model"]) < 1e-4
-    assert _max_diff(ddp["ema"], one["ema"]) < 1e-4
-    assert ddp["extra"]["smooth_loss"] == pytest.approx(one["extra"]["smooth_loss"], rel=1e-5)
+    assert _max_diff(ddp.model, one.model) < 1e-4
+    assert _max_diff(ddp.ema, one.ema) < 1e-4
+    assert ddp.meta.smooth_loss == pytest.approx(one.meta.smooth_loss, rel=1e-5)
 
 
 def test_ldm_resume_under_another_world_size(launched: dict[str, Any], tmp_path: Path) -> None:
@@ -210,8 +196,8 @@ def test_ldm_resume_under_another_world_size(launched: dict[str, Any], tmp_path:
     train_ldm(_ldm_cfg(launched["data"], d / "ae.pt", tmp_path / "straight", num_steps=5), progress=False)
     a = load_checkpoint(tmp_path / "resumed" / "last.pt")
     b = load_checkpoint(tmp_path / "straight" / "last.pt")
-    assert a["step"] == b["step"] == 5 and a["extra"]["ema_n_averaged"] == b["extra"]["ema_n_averaged"] == 5
-    assert _max_diff(a["model"], b["model"]) < 1e-4 and _max_diff(a["ema"], b["ema"]) < 1e-4
+    assert a.step == b.step == 5 and a.meta.ema_n_averaged == b.meta.ema_n_averaged == 5
+    assert _max_diff(a.model, b.model) < 1e-4 and _max_diff(a.ema, b.ema) < 1e-4
 
 
 def test_sampling_equals_one_process_bit_for_bit(launched: dict[str, Any], tmp_path: Path) -> None:
@@ -248,15 +234,15 @@ def test_ae_ranks_identical_and_close_to_one_process(launched: dict[str, Any], t
         train_autoencoder(_ae_cfg(launched["data"], tmp_path / "one_nobn"))
     ddp = load_checkpoint(d / "ae2_nobn" / "last.pt", kind="autoencoder")
     one = load_checkpoint(tmp_path / "one_nobn" / "last.pt", kind="autoencoder")
-    assert _max_diff(ddp["model"], one["model"]) < 1e-6
+    assert _max_diff(ddp.model, one.model) < 1e-6
     # With BatchNorm each rank normalises its half batch with its own statistics (SyncBatchNorm, --sync_bn, needs
     # CUDA), so the gradients are not the full batch's: measured here the two updates from the common initialisation
     # point the same way (cosine 0.81) and have the same length; a broken data split or gradient average would not.
     train_autoencoder(_ae_cfg(launched["data"], tmp_path / "one"))
-    ddp = load_checkpoint(d / "ae2" / "last.pt", kind="autoencoder")["model"]
-    one = load_checkpoint(tmp_path / "one" / "last.pt", kind="autoencoder")["model"]
+    ddp = load_checkpoint(d / "ae2" / "last.pt", kind="autoencoder").model
+    one = load_checkpoint(tmp_path / "one" / "last.pt", kind="autoencoder").model
     torch.manual_seed(2)  # the trainer's seed_everything(cfg.seed) precedes building the model
-    init = VoxelAutoencoder(AEConfig(resolution=32, channels=(4, 8, 8)))
+    init = VoxelAutoencoder(TINY_AE)
     keys = [k for k, _ in init.named_parameters()]
     start = _flat(init.state_dict(), keys)
     du, dv = _flat(ddp, keys) - start, _flat(one, keys) - start

@@ -1,4 +1,5 @@
-"""eval.py: the reference's output lines, the JSON record, and one-line errors for every bad input."""
+"""eval.py: the reference's output lines (+ 1-NNA on equal sets, empty / bloated counts), the JSON record with its
+provenance, `eval.py all DIR`, and one-line errors for every bad input."""
 
 from __future__ import annotations
 
@@ -39,8 +40,24 @@ def samples_file(tiny_voxel_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return p
 
 
-def _refs(d: Path) -> np.ndarray:
-    return np.concatenate([np.load(d / "chair_voxels_test.npy"), np.load(d / "chair_voxels_val.npy")])
+def _refs(d: Path, cat: str = "chair") -> np.ndarray:
+    return np.concatenate([np.load(d / f"{cat}_voxels_test.npy"), np.load(d / f"{cat}_voxels_val.npy")])
+
+
+def _want_lines(samples: np.ndarray, refs: np.ndarray, train: np.ndarray) -> list[str]:
+    """eval.py's block computed with the library: the reference's four lines, then 1-NNA (equal sets) and counts."""
+    want = metrics.evaluate(samples, refs, progress=False)
+    bound = 2 * int(train.reshape(len(train), -1).sum(1).max())
+    n_bloated = int((samples.reshape(len(samples), -1).sum(1) > bound).sum())
+    n = len(samples)
+    return [
+        f"JSD: {want['jsd']}",
+        f"MMD: {want['mmd']}",
+        f"COV: {want['cov']}",
+        f"1-NNA: {want['nna']}",
+        f"1-NNA (equal sets): {want['nna_balanced']}",
+        f"empty samples: {want['n_empty_samples']} of {n}; bloated samples: {n_bloated} of {n} (over {bound} voxels)",
+    ]
 
 
 def test_cli_prints_reference_lines_and_writes_json(python, tiny_voxel_dir, samples_file, tmp_path):
@@ -50,21 +67,55 @@ def test_cli_prints_reference_lines_and_writes_json(python, tiny_voxel_dir, samp
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert [ln.split(": ")[0] for ln in lines] == ["JSD", "MMD", "COV", "1-NNA"]
-    values = [float(ln.split(": ")[1]) for ln in lines]
+    assert [ln.split(": ")[0] for ln in lines[:5]] == ["JSD", "MMD", "COV", "1-NNA", "1-NNA (equal sets)"]
+    values = [float(ln.split(": ")[1]) for ln in lines[:4]]
     # same numbers as the library on test-then-val references, printed with Python's repr
-    want = metrics.evaluate(np.load(samples_file), _refs(tiny_voxel_dir), progress=False)
-    assert lines == [f"JSD: {want['jsd']}", f"MMD: {want['mmd']}", f"COV: {want['cov']}", f"1-NNA: {want['nna']}"]
+    train = np.load(tiny_voxel_dir / "chair_voxels_train.npy")
+    assert lines == _want_lines(np.load(samples_file), _refs(tiny_voxel_dir), train)
+    assert lines[5].startswith("empty samples: 1 of 8; bloated samples: 0 of 8 (over ")
     assert 0.0 <= values[3] <= 1.0
     assert "1 of 8 samples are empty" in proc.stderr
     rec = json.loads(out_json.read_text())
     assert rec["jsd"] == values[0] and rec["nna"] == values[3]
+    assert rec["category"] == "chair" and rec["samples_file"] == str(samples_file.resolve())
     assert rec["n_samples"] == 8 and rec["n_empty_samples"] == 1 and rec["resolution"] == 32
-    assert rec["reference"]["files"] == ["chair_voxels_test.npy", "chair_voxels_val.npy"]
-    assert rec["reference"]["count"] == 8
-    assert rec["reference"]["sha256"] == hashlib.sha256(_refs(tiny_voxel_dir).tobytes()).hexdigest()
-    assert rec["seed"] == 7 and rec["voxdiff_version"] and rec["elapsed_s"] > 0
+    assert rec["n_bloated_samples"] == 0 and rec["bloated_above_voxels"] > 0
+    prov = rec["provenance"]
+    assert prov["reference_files"] == ["chair_voxels_test.npy", "chair_voxels_val.npy"]
+    assert prov["reference_count"] == 8
+    assert prov["reference_sha256"] == hashlib.sha256(_refs(tiny_voxel_dir).tobytes()).hexdigest()
+    assert prov["seed"] == 7 and prov["voxdiff_version"] and rec["elapsed_s"] > 0
+    assert prov["train_max_voxels"] * 2 == rec["bloated_above_voxels"] and "chamfer" in prov["definitions"]
     assert rec["sample_mean_occupancy"] > 0 and rec["ref_mean_occupancy"] > 0
+
+
+def test_cli_all_scores_each_category(eval_cli, tiny_voxel_dir, tmp_path, capsys):
+    sdir = tmp_path / "samples"
+    sdir.mkdir()
+    for cat in ("airplane", "chair", "table"):
+        np.save(sdir / f"{cat}.npy", np.load(tiny_voxel_dir / f"{cat}_voxels_train.npy")[:5])
+    out_json = tmp_path / "all.json"
+    argv = ["all", str(sdir), "--dataset_path", str(tiny_voxel_dir), "--no_progress", "--device", "cpu"]
+    got = eval_cli.main(argv + ["--json", str(out_json), "--workers", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert [ln for ln in out if ln.startswith("==")] == ["== airplane", "== chair", "== table"]
+    rec = json.loads(out_json.read_text())
+    assert rec["category"] == "all" and list(rec["categories"]) == ["airplane", "chair", "table"]
+    for k, cat in enumerate(("airplane", "chair", "table")):
+        train = np.load(tiny_voxel_dir / f"{cat}_voxels_train.npy")
+        want = _want_lines(train[:5], _refs(tiny_voxel_dir, cat), train)
+        assert out[7 * k : 7 * k + 7] == [f"== {cat}", *want]
+        cat_rec = rec["categories"][cat]
+        assert cat_rec["provenance"]["category"] == cat and got[cat]["jsd"] == cat_rec["jsd"]
+    # a directory missing one category fails before anything is scored, in one line
+    (sdir / "table.npy").unlink()
+    with pytest.raises(SystemExit) as e:
+        run_cli(eval_cli.main, argv)
+    err = capsys.readouterr()
+    assert e.value.code == 2 and err.out == "" and "samples file not found" in err.err and "table.npy" in err.err
+    with pytest.raises(SystemExit):
+        run_cli(eval_cli.main, ["all", str(sdir / "chair.npy"), "--dataset_path", str(tiny_voxel_dir)])
+    assert "must be a directory" in capsys.readouterr().err
 
 
 def test_cli_error_is_one_line_and_exit_2_in_a_subprocess(python, tiny_voxel_dir, samples_file):

@@ -2,43 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ENV, ROOT, TINY_UNET, make_ae_ckpt
 
-from voxdiff.checkpoint import load_checkpoint, save_checkpoint
-from voxdiff.config import AEConfig, AETrainConfig, LDMTrainConfig, SchedulerConfig, UNetConfig, to_dict
-from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.checkpoint import load_checkpoint
+from voxdiff.config import LDMTrainConfig, SchedulerConfig, UNetConfig, to_dict
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training.ldm import diffusion_loss, ema_multi_avg_fn, train_ldm
 from voxdiff.utils import VoxdiffError
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4, num_heads=2, dropout=0.1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's cores are shared: one intra-op thread is faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_ae_ckpt(path: Path, channels: int = 16, with_stats: bool = True) -> Path:
-    """A randomly initialised tiny 32³ AE saved like the AE trainer does."""
-    torch.manual_seed(0)
-    cfg = AEConfig(resolution=32, channels=(4, 8, 8), latent_channels=channels)
-    ae = VoxelAutoencoder(cfg)
-    extra = {"latent_mean": [0.05] * channels, "latent_std": [0.5] * channels} if with_stats else {}
-    save_checkpoint(path, kind="autoencoder", config=to_dict(AETrainConfig(model=cfg)), model=ae.state_dict(),
-                    extra=extra)
-    return path
+TINY = UNetConfig(**{**to_dict(TINY_UNET), "dropout": 0.1})
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +76,10 @@ def test_train_writes_checkpoints_and_caches_latents(tiny_voxel_dir: Path, ae_di
                     progress=False)
     assert res["step"] == 3 and res["best_heldout_loss"] < float("inf")
     ck = load_checkpoint(tmp_path / "run" / "last.pt", kind="ldm")
-    assert ck["step"] == 3 and ck["ema"] is not None and ck["extra"]["latent_shape"] == [16, 4, 4, 4]
-    assert ck["extra"]["latent_std"] == pytest.approx([0.5] * 16) and len(ck["extra"]["ae_hash"]) == 64
-    assert ck["extra"]["ema_n_averaged"] == 3
+    assert ck.step == 3 and ck.ema is not None and ck.meta.latent_shape == [16, 4, 4, 4]
+    assert len(ck.meta.ae_sha256) == 64 and ck.meta.ae_file == "best.pt" and ck.meta.ema_n_averaged == 3
+    assert not hasattr(ck.meta, "latent_std")  # the latent scale lives with the AE only
+    assert ck.model_config == to_dict(TINY) and UNet3D(UNetConfig(**ck.model_config))  # rebuilt from its own config
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "log.png").is_file()
     assert (tmp_path / "run" / "samples_000003.png").stat().st_size > 1000  # end-of-training render
     cached = sorted((ae_dir / "latents").glob("*.npz"))
@@ -117,28 +96,31 @@ def test_resume_equals_uninterrupted(tiny_voxel_dir: Path, ae_dir: Path, tmp_pat
     train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / "b", num_steps=3, **kw), progress=False)
     train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / "b", num_steps=6, resume=True, **kw), progress=False)
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
-    assert a["step"] == b["step"] == 6
+    assert a.step == b.step == 6
     for part in ("model", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    assert a["extra"]["smooth_loss"] == b["extra"]["smooth_loss"]
-    assert a["extra"]["best_metric"] == b["extra"]["best_metric"]
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        for k in getattr(a, part):
+            assert torch.equal(getattr(a, part)[k], getattr(b, part)[k]), (part, k)
+    assert a.meta.smooth_loss == b.meta.smooth_loss
+    assert a.meta.best_heldout_loss == b.meta.best_heldout_loss
+    sa, sb = a.optimizer["state"], b.optimizer["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
 def test_bad_inputs(tiny_voxel_dir: Path, ae_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(VoxdiffError, match="not found"):
         train_ldm(_cfg(tiny_voxel_dir, tmp_path / "no_ae.pt", tmp_path / "r1"), progress=False)
-    odd = make_ae_ckpt(tmp_path / "ae8.pt", channels=8)
+    odd = make_ae_ckpt(tmp_path / "ae8.pt", latent_channels=8)
     with pytest.raises(VoxdiffError, match="8 channels"):
         train_ldm(_cfg(tiny_voxel_dir, odd, tmp_path / "r2"), progress=False)
     with pytest.raises(VoxdiffError, match="training voxels not found"):
         train_ldm(_cfg(tmp_path / "no_data", ae_dir, tmp_path / "r3"), progress=False)
     assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3"))  # nothing half-written
     train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / "r4", num_steps=1), progress=False)
-    with pytest.raises(VoxdiffError, match="--resume"):
+    with pytest.raises(VoxdiffError, match="--resume to continue it, --overwrite to replace it"):
         train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / "r4", num_steps=1), progress=False)
+    nostats = make_ae_ckpt(tmp_path / "ae_nostats.pt", with_stats=False)
+    with pytest.raises(VoxdiffError, match="no latent statistics"):
+        train_ldm(_cfg(tiny_voxel_dir, nostats, tmp_path / "r5"), progress=False)
     bigger = UNetConfig(**{**to_dict(TINY), "ch_mult": (1, 2), "attn_levels": (1,), "ch": 16})
     with pytest.raises(VoxdiffError, match="model differs"):
         train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / "r4", num_steps=2, resume=True, model=bigger),
@@ -148,12 +130,14 @@ def test_bad_inputs(tiny_voxel_dir: Path, ae_dir: Path, tmp_path: Path) -> None:
 
 
 def test_train_cli(tiny_voxel_dir: Path, ae_dir: Path, tmp_path: Path, python: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [python, "diffusion/train.py", "--dataset_path", str(tiny_voxel_dir), "--ae_ckpt_path", str(ae_dir),
-            "--ckpt_path", str(tmp_path / "run"), "--use_cfg", "--preset", "small", "--num_steps", "2",
-            "--batch_size", "4", "--warmup_steps", "1", "--no_preview", "--device", "cpu"]
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            "--ckpt_path", str(tmp_path / "run"), "--use_cfg", "--unet_preset", "small", "--ch", "16",
+            "--num_steps", "2", "--batch_size", "4", "--warmup_steps", "1", "--no_preview", "--device", "cpu",
+            "--beta_schedule", "cosine"]
+    r = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     ck = load_checkpoint(tmp_path / "run")
-    cfg = ck["config"]
-    assert cfg["use_cfg"] and cfg["cfg_dropout"] == 0.1 and cfg["model"]["ch"] == 32 and ck["step"] == 2
+    cfg = ck.train_config
+    assert cfg["use_cfg"] and cfg["cfg_dropout"] == 0.1 and ck.step == 2
+    assert ck.model_config["ch"] == 16 and tuple(ck.model_config["ch_mult"]) == (1, 2)  # small preset, ch changed
+    assert ck.meta.scheduler["beta_schedule"] == "cosine"

@@ -52,8 +52,8 @@ def _leftovers(d: Path) -> list[str]:
 
 def test_synthetic_round_trip_subprocess(tmp_path: Path, python: str) -> None:
     h5, vox = tmp_path / "h5", tmp_path / "vox"
-    cmd = [python, str(ROOT / "load_data.py"), "--synthetic", "--preset", "tiny", "--n_train", "3", "--n_test", "1",
-           "--resolution", "16", "--dataset_path", str(h5), "--out_dir", str(vox), "--seed", "4"]
+    cmd = [python, str(ROOT / "load_data.py"), "--synthetic", "--data_preset", "tiny", "--n_train", "3",
+           "--n_test", "1", "--resolution", "16", "--dataset_path", str(h5), "--out_dir", str(vox), "--seed", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     want = {"train": 3, "val": 4, "test": 1}  # tiny preset for val, overrides for train/test
@@ -74,7 +74,7 @@ def test_synthetic_round_trip_subprocess(tmp_path: Path, python: str) -> None:
 def test_existing_dir_options_and_bare_file_list(h5_dir: Path, tmp_path: Path, capsys) -> None:
     h5 = _copy(h5_dir, tmp_path / "h5")
     (h5 / "val_hdf5_file_list.txt").write_text("ply_data_val0.h5\n")  # bare names resolve too
-    load_data.main(["--hdf5_dir", str(h5), "--resolution", "8", "--categories", "table", "chair",
+    load_data.main(["--dataset_path", str(h5), "--resolution", "8", "--category", "table", "chair",
                     "--splits", "val", "train", "--isotropic"])
     names = sorted(p.name for p in h5.glob("*.npy"))
     assert names == sorted(f"{c}_voxels_{s}.npy" for c in ("table", "chair") for s in ("val", "train"))
@@ -111,7 +111,7 @@ def _bad_h5(path: Path, kind: str) -> None:
         ("truncated", "truncated"),
         ("keys", "lacks dataset"),
         ("shape", "must be \\(N,P,3\\)"),
-        ("category", "unknown category"),
+        ("category", "invalid choice: .lamp."),
         ("resolution", "power of two"),
         ("split", "unknown split"),
     ],
@@ -131,7 +131,7 @@ def test_bad_inputs(case: str, pattern: str, h5_dir: Path, tmp_path: Path, capsy
     elif case in ("garbage", "truncated", "keys", "shape"):
         _bad_h5(h5 / "ply_data_test0.h5", case)
     elif case == "category":
-        argv += ["--categories", "chair", "lamp"]
+        argv += ["--category", "chair", "lamp"]
     elif case == "resolution":
         argv[-1] = "48"
     elif case == "split":

@@ -1,14 +1,17 @@
-"""voxdiff.metrics against a brute-force KD-tree implementation of the written definitions (float64)."""
+"""voxdiff.metrics against a brute-force KD-tree implementation of the written definitions (float64), and the one
+scorer voxdiff.scoring (references extracted once, provenance, empty / bloated counts)."""
 
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from voxdiff import metrics
+from voxdiff import metrics, metrics_backends, scoring
 from voxdiff.utils import VoxdiffError
 
 # ------------------------------------------------------------------------------------------ brute-force reference
@@ -123,7 +126,7 @@ def test_edt_backends_agree_with_kdtree():
 
 def test_workers_give_same_result(sets, monkeypatch):
     s, ref = sets[16]
-    monkeypatch.setattr(metrics, "MIN_PARALLEL_SHAPES", 0)  # really start the process pool
+    monkeypatch.setattr(metrics_backends, "MIN_PARALLEL_SHAPES", 0)  # really start the process pool
     a = metrics.chamfer_blocks(s[:6], ref[:6], workers=1)[1]
     b = metrics.chamfer_blocks(s[:6], ref[:6], workers=2)[1]
     np.testing.assert_array_equal(a, b)
@@ -235,3 +238,96 @@ def test_one_nna_balanced_uses_equal_sets():
     plain = metrics.one_nna(dd[:200, :200], dd[:200, 200:], dd[200:, 200:])
     balanced = metrics.one_nna_balanced(dd[:200, :200], dd[:200, 200:], dd[200:, 200:])
     assert plain > 0.8 and abs(balanced - 0.5) < 0.2
+
+
+# -------------------------------------------------------------------------------------------- voxdiff.scoring
+
+
+def _ref_arrays(d: Path, cat: str = "chair") -> np.ndarray:
+    return np.concatenate([np.load(d / f"{cat}_voxels_test.npy"), np.load(d / f"{cat}_voxels_val.npy")])
+
+
+def test_score_sets_extracts_references_once_and_matches_evaluate(tiny_voxel_dir, monkeypatch):
+    calls: list[str] = []
+    real = metrics.extract_points
+
+    def counting(grids, **kw):
+        if not isinstance(grids, metrics.VoxelPoints):  # a real extraction, not a pass-through
+            calls.append(kw.get("name", "samples"))
+        return real(grids, **kw)
+
+    monkeypatch.setattr(metrics, "extract_points", counting)
+    refs = scoring.References.load(tiny_voxel_dir, "chair")
+    train = np.load(tiny_voxel_dir / "chair_voxels_train.npy")
+    out = scoring.score_sets(refs, {"a": train[:5], "b": train[3:]})
+    assert calls.count("references") == 1 and sorted(calls) == ["a", "b", "references"]
+    monkeypatch.setattr(metrics, "extract_points", real)
+    ref_arrays = _ref_arrays(tiny_voxel_dir)
+    for name, part in (("a", train[:5]), ("b", train[3:])):
+        want = metrics.evaluate(part, ref_arrays, progress=False)
+        got = out["sets"][name]
+        for key in want.keys() - {"elapsed_s"}:
+            assert got[key] == want[key], (name, key)
+    assert refs.count == len(ref_arrays) and refs.resolution == 32
+    assert refs.files == ["chair_voxels_test.npy", "chair_voxels_val.npy"]
+    assert refs.sha256 == metrics.sha256_of([ref_arrays])  # the raw bytes of test then val, in order
+
+
+def test_score_sets_provenance(tiny_voxel_dir):
+    refs = scoring.References.load(tiny_voxel_dir, "table")
+    out = scoring.score_sets(refs, {"x": np.load(tiny_voxel_dir / "table_voxels_train.npy")}, seed=3, device="cpu")
+    prov = out["provenance"]
+    assert set(prov) == {
+        "category", "reference_files", "reference_count", "reference_sha256", "sha256_of", "resolution", "threshold",
+        "seed", "voxdiff_version", "device", "engine", "train_max_voxels", "definitions",
+    }  # fmt: skip
+    assert prov["category"] == "table" and prov["reference_count"] == 8 and prov["seed"] == 3
+    assert prov["engine"] == "numpy" and prov["device"] == "cpu" and prov["threshold"] is None
+    assert prov["reference_sha256"] == refs.sha256 and "table_voxels_test.npy then" in prov["sha256_of"]
+    defs = prov["definitions"]
+    assert {"points", "chamfer", "mmd", "cov", "jsd", "nna", "nna_balanced", "bloated"} <= set(defs)
+    assert list(out["sets"]) == ["x"] and "file" not in out["sets"]["x"]
+
+
+def test_score_sets_counts_empty_and_bloated(tiny_voxel_dir, tmp_path):
+    train = np.load(tiny_voxel_dir / "airplane_voxels_train.npy")
+    train_max = int(train.reshape(len(train), -1).sum(1).max())
+    s = train[:4].copy()
+    s[1] = 0  # empty
+    s[2] = 1  # full grid: 32³ voxels, far above twice the largest training shape
+    path = tmp_path / "airplane.npy"
+    np.save(path, s)
+    refs = scoring.References.load(tiny_voxel_dir, "airplane")
+    assert refs.train_max_voxels == train_max
+    res = scoring.score_sets(refs, {"gen": path})["sets"]["gen"]
+    assert res["n_empty_samples"] == 1 and res["n_bloated_samples"] == 1
+    assert res["bloated_above_voxels"] == 2 * train_max and res["file"] == str(path)
+    # without a train split: nothing to compare against, so bloat is not counted (the metrics are the same)
+    no_train = tmp_path / "no_train"
+    no_train.mkdir()
+    for split in ("test", "val"):
+        shutil.copy(tiny_voxel_dir / f"airplane_voxels_{split}.npy", no_train)
+    refs2 = scoring.References.load(no_train, "airplane")
+    res2 = scoring.score_sets(refs2, {"gen": path})["sets"]["gen"]
+    assert refs2.train_max_voxels is None and refs2.sha256 == refs.sha256
+    assert res2["n_bloated_samples"] is None and res2["bloated_above_voxels"] is None
+    assert (res2["jsd"], res2["mmd"], res2["cov"], res2["nna"]) == (res["jsd"], res["mmd"], res["cov"], res["nna"])
+
+
+def test_scoring_bad_input_is_one_line(tiny_voxel_dir, tmp_path):
+    refs = scoring.References.load(tiny_voxel_dir, "chair")
+    np.save(tmp_path / "ok.npy", np.zeros((2, 32, 32, 32), np.uint8))
+    (tmp_path / "broken.npy").write_bytes(b"not an npy")
+    for sets, msg in [
+        ({}, "no sample sets"),
+        ({"ok": tmp_path / "ok.npy", "gone": tmp_path / "missing.npy"}, "samples file not found"),
+        ({"b": tmp_path / "broken.npy"}, "not a readable .npy"),
+        ({"d": tmp_path}, "is a directory"),
+    ]:
+        with pytest.raises(VoxdiffError, match=msg) as e:
+            scoring.score_sets(refs, sets)
+        assert "\n" not in str(e.value)
+    with pytest.raises(VoxdiffError, match="unknown category 'sofa'"):
+        scoring.References.load(tiny_voxel_dir, "sofa")
+    with pytest.raises(VoxdiffError, match="voxel file not found"):
+        scoring.References.load(tmp_path, "chair")

@@ -1,4 +1,5 @@
-"""voxdiff.render and visualize.py: PNG grids (size, empty panels, y-up camera), mesh / point export, CLI errors."""
+"""voxdiff.render, voxdiff.mesh and visualize.py: PNG grids (size, empty panels, y-up camera), mesh / point export,
+CLI errors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from voxdiff import render
+from voxdiff import mesh, render
 from voxdiff.utils import VoxdiffError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,9 +130,9 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(VoxdiffError, match="titles"):
         render.render_voxels(np.zeros((2, 4, 4, 4)), tmp_path / "x.png", titles=["one"])
     with pytest.raises(VoxdiffError, match="empty grid"):
-        render.export_mesh(np.zeros((4, 4, 4)), tmp_path / "m.ply")
+        mesh.export_mesh(np.zeros((4, 4, 4)), tmp_path / "m.ply")
     with pytest.raises(VoxdiffError, match=r"\.ply or \.obj"):
-        render.export_mesh(box_grid(), tmp_path / "m.stl")
+        mesh.export_mesh(box_grid(), tmp_path / "m.stl")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
@@ -155,15 +156,26 @@ def test_plot_curves_still_works(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# mesh / point export
+# mesh / point export (voxdiff.mesh)
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_mesh_module_does_not_import_matplotlib() -> None:
+    """Writing meshes needs no plotting library: voxdiff.mesh imports without matplotlib (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = "import sys, voxdiff.mesh; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "False"
+    assert render.occupancy is mesh.occupancy and render.surface_voxels is mesh.surface_voxels  # one definition
 
 
 @pytest.mark.parametrize("suffix, binary", [(".ply", True), (".ply", False), (".obj", True)])
 def test_export_box_mesh_parses_back(tmp_path: Path, suffix: str, binary: bool) -> None:
     r, lo, hi = 16, (4, 3, 5), (11, 13, 9)
     path = tmp_path / f"box{suffix}"
-    nv, nf = render.export_mesh(box_grid(r, lo, hi), path, smooth=0.0, binary=binary)
+    nv, nf = mesh.export_mesh(box_grid(r, lo, hi), path, smooth=0.0, binary=binary)
     verts, faces = read_obj(path) if suffix == ".obj" else read_ply(path)
     assert faces is not None and len(verts) == nv and len(faces) == nf > 0
     assert verts.min() >= 0.0 and verts.max() <= 1.0
@@ -177,21 +189,21 @@ def test_export_box_mesh_parses_back(tmp_path: Path, suffix: str, binary: bool) 
 def test_mesh_smoothing_keeps_thin_parts_and_clips_to_unit_cube() -> None:
     g = np.zeros((20, 20, 20), np.uint8)
     g[10, 2:18, 10] = 1  # a 1-voxel bar: a plain Gaussian blur would drop it below the 0.5 level
-    verts, faces = render.mesh_from_grid(g, smooth=1.0)
+    verts, faces = mesh.mesh_from_grid(g, smooth=1.0)
     assert len(faces) > 0 and np.ptp(verts[:, 1]) > 0.7  # the whole bar survives along y
     assert_closed(faces)
     full = np.ones((6, 6, 6), np.uint8)  # touches the border: clipped back onto [0, 1]
-    verts, _ = render.mesh_from_grid(full, smooth=0.7)
+    verts, _ = mesh.mesh_from_grid(full, smooth=0.7)
     assert verts.min() == 0.0 and verts.max() == 1.0
 
 
 def test_export_pointcloud(tmp_path: Path) -> None:
     g = box_grid()
-    n = render.export_pointcloud(g, tmp_path / "p.ply")
+    n = mesh.export_pointcloud(g, tmp_path / "p.ply")
     verts, faces = read_ply(tmp_path / "p.ply")
     assert faces is None and n == len(verts) == int(g.sum())
     np.testing.assert_allclose(np.sort(verts[:, 1]).max(), 13 / 15, atol=1e-6)  # y = j / (R-1)
-    ns = render.export_pointcloud(g, tmp_path / "s.ply", surface_only=True)
+    ns = mesh.export_pointcloud(g, tmp_path / "s.ply", surface_only=True)
     assert 0 < ns < n
 
 
@@ -250,3 +262,16 @@ def test_cli_renders_and_exports_meshes(
     verts, faces = read_obj(meshes / objs[0])
     assert len(faces) > 0 and verts.min() >= 0 and verts.max() <= 1
 
+
+def test_cli_mesh_names_carry_the_category(
+    tmp_path: Path, tiny_voxel_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "samples" / "chair.npy"  # a samples file named after its category, as diffusion/sample.py writes
+    src.parent.mkdir()
+    src.write_bytes((tiny_voxel_dir / "chair_voxels_test.npy").read_bytes())
+    meshes = tmp_path / "meshes"
+    argv = [str(src), "--n", "2", "--start", "2", "--panel_px", "48", "--mesh_dir", str(meshes), "--points"]
+    _load_cli().main(argv)
+    assert "2 ply meshes" in capsys.readouterr().out and (tmp_path / "samples" / "chair.png").is_file()
+    names = sorted(p.name for p in meshes.iterdir())
+    assert names == ["chair_00002.ply", "chair_00002_points.ply", "chair_00003.ply", "chair_00003_points.ply"]

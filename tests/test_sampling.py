@@ -3,68 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ENV, OCC, ROOT, TINY_UNET
 
-from voxdiff.checkpoint import save_checkpoint
-from voxdiff.config import AEConfig, AETrainConfig, LDMTrainConfig, SampleConfig, SchedulerConfig, UNetConfig, to_dict
-from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.binarize import Binarization
+from voxdiff.config import SampleConfig, SchedulerConfig
 from voxdiff.models.unet3d import UNet3D
-from voxdiff.sampling import guided_eps, sample_latents, sample_to_files, upsample_nearest
+from voxdiff.sampling import LatentVoxelPipeline, guided_eps, sample_latents, sample_to_files, upsample_nearest
 from voxdiff.schedulers import make_scheduler
 from voxdiff.utils import VoxdiffError
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY = UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4, num_heads=2, dropout=0.0)
-OCC = {"airplane": 40.0, "chair": 120.0, "table": 90.0}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's cores are shared: one intra-op thread is faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_ae_ckpt(path: Path, resolution: int = 32) -> Path:
-    """A randomly initialised tiny AE saved like the AE trainer does (stats and occupancy in extra)."""
-    torch.manual_seed(0)
-    cfg = AEConfig(resolution=resolution, channels=(4, 8, 8))
-    ae = VoxelAutoencoder(cfg)
-    save_checkpoint(path, kind="autoencoder", config=to_dict(AETrainConfig(model=cfg)), model=ae.state_dict(),
-                    extra={"latent_mean": [0.1] * 16, "latent_std": [2.0] * 16, "threshold": 0.5,
-                           "occupancy": {str(resolution): OCC}})
-    return path
-
-
-def make_ldm_ckpt(path: Path, use_cfg: bool = True, num_classes: int = 3, side: int = 4) -> Path:
-    """A randomly initialised tiny LDM checkpoint (no training needed to test the plumbing)."""
-    torch.manual_seed(1)
-    unet = UNetConfig(**{**to_dict(TINY), "ch_mult": (1, 2), "attn_levels": (1,), "num_classes": num_classes})
-    model = UNet3D(unet)
-    cfg = LDMTrainConfig(use_cfg=use_cfg, cfg_dropout=0.1 if use_cfg else 0.0, model=unet,
-                         scheduler=SchedulerConfig(num_train_timesteps=100))
-    save_checkpoint(path, kind="ldm", config=to_dict(cfg), model=model.state_dict(), ema=model.state_dict(),
-                    step=7, extra={"latent_shape": [16, side, side, side], "latent_mean": [0.1] * 16,
-                                   "latent_std": [2.0] * 16, "ae_hash": None})
-    return path
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("ckpts")
-    return {"ae": make_ae_ckpt(d / "ae.pt"), "ldm": make_ldm_ckpt(d / "ldm.pt"),
-            "ldm_nocfg": make_ldm_ckpt(d / "ldm_nocfg.pt", use_cfg=False),
-            "ldm_5cls": make_ldm_ckpt(d / "ldm_5cls.pt", num_classes=5),
-            "ae64": make_ae_ckpt(d / "ae64.pt", resolution=64)}
+TINY = TINY_UNET
 
 
 class Spy(torch.nn.Module):
@@ -147,7 +101,7 @@ def test_sample_cli_end_to_end(ckpts: dict[str, Path], tmp_path: Path, python: s
     r = subprocess.run([python, "diffusion/sample.py", "--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
                         str(ckpts["ae"]), "--save_dir", str(out), "--use_cfg", "--cfg_scale", "1.5", "--category",
                         "all", "--num_samples", "3", "--batch_size", "2", "--sampler", "ddim", "--steps", "3",
-                        "--resolution", "64", "--topk", "auto", "--device", "cpu"],
+                        "--resolution", "64", "--binarize", "topk", "--device", "cpu"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for cat in ("airplane", "chair", "table"):
@@ -164,6 +118,33 @@ def test_threshold_path_gives_binary_grids(ckpts: dict[str, Path], tmp_path: Pat
                          resolution=32), progress=False)
     a = np.load(tmp_path / "airplane.npy")
     assert a.shape == (2, 32, 32, 32) and a.dtype == np.uint8 and set(np.unique(a)) <= {0, 1}
+
+
+def test_pipeline_object_is_the_path_of_sample_to_files(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """from_checkpoints -> sample_latents -> to_grids with the batch's seed gives exactly the rows sample.py writes."""
+    from voxdiff.sampling import batch_seed
+
+    cfg = _cfg(ckpts, tmp_path, categories=("table",), num_samples=2, batch_size=2, threshold=0.52)
+    sample_to_files(cfg, progress=False)
+    pipe = LatentVoxelPipeline.from_checkpoints(ckpts["ae"], ckpts["ldm"], device="cpu")
+    labels = torch.full((2,), 2)
+    z = pipe.sample_latents(labels, pipe.scheduler("ddim", 4, eta=0.5), 1.0,
+                            torch.Generator().manual_seed(batch_seed(3, 2, 0)))
+    grids = pipe.to_grids(z, labels, pipe.binarization("threshold", 0.52), resolution=64)
+    assert np.array_equal(grids, np.load(tmp_path / "table.npy"))
+    # the one rule: occupied = p > threshold, at the AE's resolution, then nearest upsampling
+    probs = pipe.decode(z)
+    assert np.array_equal(grids[:, ::2, ::2, ::2], (probs > 0.52).numpy().astype(np.uint8))
+
+
+def test_binarization_modes(ckpts: dict[str, Path]) -> None:
+    pipe = LatentVoxelPipeline.from_checkpoints(ckpts["ae"], ckpts["ldm"], device="cpu")
+    assert pipe.binarization("calibrated") == Binarization(threshold=0.5)
+    assert pipe.binarization("topk", resolution=64).topk == {0: 40, 1: 120, 2: 90}  # the AE's training occupancy
+    assert pipe.binarization("topk", topk=800, resolution=64).topk == dict.fromkeys(range(3), 100)  # 800 / 2³
+    probs = torch.tensor([[0.2, 0.5, 0.50001, 0.9]])
+    assert Binarization(threshold=0.5)(probs).tolist() == [[False, False, True, True]]  # strictly greater
+    assert Binarization(topk={1: 1})(probs, torch.tensor([1])).tolist() == [[False, False, False, True]]
 
 
 @pytest.mark.parametrize(
@@ -190,3 +171,25 @@ def test_sample_cli_bad_input_one_line(ckpts: dict[str, Path], tmp_path: Path, p
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "label dropout" in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--no_use_cfg", "--cfg_scale", "3"], "--cfg_scale acts only with --use_cfg"),
+        (["--topk", "50"], "--topk acts only with --binarize topk"),
+        (["--binarize", "topk", "--threshold", "0.3"], "--threshold acts only with --binarize threshold"),
+        (["--cfg_scale", "nan"], "finite"),
+        (["--threshold", "1.5"], "threshold must be < 1.0"),
+        (["--num_samples", "0"], "num_samples must be >= 1"),
+    ],
+)
+def test_flags_that_would_be_ignored_or_are_out_of_range_are_refused(ckpts: dict[str, Path], flags: list[str],
+                                                                     match: str, capsys: pytest.CaptureFixture) -> None:
+    from voxdiff.cli import load_script
+
+    script = load_script(ROOT / "diffusion" / "sample.py")
+    with pytest.raises((VoxdiffError, ValueError, SystemExit)) as err:
+        script.main(["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path", str(ckpts["ae"]), *flags])
+    text = str(err.value) + capsys.readouterr().err
+    assert match in text

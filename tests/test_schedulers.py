@@ -179,3 +179,19 @@ def test_full_loop_matches_numpy(sampler: str, steps: int, eta: float) -> None:
     ref = _np_loop(sampler, steps, eta, x_T, zs)
     assert np.isfinite(ref).all() and np.abs(ref).max() > 0.1
     np.testing.assert_allclose(x.numpy(), ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(("sampler", "steps", "eta"), [("ddpm", 1000, 0.0), ("ddpm", 37, 0.0), ("ddim", 50, 0.0),
+                                                       ("ddim", 20, 1.0)])
+def test_oracle_eps_recovers_x0_exactly(sampler: str, steps: int, eta: float) -> None:
+    """With the true ε of the current sample, ε* = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t), every reverse loop (DDPM's noisy
+    steps included) must land on x_0: the last step returns the x_0 estimate, which is x_0 itself. float64, 3D."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 16, 4, 4, 4, generator=g, dtype=torch.float64)
+    sched = make_scheduler(sampler, SchedulerConfig(), steps, eta)
+    x = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    for t in sched.timesteps:
+        a = sched.alphas_cumprod[int(t)]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        x = sched.step(eps, int(t), x, g).prev_sample
+    assert float((x - x0).abs().max()) < 1e-12

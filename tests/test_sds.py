@@ -4,75 +4,24 @@ that voxdiff.metrics scores), the DDIM init matching diffusion/sample.py, reprod
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_voxel_dir
+from conftest import ENV, OCC, ROOT, TINY_UNET, make_voxel_dir
 
 from voxdiff import metrics
-from voxdiff.checkpoint import save_checkpoint
-from voxdiff.config import (
-    AEConfig,
-    AETrainConfig,
-    LDMTrainConfig,
-    SampleConfig,
-    SchedulerConfig,
-    SDSConfig,
-    UNetConfig,
-    to_dict,
-)
-from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.config import SampleConfig, SchedulerConfig, SDSConfig
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.sampling import sample_to_files
 from voxdiff.schedulers import make_scheduler
 from voxdiff.sds import run_sds, sds_grad, sds_loss, timestep_range
 from voxdiff.utils import VoxdiffError
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY = UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4, num_heads=2, dropout=0.0)
-OCC = {"airplane": 40.0, "chair": 120.0, "table": 90.0}
+TINY = TINY_UNET
 T = 100
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _ae_ckpt(path: Path, resolution: int = 32) -> Path:
-    torch.manual_seed(0)
-    cfg = AEConfig(resolution=resolution, channels=(4, 8, 8))
-    save_checkpoint(path, kind="autoencoder", config=to_dict(AETrainConfig(model=cfg)),
-                    model=VoxelAutoencoder(cfg).state_dict(),
-                    extra={"latent_mean": [0.1] * 16, "latent_std": [2.0] * 16, "threshold": 0.5,
-                           "occupancy": {str(resolution): OCC}})
-    return path
-
-
-def _ldm_ckpt(path: Path, use_cfg: bool = True) -> Path:
-    torch.manual_seed(1)
-    model = UNet3D(TINY)
-    cfg = LDMTrainConfig(use_cfg=use_cfg, cfg_dropout=0.1 if use_cfg else 0.0, model=TINY,
-                         scheduler=SchedulerConfig(num_train_timesteps=T))
-    save_checkpoint(path, kind="ldm", config=to_dict(cfg), model=model.state_dict(), ema=model.state_dict(), step=3,
-                    extra={"latent_shape": [16, 4, 4, 4], "latent_mean": [0.1] * 16, "latent_std": [2.0] * 16,
-                           "ae_hash": None})
-    return path
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("sds_ckpts")
-    return {"ae": _ae_ckpt(d / "ae.pt"), "ldm": _ldm_ckpt(d / "ldm.pt"),
-            "ldm_nocfg": _ldm_ckpt(d / "ldm_nocfg.pt", use_cfg=False), "ae64": _ae_ckpt(d / "ae64.pt", 64)}
 
 
 class Recorder(torch.nn.Module):
@@ -134,43 +83,43 @@ def test_guidance_zero_is_plain_conditional() -> None:
 
 
 def test_timestep_range_and_anneal() -> None:
-    cfg = SDSConfig(t_min=0.02, t_max=0.98, steps=11)
+    cfg = SDSConfig(t_min=0.02, t_max=0.98, num_steps=11)
     assert timestep_range(cfg, 1000) == (20, 980) and timestep_range(cfg, 1000, 10) == (20, 980)
-    cfg = SDSConfig(t_min=0.1, t_max=1.0, steps=11, anneal=True)
+    cfg = SDSConfig(t_min=0.1, t_max=1.0, num_steps=11, anneal=True)
     assert timestep_range(cfg, 1000, 0) == (100, 999)
     assert timestep_range(cfg, 1000, 5)[1] < 999 and timestep_range(cfg, 1000, 10) == (100, 100)
 
 
 def _cfg(ckpts: dict[str, Path], save_dir: Path, **kw) -> SDSConfig:
     base = dict(ldm_ckpt_path=str(ckpts["ldm"]), ae_ckpt_path=str(ckpts["ae"]), save_dir=str(save_dir),
-                category="chair", num_samples=3, batch_size=2, steps=2, resolution=32, render_every=0,
+                categories=("chair",), num_samples=3, batch_size=2, num_steps=2, resolution=32, render_every=None,
                 device="cpu", seed=5)
     return SDSConfig(**{**base, **kw})
 
 
 def test_ddim_init_without_steps_equals_sampler(ckpts: dict[str, Path], tmp_path: Path) -> None:
     """Same seeds, same decode and binarisation: 0 SDS steps from DDIM init == diffusion/sample.py's DDIM output."""
-    run_sds(_cfg(ckpts, tmp_path / "sds", init="ddim", init_steps=3, steps=0, guidance_scale=1.0, topk=-1),
+    run_sds(_cfg(ckpts, tmp_path / "sds", init="ddim", steps=3, num_steps=0, cfg_scale=1.0, binarize="topk"),
             progress=False)
     sample_to_files(SampleConfig(ldm_ckpt_path=str(ckpts["ldm"]), ae_ckpt_path=str(ckpts["ae"]),
                                  save_dir=str(tmp_path / "ddim"), categories=("chair",), num_samples=3, batch_size=2,
-                                 sampler="ddim", steps=3, eta=0.0, cfg_scale=1.0, resolution=32, topk=-1,
+                                 sampler="ddim", steps=3, eta=0.0, cfg_scale=1.0, resolution=32, binarize="topk",
                                  device="cpu", seed=5), progress=False)
     a, b = np.load(tmp_path / "sds" / "chair.npy"), np.load(tmp_path / "ddim" / "chair.npy")
     assert a.shape == (3, 32, 32, 32) and np.array_equal(a, b)
 
 
 def test_run_is_seeded_and_moves_latents(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    runs = [np.load(run_sds(_cfg(ckpts, tmp_path / str(i), steps=3, lr=0.5, topk=-1), progress=False)["file"])
-            for i in range(2)]
+    runs = [np.load(run_sds(_cfg(ckpts, tmp_path / str(i), num_steps=3, lr=0.5, binarize="topk"),
+                            progress=False)["chair"]["file"]) for i in range(2)]
     assert np.array_equal(runs[0], runs[1]), "same seed, same shapes"
     # the same init without SDS steps decodes to different shapes: the optimiser really moved the latents
-    zero = np.load(run_sds(_cfg(ckpts, tmp_path / "z", steps=0, topk=-1), progress=False)["file"])
+    zero = np.load(run_sds(_cfg(ckpts, tmp_path / "z", num_steps=0, binarize="topk"), progress=False)["chair"]["file"])
     assert not np.array_equal(zero, runs[0])
     meta = json.loads((tmp_path / "0" / "sds.json").read_text())["chair"]
     assert len(meta["grad_norm_per_step"]) == 3 and meta["final_grad_norm_mean"] > 0
     # another category into the same save_dir: both arrays and both summaries are kept
-    run_sds(_cfg(ckpts, tmp_path / "0", category="airplane", steps=1), progress=False)
+    run_sds(_cfg(ckpts, tmp_path / "0", categories=("airplane",), num_steps=1), progress=False)
     assert set(json.loads((tmp_path / "0" / "sds.json").read_text())) == {"chair", "airplane"}
     assert np.array_equal(np.load(tmp_path / "0" / "chair.npy"), runs[0])
 
@@ -179,8 +128,9 @@ def test_cli_end_to_end_scored_by_metrics(ckpts: dict[str, Path], tmp_path: Path
     out = tmp_path / "sds"
     r = subprocess.run([python, "sds/main.py", "--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
                         str(ckpts["ae"]), "--category", "table", "--num_samples", "3", "--batch_size", "2",
-                        "--steps", "4", "--lr", "0.05", "--guidance_scale", "2", "--t_min", "0.1", "--t_max", "0.9",
-                        "--anneal", "--init", "noise", "--save_dir", str(out), "--resolution", "32", "--topk", "auto",
+                        "--num_steps", "4", "--lr", "0.05", "--cfg_scale", "2", "--t_min", "0.1", "--t_max", "0.9",
+                        "--anneal", "--init", "noise", "--save_dir", str(out), "--resolution", "32", "--binarize",
+                        "topk",
                         "--render_every", "2", "--render_n", "2", "--seed", "1", "--device", "cpu"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -188,7 +138,7 @@ def test_cli_end_to_end_scored_by_metrics(ckpts: dict[str, Path], tmp_path: Path
     assert a.shape == (3, 32, 32, 32) and a.dtype == np.uint8 and set(np.unique(a)) <= {0, 1}
     assert (a.reshape(3, -1).sum(1) == round(OCC["table"])).all()  # top-k auto at the AE's 32³
     meta = json.loads((out / "sds.json").read_text())["table"]
-    assert meta["config"]["guidance_scale"] == 2.0 and meta["t_range"] == [10, 90] and meta["empty"] == 0
+    assert meta["config"]["cfg_scale"] == 2.0 and meta["t_range"] == [10, 90] and meta["empty"] == 0
     assert np.isfinite(meta["final_grad_norm_mean"]) and len(meta["grad_norm_per_step"]) == 4
     assert {p.name for p in (out / "renders").iterdir()} == {f"table_step_0000{i}.png" for i in (0, 2, 4)}
     refs_dir = make_voxel_dir(tmp_path / "refs", r=32, n={"test": 3, "val": 2})
@@ -216,7 +166,7 @@ def test_bad_inputs_raise_before_writing(ckpts: dict[str, Path], tmp_path: Path,
 
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [({"t_min": 0.5, "t_max": 0.5}, "t_min < t_max"), ({"category": "sofa"}, "unknown category"),
+    [({"t_min": 0.5, "t_max": 0.5}, "t_min < t_max"), ({"categories": ("sofa",)}, "unknown category"),
      ({"weighting": "sqrt"}, "weighting must be one of"), ({"init": "ddpm"}, "init must be one of")],
 )
 def test_config_rejects_bad_values(kw: dict, match: str) -> None:

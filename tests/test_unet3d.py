@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from conftest import TINY_UNET
 
-from voxdiff.checkpoint import save_checkpoint
-from voxdiff.config import UNET_PRESETS, LDMTrainConfig, UNetConfig, to_dict, unet_preset
+from voxdiff.checkpoint import Checkpoint, LDMMeta, load_unet, save_checkpoint
+from voxdiff.config import UNET_PRESETS, UNetConfig, to_dict, unet_preset
 from voxdiff.models.unet3d import LabelEmbedder, UNet3D, timestep_embedding
 
-TINY = UNetConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), num_groups=4, num_heads=2, dropout=0.0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's cores are shared: one intra-op thread is faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TINY = TINY_UNET
 
 
 @pytest.mark.parametrize("cfg", [TINY, unet_preset("small")], ids=["tiny", "small"])
@@ -85,15 +78,26 @@ def test_timestep_embedding_distinguishes_steps() -> None:
     assert (e[0] - e[1]).abs().max() > 1e-3 and (e[1] - e[2]).abs().max() > 1e-3
 
 
-def test_from_checkpoint_picks_ema_or_raw(tmp_path) -> None:
+def test_load_unet_picks_ema_or_raw(tmp_path) -> None:
     torch.manual_seed(0)
     model, ema = UNet3D(TINY), UNet3D(TINY)
-    cfg = LDMTrainConfig(model=TINY)
-    save_checkpoint(tmp_path / "last.pt", kind="ldm", config=to_dict(cfg), model=model.state_dict(),
-                    ema=ema.state_dict())
-    got_ema, _ = UNet3D.from_checkpoint(tmp_path, use_ema=True)
-    got_raw, ck = UNet3D.from_checkpoint(tmp_path / "last.pt", use_ema=False)
-    assert ck["kind"] == "ldm" and not got_ema.training
+    save_checkpoint(tmp_path / "last.pt", Checkpoint(kind="ldm", model_config=to_dict(TINY), model=model.state_dict(),
+                                                     ema=ema.state_dict(), meta=LDMMeta()))
+    got_ema, _ = load_unet(tmp_path, use_ema=True)
+    got_raw, ck = load_unet(tmp_path / "last.pt", use_ema=False)
+    assert ck.kind == "ldm" and not got_ema.training
     name = "conv_in.weight"
     assert torch.equal(got_ema.state_dict()[name], ema.state_dict()[name])
     assert torch.equal(got_raw.state_dict()[name], model.state_dict()[name])
+
+
+def test_timestep_embedding_is_its_formula() -> None:
+    """emb[i, j] = cos(t_i · 10000^(−j/h)) for j < h and sin(t_i · 10000^(−(j−h)/h)) after, h = dim // 2; odd dims pad
+    one zero (Transformer / DDPM §B)."""
+    t = torch.tensor([0.0, 1.0, 17.0, 999.0])
+    for dim in (8, 33):
+        h = dim // 2
+        freqs = 10000.0 ** (-np.arange(h) / h)
+        args = t.double().numpy()[:, None] * freqs[None]
+        expect = np.concatenate([np.cos(args), np.sin(args), np.zeros((4, dim - 2 * h))], axis=1)
+        np.testing.assert_allclose(timestep_embedding(t, dim).double().numpy(), expect, atol=2e-4, rtol=0)

@@ -7,6 +7,9 @@ sparsity-aware alternatives live here and are shared by the AE trainer and the s
 - a calibrated threshold, chosen on held-out training shapes to maximise mean per-shape IoU (`ThresholdCalibrator`);
 - per-shape top-k, keeping exactly k voxels, with k the expected occupancy of the shape's category.
 
+One rule everywhere (sampling, SDS, training previews, tuning, eval.py's --threshold, renders): a voxel is occupied
+when its probability is strictly greater than the threshold.
+
 Metric conventions (per shape, then averaged): IoU = |P∩T| / |P∪T| (1 when both are empty); precision = |P∩T| / |P|
 (0 when nothing is predicted); recall = |P∩T| / |T| (1 when the target is empty).
 """
@@ -14,10 +17,11 @@ Metric conventions (per shape, then averaged): IoU = |P∩T| / |P∪T| (1 when b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["binarize", "recon_metrics", "ThresholdCalibrator"]
+__all__ = ["binarize", "Binarization", "recon_metrics", "ThresholdCalibrator"]
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +37,7 @@ def binarize(
     """Boolean occupancy of the same shape as `probs` (B, ...), one shape per leading index.
 
     topk: keep exactly k most probable voxels per shape (an int for all shapes, or one k per shape); when given
-    (and > 0) it takes precedence over `threshold`. Otherwise voxels with prob >= threshold (default 0.5) are kept.
+    (and > 0) it takes precedence over `threshold`. Otherwise voxels with prob > threshold (default 0.5) are kept.
     """
     if topk is not None and not (isinstance(topk, int) and topk <= 0):
         flat = _flat(probs)
@@ -53,7 +57,26 @@ def binarize(
             out.scatter_(1, idx, keep)
         return out.reshape(probs.shape)
     t = 0.5 if threshold is None else float(threshold)
-    return probs >= t
+    return probs > t
+
+
+@dataclass(frozen=True)
+class Binarization:
+    """How probabilities become voxels: p > `threshold`, or with `topk` exactly k voxels per shape, k per class id
+    (at the resolution of the probabilities it is applied to). Built once per run (see LatentVoxelPipeline)."""
+
+    threshold: float = 0.5
+    topk: dict[int, int] | None = None
+
+    def __call__(self, probs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.topk is None:
+            return binarize(probs, threshold=self.threshold)
+        if labels is None:
+            raise ValueError("top-k binarisation needs the class label of every shape")
+        return binarize(probs, topk=torch.tensor([self.topk[int(c)] for c in labels]))
+
+    def describe(self) -> str:
+        return f"p > {self.threshold:g}" if self.topk is None else f"top-k {self.topk}"
 
 
 def recon_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -77,7 +100,7 @@ class ThresholdCalibrator:
     """Pick the probability threshold that maximises mean per-shape IoU over the shapes it has seen.
 
     Exact on a grid of `num_bins - 1` thresholds t_j = j / num_bins, at O(voxels) cost per shape:
-    1. bin every voxel's probability (bin b = number of thresholds <= p, so p >= t_j  <=>  b >= j);
+    1. bin every voxel's probability (bin b = number of thresholds < p, so p > t_j  <=>  b >= j);
     2. per shape, count occupied / empty target voxels in each bin;
     3. a reverse cumulative sum gives TP_j (occupied with b >= j) and FP_j (empty with b >= j) for every j at once;
     4. IoU_j = TP_j / (|T| + FP_j) per shape; average over shapes and take the arg-max.
@@ -97,7 +120,7 @@ class ThresholdCalibrator:
         t = _flat(target) > 0.5
         b, nb = p.shape[0], self.num_bins
         # step 1: bin index in [0, nb-1]
-        bins = torch.bucketize(p, self.thresholds.to(p.device, torch.float32), right=True)
+        bins = torch.bucketize(p, self.thresholds.to(p.device, torch.float32), right=False)
         # step 2: per-shape histograms via one bincount over (shape, bin, occupied) ids
         rows = torch.arange(b, device=p.device).unsqueeze(1)
         ids = (rows * nb + bins) * 2 + t.long()
@@ -124,37 +147,3 @@ class ThresholdCalibrator:
         cands = torch.nonzero(iou >= top - 1e-12).reshape(-1)
         j = int(cands[torch.argmin((self.thresholds[cands] - 0.5).abs())])
         return float(self.thresholds[j]), float(iou[j])
-
-
-def topk_from_flag(text: str | None) -> int:
-    """`--topk` as the configs store it: None -> 0 (threshold instead), 'auto' -> -1 (the AE's training occupancy),
-    else a positive integer (voxels kept per shape at the output resolution). Bad values raise VoxdiffError."""
-    from voxdiff.utils import VoxdiffError
-
-    if text is None:
-        return 0
-    if text == "auto":
-        return -1
-    try:
-        k = int(text)
-    except ValueError:
-        k = 0
-    if k <= 0:
-        raise VoxdiffError(f"--topk must be a positive integer or 'auto'; got {text!r}")
-    return k
-
-
-def threshold_from_flag(text: str) -> float:
-    """`--threshold` as the configs store it: a float below 1 (negative or 'auto' -> -1: the AE's calibrated
-    threshold). Bad values raise VoxdiffError."""
-    from voxdiff.utils import VoxdiffError
-
-    if text == "auto":
-        return -1.0
-    try:
-        value = float(text)
-    except ValueError:
-        raise VoxdiffError(f"--threshold must be a number in [0, 1) or 'auto'; got {text!r}") from None
-    if not value < 1.0 or value != value:
-        raise VoxdiffError(f"--threshold must be a number in [0, 1) or 'auto'; got {text!r}")
-    return -1.0 if value < 0 else value

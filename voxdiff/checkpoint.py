@@ -1,26 +1,88 @@
-"""Checkpoints: a plain dict of state_dicts, a JSON-able config, step and RNG states; loaded with weights_only=True.
+"""Checkpoints: plain dicts of state_dicts, the network's own config, typed metadata, step and RNG states.
 
-Layout (habit 7 of ARCHITECTURE.md): {"format": 1, "version", "kind", "config", "model", "ema", "optimizer", "step",
-"epoch", "rng", "extra"}. Modules are never pickled; `module.` / `_orig_mod.` prefixes are stripped on save so a
-checkpoint from DDP or torch.compile loads into a plain model.
+Layout (format 2): {"format": 2, "version", "kind": "autoencoder" | "ldm", "model_config", "train_config", "model",
+"ema", "optimizer", "step", "rng", "meta"}. A network is rebuilt from `model_config` alone (nanoGPT's `model_args`);
+`train_config` is kept for resuming and provenance; `meta` is an `AEMeta` / `LDMMeta` (what later stages need: the
+AE's latent scale, calibrated threshold, training occupancy and held-out slice; the LDM's noise schedule and the AE it
+was trained on). Loaded with `torch.load(weights_only=True)`: modules are never pickled, and `module.` /
+`_orig_mod.` prefixes are stripped on save so a DDP or torch.compile run loads into a plain model.
+Format 1 files (voxdiff 0.1) are upgraded in memory when loaded: they sample and decode, but cannot be resumed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from voxdiff import __version__
+from voxdiff.config import CATEGORIES, AEConfig, SchedulerConfig, UNetConfig, from_dict, to_dict
+from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.models.unet3d import UNet3D
 from voxdiff.utils import VoxdiffError, atomic_path
 
-FORMAT = 1
+FORMAT = 2
+Kind = Literal["autoencoder", "ldm"]
 _PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class AEMeta:
+    """What an AE checkpoint carries besides weights. The latent scale lives here, and only here (the LDM and the
+    sampler read it from the AE, as diffusers keeps `scaling_factor` with the VAE)."""
+
+    threshold: float = 0.5  # maximises mean per-shape IoU of reconstructions on the held-out slice
+    occupancy: dict[str, dict[str, float]] = field(default_factory=dict)  # resolution -> category -> mean voxels
+    max_voxels: dict[str, dict[str, int]] = field(default_factory=dict)  # resolution -> category -> largest count
+    latent_mean: list[float] | None = None  # per channel, over the training shapes
+    latent_std: list[float] | None = None  # per channel (population std)
+    holdout: dict[str, list[int]] = field(default_factory=dict)  # category -> held-out TRAIN rows
+    pos_weight: float | None = None
+    best_iou: float = -1.0
+    heldout: dict[str, float] = field(default_factory=dict)  # the latest held-out validation
+    final: dict[str, float] = field(default_factory=dict)  # held-out metrics at the end (Chamfer, top-k)
+
+
+@dataclass
+class LDMMeta:
+    """What an LDM checkpoint carries besides weights."""
+
+    ae_sha256: str = ""  # content hash of the AE checkpoint it was trained on
+    ae_file: str = ""  # that file's name, for messages
+    latent_shape: list[int] = field(default_factory=list)
+    categories: list[str] = field(default_factory=lambda: list(CATEGORIES))
+    use_cfg: bool = True  # trained with label dropout: guidance is available
+    scheduler: dict[str, Any] = field(default_factory=lambda: to_dict(SchedulerConfig()))
+    ema_n_averaged: int = 0
+    smooth_loss: float | None = None
+    best_heldout_loss: float = float("inf")
+    holdout: dict[str, list[int]] = field(default_factory=dict)
+    num_train: int = 0
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. `meta` is typed by kind; `train_config` is the raw dict of the run's config."""
+
+    kind: Kind
+    model_config: dict[str, Any]
+    model: dict[str, Any]
+    meta: AEMeta | LDMMeta
+    train_config: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    step: int = 0
+    rng: dict[str, Any] | None = None
+    version: str = __version__
+    format: int = FORMAT
+    file: Path | None = None
 
 
 def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
@@ -80,32 +142,20 @@ def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def save_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    kind: str,
-    config: dict[str, Any],
-    model: dict[str, Any],
-    ema: dict[str, Any] | None = None,
-    optimizer: dict[str, Any] | None = None,
-    step: int = 0,
-    epoch: int = 0,
-    rng: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> None:
+def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """Write a checkpoint atomically (temp file + rename)."""
     payload = {
         "format": FORMAT,
         "version": __version__,
-        "kind": kind,
-        "config": config,
-        "model": clean_state_dict(model),
-        "ema": clean_state_dict(ema) if ema is not None else None,
-        "optimizer": optimizer,
-        "step": int(step),
-        "epoch": int(epoch),
-        "rng": rng,
-        "extra": extra or {},
+        "kind": ckpt.kind,
+        "model_config": ckpt.model_config,
+        "train_config": ckpt.train_config,
+        "model": clean_state_dict(ckpt.model),
+        "ema": clean_state_dict(ckpt.ema) if ckpt.ema is not None else None,
+        "optimizer": ckpt.optimizer,
+        "step": int(ckpt.step),
+        "rng": ckpt.rng,
+        "meta": dataclasses.asdict(ckpt.meta),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -124,20 +174,99 @@ def resolve_checkpoint_file(path: str | os.PathLike[str], prefer: str = "best") 
     return p
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], kind: str | None = None, map_location: Any = "cpu", prefer: str = "best"
-) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], kind: Kind | None = None, map_location: Any = "cpu",
+                    prefer: str = "best") -> Checkpoint:
     """Load a voxdiff checkpoint safely (weights_only=True); refuse pickled payloads and checkpoints of another kind."""
     file = resolve_checkpoint_file(path, prefer)
     try:
-        ckpt = torch.load(file, map_location=map_location, weights_only=True)
+        raw = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise VoxdiffError(f"{file} is not a safe voxdiff checkpoint (weights_only load refused: {first})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise VoxdiffError(f"{file} could not be read as a checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VoxdiffError(f"{file} could not be read as a checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(raw, dict) or raw.get("format") not in (1, FORMAT) or "model" not in raw:
         raise VoxdiffError(f"{file} is not a voxdiff checkpoint (format {FORMAT} expected)")
-    if kind is not None and ckpt.get("kind") != kind:
-        raise VoxdiffError(f"{file} is a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
+    if kind is not None and raw.get("kind") != kind:
+        raise VoxdiffError(f"{file} is a {raw.get('kind')!r} checkpoint, expected {kind!r}")
+    try:
+        ckpt = _from_v1(raw) if raw["format"] == 1 else _from_payload(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise VoxdiffError(f"{file} has an unreadable {raw.get('kind')} config or metadata ({e}); it was not "
+                           "written by this version of voxdiff") from None
+    ckpt.file = file
     return ckpt
+
+
+def _from_payload(raw: dict[str, Any]) -> Checkpoint:
+    meta_cls = AEMeta if raw["kind"] == "autoencoder" else LDMMeta
+    names = {f.name for f in dataclasses.fields(meta_cls)}
+    meta = meta_cls(**{k: v for k, v in (raw.get("meta") or {}).items() if k in names})
+    if not raw.get("model_config"):
+        raise ValueError("empty model_config")
+    return Checkpoint(kind=raw["kind"], model_config=raw["model_config"], train_config=raw.get("train_config") or {},
+                      model=raw["model"], ema=raw.get("ema"), optimizer=raw.get("optimizer"), step=raw["step"],
+                      rng=raw.get("rng"), meta=meta, version=raw.get("version", "?"), format=raw["format"])
+
+
+def _from_v1(raw: dict[str, Any]) -> Checkpoint:
+    """Format 1 (voxdiff 0.1: whole training config + untyped `extra`) -> format 2, for loading models."""
+    cfg, extra = raw.get("config") or {}, raw.get("extra") or {}
+    if not cfg.get("model"):
+        raise ValueError("empty config")
+    if raw["kind"] == "autoencoder":
+        meta: AEMeta | LDMMeta = AEMeta(
+            threshold=float(extra.get("threshold", 0.5)), occupancy=extra.get("occupancy") or {},
+            latent_mean=extra.get("latent_mean"), latent_std=extra.get("latent_std"),
+            pos_weight=extra.get("pos_weight"), best_iou=float(extra.get("best_iou", -1.0)),
+            heldout=extra.get("val") or {})
+    else:
+        meta = LDMMeta(
+            ae_sha256=extra.get("ae_hash", ""), ae_file=Path(extra.get("ae_ckpt_path", "")).name,
+            latent_shape=list(extra.get("latent_shape", [])), categories=list(cfg.get("categories", CATEGORIES)),
+            use_cfg=bool(cfg.get("use_cfg", True)), scheduler=cfg.get("scheduler") or to_dict(SchedulerConfig()),
+            ema_n_averaged=int(extra.get("ema_n_averaged", 0)), smooth_loss=extra.get("smooth_loss"),
+            best_heldout_loss=float(extra.get("best_metric", float("inf"))), num_train=int(extra.get("num_train", 0)))
+    return Checkpoint(kind=raw["kind"], model_config=cfg["model"], train_config={}, model=raw["model"],
+                      ema=raw.get("ema"), optimizer=None, step=int(raw.get("step", 0)), rng=None, meta=meta,
+                      version=raw.get("version", "0.1.0"), format=1)
+
+
+def check_resumable(ckpt: Checkpoint) -> None:
+    """Refuse to resume from a format-1 checkpoint (its optimizer and RNG layout predate this version)."""
+    if ckpt.format != FORMAT:
+        raise VoxdiffError(f"{ckpt.file} was written by voxdiff {ckpt.version} (checkpoint format {ckpt.format}): it "
+                           "loads for sampling, but a run cannot resume from it; start a new run in another directory")
+
+
+def load_autoencoder(path: str | os.PathLike[str], map_location: Any = "cpu") -> tuple[VoxelAutoencoder, Checkpoint]:
+    """Rebuild the AE (eval mode) from a checkpoint file or run dir, from its model config alone."""
+    ckpt = load_checkpoint(path, kind="autoencoder", map_location=map_location)
+    model = VoxelAutoencoder(_model_config(AEConfig, ckpt))
+    _load_state(model, ckpt.model, ckpt)
+    return model.eval(), ckpt
+
+
+def load_unet(path: str | os.PathLike[str], use_ema: bool = True,
+              map_location: Any = "cpu") -> tuple[UNet3D, Checkpoint]:
+    """Rebuild the UNet (eval mode) from an LDM checkpoint file or run dir; EMA weights unless `use_ema=False`."""
+    ckpt = load_checkpoint(path, kind="ldm", map_location=map_location)
+    model = UNet3D(_model_config(UNetConfig, ckpt))
+    _load_state(model, ckpt.ema if use_ema and ckpt.ema is not None else ckpt.model, ckpt)
+    return model.eval(), ckpt
+
+
+def _model_config(cls: type, ckpt: Checkpoint) -> Any:
+    try:
+        return from_dict(cls, ckpt.model_config)
+    except (TypeError, ValueError) as e:
+        raise VoxdiffError(f"{ckpt.file}: unreadable {ckpt.kind} model config ({e})") from None
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, Any], ckpt: Checkpoint) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise VoxdiffError(f"{ckpt.file}: weights do not fit the {ckpt.kind} config it records ({first})") from None

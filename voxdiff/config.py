@@ -7,6 +7,7 @@ them from a preset, so both run the same code.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -17,9 +18,15 @@ CATEGORIES: tuple[str, ...] = ("airplane", "chair", "table")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 AELoss = Literal["bce", "weighted_bce", "dice", "bce_dice", "focal"]
+AEBlock = Literal["seed", "resnet"]
+AENorm = Literal["batch", "group"]
+AEUpsample = Literal["transpose", "nearest"]
 BetaSchedule = Literal["linear", "cosine"]
 SamplerName = Literal["ddpm", "ddim"]
 Precision = Literal["auto", "fp32", "bf16"]
+BinarizeMode = Literal["threshold", "calibrated", "topk"]
+SDSWeighting = Literal["sds", "uniform"]
+SDSInit = Literal["noise", "ddim"]
 
 
 def check_literal(value: Any, lit: Any, name: str) -> None:
@@ -36,24 +43,45 @@ def category_index(name: str) -> int:
     return CATEGORIES.index(name)
 
 
+def check_range(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                hi_open: bool = False, optional: bool = False) -> None:
+    """Raise ValueError unless `value` is a finite number in [lo, hi] (open ends with lo_open / hi_open); None passes
+    when `optional`. Every numeric setting is checked before any work starts."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (_INF, -_INF):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}; got {value}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}; got {value}")
+
+
+_INF = float("inf")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """JSON-able dict of a (nested) config dataclass; tuples become lists."""
+    """JSON-able dict of a (nested) config dataclass (tuples stay tuples; JSON writes them as lists)."""
     return dataclasses.asdict(cfg)
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys raise a clear error."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
+    """Rebuild a (nested) config dataclass from `to_dict` output (or its JSON); unknown keys raise a clear error.
+
+    Nested configs and tuples are recognised from the field annotations, so a new nested config needs no table.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - set(hints)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
     kwargs: dict[str, Any] = {}
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for key, value in data.items():
-        sub = _NESTED.get((cls.__name__, key))
-        if sub is not None and isinstance(value, dict):
-            value = from_dict(sub, value)
-        elif isinstance(value, list) and "tuple" in str(hints[key]):
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = from_dict(tp, value)
+        elif isinstance(value, list) and typing.get_origin(tp) is tuple:
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
@@ -61,37 +89,50 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 @dataclass
 class AEConfig:
-    """3D conv autoencoder: (B,1,R,R,R) -> (B,latent_channels,R/8,R/8,R/8) -> back. Seed architecture by default."""
+    """3D conv autoencoder: (B,1,R,R,R) -> (B,latent_channels,r,r,r), r = R / 2^len(channels) -> back.
 
-    resolution: int = 64
-    channels: tuple[int, ...] = (12, 24, 48)
+    The defaults are the seed's network (three stride-2 stages at 64³ -> 16×8³, BatchNorm, transposed convolutions).
+    """
+
+    resolution: int = 64  # input grid side (a power of two)
+    channels: tuple[int, ...] = (12, 24, 48)  # width of each stride-2 stage; their number sets the latent side
     latent_channels: int = 16
-    negative_slope: float = 0.2
+    negative_slope: float = 0.2  # LeakyReLU slope
+    block: AEBlock = "seed"  # seed: the seed's conv stack; resnet: a residual block at every resolution
+    norm: AENorm = "batch"  # batch: BatchNorm3d (the seed); group: GroupNorm (batch-size independent)
+    upsample: AEUpsample = "transpose"  # transpose: ConvTranspose3d (the seed); nearest: nearest upsample + conv
 
     def __post_init__(self) -> None:
+        check_literal(self.block, AEBlock, "block")
+        check_literal(self.norm, AENorm, "norm")
+        check_literal(self.upsample, AEUpsample, "upsample")
         if self.resolution < 8 or self.resolution & (self.resolution - 1):
             raise ValueError(f"AE resolution must be a power of two >= 8; got {self.resolution}")
-        if len(self.channels) != 3:
-            raise ValueError(f"AE channels must have 3 entries (one per stride-2 stage); got {self.channels}")
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"AE channels must be one or more positive widths; got {self.channels}")
+        if self.resolution >> len(self.channels) < 1:
+            raise ValueError(f"{len(self.channels)} stride-2 stages are too many for {self.resolution}³ input")
+        if self.latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1; got {self.latent_channels}")
 
     @property
     def latent_resolution(self) -> int:
-        return self.resolution // 8
+        return self.resolution >> len(self.channels)
 
 
 @dataclass
 class UNetConfig:
     """UNet3D over the latent. Defaults are the seed's size (ch 192, mult 1,2,2, attention at level 1, 3 res blocks)."""
 
-    in_channels: int = 16
-    ch: int = 192
-    ch_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 3
-    attn_levels: tuple[int, ...] = (1,)
-    dropout: float = 0.1
-    num_classes: int = len(CATEGORIES)
-    num_groups: int = 32
-    num_heads: int = 4
+    in_channels: int = 16  # latent channels (set from the AE)
+    ch: int = 192  # base width
+    ch_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per resolution level (one stride-2 step between levels)
+    num_res_blocks: int = 3  # residual blocks per level
+    attn_levels: tuple[int, ...] = (1,)  # levels with self-attention after each block
+    dropout: float = 0.1  # residual-block dropout
+    num_classes: int = len(CATEGORIES)  # class labels (+1 null class for guidance)
+    num_groups: int = 32  # GroupNorm groups
+    num_heads: int = 4  # attention heads
 
     def __post_init__(self) -> None:
         levels = len(self.ch_mult)
@@ -100,13 +141,14 @@ class UNetConfig:
         bad = [a for a in self.attn_levels if not 0 <= a < levels]
         if bad:
             raise ValueError(f"UNet attn_levels {bad} out of range for {levels} levels (0..{levels - 1})")
+        for name in ("in_channels", "ch", "num_res_blocks", "num_classes", "num_groups", "num_heads"):
+            check_range(name, getattr(self, name), lo=1)
+        check_range("dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
         for m in self.ch_mult:
             c = self.ch * m
             if c % self.num_groups or c % self.num_heads:
                 raise ValueError(f"UNet width {c} must be divisible by num_groups={self.num_groups} and "
                                  f"num_heads={self.num_heads}")
-        if self.num_classes < 1:
-            raise ValueError(f"UNet num_classes must be >= 1; got {self.num_classes}")
 
     @property
     def downsample_factor(self) -> int:
@@ -133,36 +175,40 @@ def unet_preset(name: str, **overrides: Any) -> UNetConfig:
 class SchedulerConfig:
     """DDPM noise schedule (Ho et al. 2020): linear betas 1e-4 -> 0.02 over T = 1000 steps, epsilon prediction."""
 
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = 1000  # diffusion steps T
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    beta_schedule: BetaSchedule = "linear"
+    beta_schedule: BetaSchedule = "linear"  # linear (DDPM) or cosine (Nichol & Dhariwal 2021)
 
     def __post_init__(self) -> None:
         check_literal(self.beta_schedule, BetaSchedule, "beta_schedule")
+        check_range("num_train_timesteps", self.num_train_timesteps, lo=2)
+        check_range("beta_start", self.beta_start, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        check_range("beta_end", self.beta_end, lo=self.beta_start, hi=1.0, hi_open=True)
 
 
 @dataclass
 class AETrainConfig:
     """Autoencoder training run (`autoencoder.py`, `voxdiff.training.train_autoencoder`)."""
 
-    dataset_path: str = "data/hdf5_data"
-    ckpt_path: str = "checkpoints/ae"
+    dataset_path: str = "data/hdf5_data"  # directory of {category}_voxels_{split}.npy
+    ckpt_path: str = "checkpoints/ae"  # run directory: last.pt, best.pt, train.log, log.csv/png
     categories: tuple[str, ...] = CATEGORIES
-    batch_size: int = 64
+    batch_size: int = 64  # global batch (split across ranks under torchrun)
     lr: float = 1e-3
-    num_steps: int | None = None  # optimizer steps; None: num_epochs passes over the training shapes
-    num_epochs: int = 50
-    max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); None: none
-    loss: AELoss = "weighted_bce"
-    pos_weight: float | None = None  # weighted_bce's occupied-voxel weight; None: (1 - p) / p of the training data
-    grad_clip: float = 1.0
+    num_steps: int | None = None  # optimizer steps; none: num_epochs passes over the training shapes
+    num_epochs: int = 50  # passes over the training shapes when num_steps is none
+    max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); none: no cap
+    loss: AELoss = "weighted_bce"  # reconstruction loss (voxdiff/losses.py)
+    pos_weight: float | None = None  # weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data
+    grad_clip: float = 1.0  # max gradient norm (0: off)
     weight_decay: float = 0.0
     precision: Precision = "auto"  # autocast dtype of training forwards; auto: bf16 where the hardware has it
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
     seed: int = 0
-    resume: bool = False
-    log_every: int = 10
+    resume: bool = False  # continue exactly from {ckpt_path}/last.pt
+    overwrite: bool = False  # replace an existing run in ckpt_path (without it, an existing checkpoint is refused)
+    log_every: int = 10  # steps between loss rows in log.csv
     ckpt_every: int = 500  # steps between held-out validation and last.pt / best.pt
     holdout_fraction: float = 0.05  # per category, held out of TRAIN for best.pt and threshold calibration
     holdout_max: int = 100  # at most this many held-out shapes per category
@@ -174,85 +220,203 @@ class AETrainConfig:
         check_literal(self.precision, Precision, "precision")
         for c in self.categories:
             category_index(c)
-        if not 0.0 < self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in (0, 1); got {self.holdout_fraction}")
+        check_range("batch_size", self.batch_size, lo=1)
+        check_range("lr", self.lr, lo=0.0, lo_open=True)
+        check_range("num_steps", self.num_steps, lo=1, optional=True)
+        check_range("num_epochs", self.num_epochs, lo=1)
+        check_range("max_minutes", self.max_minutes, lo=0.0, lo_open=True, optional=True)
+        check_range("pos_weight", self.pos_weight, lo=0.0, lo_open=True, optional=True)
+        check_range("grad_clip", self.grad_clip, lo=0.0)
+        check_range("weight_decay", self.weight_decay, lo=0.0)
+        check_range("log_every", self.log_every, lo=1)
+        check_range("ckpt_every", self.ckpt_every, lo=1)
+        check_range("holdout_fraction", self.holdout_fraction, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        check_range("holdout_max", self.holdout_max, lo=1)
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
 
 
 @dataclass
 class LDMTrainConfig:
     """Latent diffusion training run (`diffusion/train.py`, `voxdiff.training.train_ldm`)."""
 
-    dataset_path: str = "data/hdf5_data"
-    ae_ckpt_path: str = "checkpoints/ae"
-    ckpt_path: str = "checkpoints/ldm"
+    dataset_path: str = "data/hdf5_data"  # directory of {category}_voxels_{split}.npy
+    ae_ckpt_path: str = "checkpoints/ae"  # trained AE checkpoint file or run directory
+    ckpt_path: str = "checkpoints/ldm"  # run directory: last.pt, best.pt, train.log, log.csv/png, previews
     categories: tuple[str, ...] = CATEGORIES
-    use_cfg: bool = True
-    cfg_dropout: float = 0.1
-    batch_size: int = 16
+    use_cfg: bool = True  # train with label dropout, so classifier-free guidance can be used when sampling
+    cfg_dropout: float = 0.1  # label dropout probability (with use_cfg)
+    batch_size: int = 16  # global batch (split across ranks under torchrun)
     lr: float = 2e-4
-    warmup_steps: int = 500
-    num_epochs: int | None = None  # passes over the training latents; None: num_steps decides
-    num_steps: int | None = 10000  # optimizer steps; None: num_epochs decides (with both, the first reached)
-    max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); None: none
+    warmup_steps: int = 500  # linear LR warmup
+    num_epochs: int | None = None  # passes over the training latents; none: num_steps decides
+    num_steps: int | None = 10000  # optimizer steps; none: num_epochs decides (with both, the first reached)
+    max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); none: no cap
     ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    device: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    log_every: int = 10
-    preview: bool = True  # render 2 samples per category at the end (and every preview_every steps)
-    preview_every: int | None = None  # steps between preview renders; None: only at the end
-    ckpt_every: int = 500  # steps between last.pt saves (and held-out evaluations for best.pt)
+    grad_clip: float = 1.0  # max gradient norm (0: off)
     weight_decay: float = 0.0
     precision: Precision = "auto"  # autocast dtype of training forwards; auto: bf16 where the hardware has it
-    latent_cache_dir: str = ""  # "" = `latents/` beside the AE checkpoint
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
+    seed: int = 0
+    resume: bool = False  # continue exactly from {ckpt_path}/last.pt
+    overwrite: bool = False  # replace an existing run in ckpt_path (without it, an existing checkpoint is refused)
+    log_every: int = 10  # steps between loss rows in log.csv
+    ckpt_every: int = 500  # steps between held-out loss, last.pt and best.pt
+    preview: bool = True  # render 2 samples per category at the end (and every preview_every steps)
+    preview_every: int | None = None  # steps between preview renders; none: only at the end
+    preview_threshold: float = 0.5  # previews binarise as p > this (the pipeline sets its sampling threshold)
+    latent_cache_dir: str | None = None  # none: latents/ beside the AE checkpoint
     model: UNetConfig = field(default_factory=UNetConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         for c in self.categories:
             category_index(c)
-        if not 0.0 <= self.cfg_dropout < 1.0:
-            raise ValueError(f"cfg_dropout must be in [0, 1); got {self.cfg_dropout}")
         check_literal(self.precision, Precision, "precision")
-        if not (self.num_steps or self.num_epochs):
-            raise ValueError("give a training length: num_steps or num_epochs > 0")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        check_range("cfg_dropout", self.cfg_dropout, lo=0.0, hi=1.0, hi_open=True)
+        check_range("batch_size", self.batch_size, lo=1)
+        check_range("lr", self.lr, lo=0.0, lo_open=True)
+        check_range("warmup_steps", self.warmup_steps, lo=0)
+        check_range("num_epochs", self.num_epochs, lo=1, optional=True)
+        check_range("num_steps", self.num_steps, lo=1, optional=True)
+        check_range("max_minutes", self.max_minutes, lo=0.0, lo_open=True, optional=True)
+        check_range("ema_decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
+        check_range("grad_clip", self.grad_clip, lo=0.0)
+        check_range("weight_decay", self.weight_decay, lo=0.0)
+        check_range("log_every", self.log_every, lo=1)
+        check_range("ckpt_every", self.ckpt_every, lo=1)
+        check_range("preview_every", self.preview_every, lo=1, optional=True)
+        check_range("preview_threshold", self.preview_threshold, lo=0.0, hi=1.0, hi_open=True)
+        if self.num_steps is None and self.num_epochs is None:
+            raise ValueError("give a training length: num_steps or num_epochs")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
 
 
 @dataclass
 class SampleConfig:
     """Sampling run (`diffusion/sample.py`, `voxdiff.sampling.sample_to_files`)."""
 
-    ldm_ckpt_path: str = "checkpoints/ldm"
-    ae_ckpt_path: str = "checkpoints/ae"
-    save_dir: str = "samples"
+    ldm_ckpt_path: str = "checkpoints/ldm"  # LDM checkpoint file or run directory (best.pt, else last.pt)
+    ae_ckpt_path: str = "checkpoints/ae"  # AE checkpoint file or run directory (best.pt, else last.pt)
+    save_dir: str = "samples"  # gets {category}.npy, sample.json, sample.log
     categories: tuple[str, ...] = CATEGORIES
-    num_samples: int = 1000
+    num_samples: int = 1000  # shapes per category
     batch_size: int = 100
     sampler: SamplerName = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    use_cfg: bool = True
-    cfg_scale: float = 1.0
-    resolution: int = 128
-    threshold: float = 0.5  # <0: the AE's calibrated threshold ("auto")
-    topk: int = 0  # >0: keep the k most probable voxels per shape (at `resolution`); -1: k from the AE's occupancy
-    use_ema: bool = True
+    steps: int | None = None  # denoising steps; none: all T for ddpm, 50 for ddim
+    eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 ~ DDPM)
+    use_cfg: bool = True  # classifier-free guidance; --no_use_cfg samples the plain conditional model (w = 0)
+    cfg_scale: float = 1.0  # guidance w in (1 + w)·ε_c − w·ε_u: 0 = plain conditional;
+    # the same as a "guidance scale" of 1 + w in the other common convention
+    resolution: int = 128  # output grid side: the AE's or a power-of-two multiple of it
+    binarize: BinarizeMode = "threshold"  # threshold: p > --threshold; calibrated: the AE's held-out threshold;
+    # topk: the k most probable voxels
+    threshold: float = 0.5  # occupied = probability > threshold (with --binarize threshold)
+    topk: int | None = None  # voxels kept per shape at --resolution (with --binarize topk);
+    # none: the category's mean training count
+    use_ema: bool = True  # sample with the EMA weights
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_literal(self.sampler, SamplerName, "sampler")
+        check_literal(self.binarize, BinarizeMode, "binarize")
         for c in self.categories:
             category_index(c)
-        if self.num_samples < 1 or self.batch_size < 1 or self.steps < 0:
-            raise ValueError("num_samples and batch_size must be >= 1, steps >= 0 (0: all T for ddpm, 50 for ddim)")
-        if self.topk < -1:
-            raise ValueError(f"topk must be > 0, 0 (threshold) or -1 (auto); got {self.topk}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1]; got {self.eta}")
+        check_range("num_samples", self.num_samples, lo=1)
+        check_range("batch_size", self.batch_size, lo=1)
+        check_range("steps", self.steps, lo=1, optional=True)
+        check_range("eta", self.eta, lo=0.0, hi=1.0)
+        check_range("cfg_scale", self.cfg_scale, lo=-1.0, hi=100.0)
+        check_range("threshold", self.threshold, lo=0.0, hi=1.0, hi_open=True)
+        check_range("topk", self.topk, lo=1, optional=True)
+        check_range("resolution", self.resolution, lo=8)
+
+
+# Flags that only act together with another field's value: the CLIs refuse them otherwise (no silently ignored flag).
+ACTS_ONLY_WITH: dict[str, tuple[str, Any]] = {
+    "threshold": ("binarize", "threshold"),
+    "topk": ("binarize", "topk"),
+    "cfg_scale": ("use_cfg", True),
+}
+
+
+@dataclass
+class SDSConfig:
+    """Score distillation on latents (`sds/main.py`, `voxdiff.sds.run_sds`); w(t) = 1 − ᾱ_t ("sds") or 1 ("uniform").
+
+    t ~ U[t_min·T, t_max·T] per sample per step (with `anneal`, the upper bound falls linearly to t_min over the run).
+    Guidance, resolution and binarisation mean what they mean in SampleConfig.
+    """
+
+    ldm_ckpt_path: str = "checkpoints/ldm"  # LDM checkpoint file or run directory
+    ae_ckpt_path: str = "checkpoints/ae"  # AE checkpoint file or run directory
+    save_dir: str = "samples_sds"  # gets {category}.npy, sds.json, sds.log, renders/
+    categories: tuple[str, ...] = ("chair",)
+    num_samples: int = 100  # shapes per category
+    batch_size: int = 100  # latents optimised at once
+    num_steps: int = 200  # SDS optimisation steps per batch (0: keep the initial latents)
+    lr: float = 0.02  # Adam learning rate on the (normalised) latents
+    use_cfg: bool = True  # classifier-free guidance in the score; --no_use_cfg: plain conditional (w = 0)
+    cfg_scale: float = 1.0  # guidance w in (1 + w)·ε_c − w·ε_u (0 = plain conditional)
+    t_min: float = 0.02  # lowest noise level, as a fraction of T
+    t_max: float = 0.98  # highest noise level, as a fraction of T
+    anneal: bool = False  # lower the upper t bound linearly to t_min over the run
+    weighting: SDSWeighting = "sds"  # w(t): sds = 1 − ᾱ_t (DreamFusion), uniform = 1
+    init: SDSInit = "noise"  # initial latents: noise (N(0, I)) or ddim (DDIM samples, η = 0)
+    steps: int = 50  # DDIM steps of --init ddim
+    resolution: int = 64  # output grid side (a multiple of the AE's)
+    binarize: BinarizeMode = "threshold"
+    threshold: float = 0.5
+    topk: int | None = None
+    use_ema: bool = True
+    render_every: int | None = 50  # render the first batch every K steps; none: no renders
+    render_n: int = 8  # shapes per render
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for c in self.categories:
+            category_index(c)
+        check_literal(self.weighting, SDSWeighting, "weighting")
+        check_literal(self.init, SDSInit, "init")
+        check_literal(self.binarize, BinarizeMode, "binarize")
+        check_range("num_samples", self.num_samples, lo=1)
+        check_range("batch_size", self.batch_size, lo=1)
+        check_range("num_steps", self.num_steps, lo=0)
+        check_range("steps", self.steps, lo=1)
+        check_range("lr", self.lr, lo=0.0, lo_open=True)
+        check_range("cfg_scale", self.cfg_scale, lo=-1.0, hi=100.0)
+        check_range("threshold", self.threshold, lo=0.0, hi=1.0, hi_open=True)
+        check_range("topk", self.topk, lo=1, optional=True)
+        check_range("render_every", self.render_every, lo=1, optional=True)
+        check_range("render_n", self.render_n, lo=1)
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={self.t_min}, t_max={self.t_max}")
+
+
+@dataclass
+class TuneConfig:
+    """Pick the guidance scale and the threshold of the final sampling on the held-out slice of the TRAIN split
+    (`voxdiff.tuning`): never on val or test, which are the references the reported metrics use."""
+
+    enabled: bool = False  # run the tune stage; its pick replaces the sample stage's cfg_scale and threshold
+    cfg_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)  # guidance scales w tried
+    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # thresholds tried (with the AE's calibrated one)
+    num_samples: int = 100  # samples per category and scale, scored against the category's held-out shapes
+    steps: int = 50  # DDIM steps
+    seed: int = 1234  # another stream than the final samples'
+
+    def __post_init__(self) -> None:
+        if not self.cfg_scales or not self.thresholds:
+            raise ValueError("tune needs at least one cfg_scale and one threshold")
+        for w in self.cfg_scales:
+            check_range("cfg_scales", w, lo=-1.0, hi=100.0)
+        for t in self.thresholds:
+            check_range("thresholds", t, lo=0.0, hi=1.0, hi_open=True)
+        check_range("num_samples", self.num_samples, lo=2)
+        check_range("steps", self.steps, lo=1)
 
 
 @dataclass
@@ -261,16 +425,17 @@ class PipelineConfig:
 
     name: str = "demo"
     run_dir: str = "runs/demo"
-    data_dir: str = ""  # "" = {run_dir}/data; an existing preprocessed directory is reused
-    data_preset: str = "small"  # procedural count preset (voxdiff.data.partseg.COUNT_PRESETS)
-    resolution: int = 64  # preprocessing / sample resolution (eval runs at this resolution)
+    dataset_path: str | None = None  # preprocessed voxels to use; none: procedural data generated into {run_dir}/data
+    data_preset: str = "small"  # procedural shape counts (voxdiff.data.partseg.COUNT_PRESETS)
+    resolution: int = 64  # grid side of the data, the samples and the evaluation
     seed: int = 0
     device: str = "auto"
-    baselines: tuple[str, ...] = ("train", "noise")
-    oracle: bool = True
-    render_n: int = 16
+    baselines: tuple[str, ...] = ("train", "noise")  # trivial sets scored beside the model: train copies, noise
+    oracle: bool = True  # score a fresh procedural draw: the best a model could do
+    render_n: int = 16  # shapes per row in the PNG sheets
     ae: AETrainConfig = field(default_factory=AETrainConfig)
     ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
@@ -282,6 +447,7 @@ def _preset_tiny() -> PipelineConfig:
                          log_every=1, ckpt_every=2, holdout_fraction=0.25),
         ldm=LDMTrainConfig(model=unet_preset("small", ch=16, num_groups=4), batch_size=8, num_steps=4,
                            warmup_steps=1, ckpt_every=2, log_every=1),
+        tune=TuneConfig(enabled=True, cfg_scales=(0.0, 1.0), thresholds=(0.5,), num_samples=2, steps=2),
         sample=SampleConfig(num_samples=4, batch_size=4, sampler="ddim", steps=3, resolution=32),
     )
 
@@ -344,65 +510,3 @@ def pipeline_preset(name: str) -> PipelineConfig:
     if name not in PIPELINE_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PIPELINE_PRESETS)}")
     return PIPELINE_PRESETS[name]()
-
-
-SDSWeighting = Literal["sds", "uniform"]
-SDSInit = Literal["noise", "ddim"]
-
-
-@dataclass
-class SDSConfig:
-    """Score distillation on latents (`sds/main.py`, `voxdiff.sds.run_sds`); w(t) = 1 − ᾱ_t ("sds") or 1 ("uniform").
-
-    t ~ U[t_min·T, t_max·T] per sample per step (with `anneal`, the upper bound falls linearly to t_min over the run).
-    guidance_scale w: ε̂ = (1 + w) ε_c − w ε_u (0 = plain conditional). topk as SampleConfig (0 = threshold, -1 auto).
-    """
-
-    ldm_ckpt_path: str = "checkpoints/ldm"
-    ae_ckpt_path: str = "checkpoints/ae"
-    category: str = "chair"
-    num_samples: int = 100
-    batch_size: int = 100
-    steps: int = 200  # optimisation steps per batch (0 = return the initial latents)
-    lr: float = 0.02
-    guidance_scale: float = 1.0
-    t_min: float = 0.02
-    t_max: float = 0.98
-    anneal: bool = False
-    weighting: SDSWeighting = "sds"
-    init: SDSInit = "noise"
-    init_steps: int = 50  # DDIM steps (eta 0) for init="ddim"
-    save_dir: str = "samples_sds"
-    resolution: int = 64
-    threshold: float = 0.5
-    topk: int = 0
-    use_ema: bool = True
-    render_every: int = 50  # 0 = no periodic renders
-    render_n: int = 8
-    device: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        category_index(self.category)
-        check_literal(self.weighting, SDSWeighting, "weighting")
-        check_literal(self.init, SDSInit, "init")
-        if self.num_samples < 1 or self.batch_size < 1 or self.steps < 0 or self.init_steps < 1:
-            raise ValueError("num_samples, batch_size and init_steps must be >= 1, steps >= 0")
-        if not 0.0 <= self.t_min < self.t_max <= 1.0:
-            raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min={self.t_min}, t_max={self.t_max}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0; got {self.lr}")
-        if self.topk < -1:
-            raise ValueError(f"topk must be > 0, 0 (threshold) or -1 (auto); got {self.topk}")
-        if self.render_every < 0 or self.render_n < 1:
-            raise ValueError("render_every must be >= 0 and render_n >= 1")
-
-
-_NESTED: dict[tuple[str, str], type] = {
-    ("AETrainConfig", "model"): AEConfig,
-    ("LDMTrainConfig", "model"): UNetConfig,
-    ("LDMTrainConfig", "scheduler"): SchedulerConfig,
-    ("PipelineConfig", "ae"): AETrainConfig,
-    ("PipelineConfig", "ldm"): LDMTrainConfig,
-    ("PipelineConfig", "sample"): SampleConfig,
-}

@@ -3,7 +3,7 @@
 A cache file is keyed by the AE checkpoint's content hash, the AE resolution, the split, the categories and the identity
 (name, size, mtime) of the voxel files, so a retrained AE or regenerated data never reuses stale latents. Latents are
 stored raw (unnormalised); the per-channel statistics that normalise them are data of the AE checkpoint
-(`extra["latent_mean"]`, `extra["latent_std"]`, habit 5 of ARCHITECTURE.md), applied by `normalise` / `denormalise`.
+(`AEMeta.latent_mean` / `latent_std`), applied by `normalise` / `denormalise`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from voxdiff.data.dataset import VoxelDataset, voxel_path
-from voxdiff.utils import VoxdiffError, atomic_path
+from voxdiff.utils import atomic_path
 
-__all__ = ["file_sha256", "latent_stats", "normalise", "denormalise", "encode_dataset", "cached_latents"]
+__all__ = ["file_sha256", "normalise", "denormalise", "encode_dataset", "cached_latents"]
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -32,20 +31,6 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def latent_stats(ae_ckpt: dict[str, Any], channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-channel (mean, std) float32 tensors from an AE checkpoint's extra, or None when it has none."""
-    extra = ae_ckpt.get("extra") or {}
-    if "latent_mean" not in extra or "latent_std" not in extra:
-        return None
-    mean = torch.as_tensor(extra["latent_mean"], dtype=torch.float32).reshape(-1)
-    std = torch.as_tensor(extra["latent_std"], dtype=torch.float32).reshape(-1)
-    if mean.numel() != channels or std.numel() != channels:
-        raise VoxdiffError(f"AE latent statistics have {mean.numel()}/{std.numel()} entries, latent has {channels}")
-    if not bool((std > 0).all()) or not bool(torch.isfinite(mean).all()):
-        raise VoxdiffError("AE latent_std must be positive and latent_mean finite")
-    return mean, std
 
 
 def _per_channel(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

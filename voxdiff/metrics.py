@@ -16,7 +16,8 @@ exact squared Euclidean distance transform EDT²_a of the complement of shape a 
 N × M pairs) holds min_{p in a} |p - q|² for every voxel q, and the one-sided sums H[a, b] = Σ_{q in b} EDT²_a(q) are
 integers, read by a sparse gather over the union of occupied voxels. Then CD(a, b) = (H[a, b] / n_b + H[b, a] / n_a)
 / (R - 1)².  The numpy path (CPU) and the torch path (GPU; a brute-force separable min-plus EDT) produce the same
-integers, so they give identical numbers.
+integers, so they give identical numbers. This module holds the definitions and the plain exact path;
+voxdiff.metrics_backends computes the one-sided sums fast (numpy in-process or in worker processes, torch on a device).
 
 Conventions for degenerate input (so that metrics stay finite and comparable):
 
@@ -26,25 +27,24 @@ Conventions for degenerate input (so that metrics stay finite and comparable):
   largest Chamfer distance between two non-empty shapes in the unit cube), COV = 0 and JSD = ln 2 (the maximum JSD).
 * An empty reference is refused (VoxdiffError): references are data, an empty one means a broken data file.
 
-Leaf module: numpy / scipy (+ the optional `edt` package for a 3-4× faster CPU transform, + torch for the GPU path).
+Imports: numpy / scipy (+ the optional `edt` package for a 3-4× faster CPU transform), voxdiff.utils and
+voxdiff.metrics_backends, which imports torch only inside its torch path (so that eval.py starts without torch).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage, sparse
+from scipy import ndimage
 from tqdm.auto import tqdm
 
+from voxdiff import metrics_backends as backends
 from voxdiff.utils import VoxdiffError
 
 try:  # optional: seung-lab's multi-label EDT, exact and ~3-4x faster than scipy on these grids
@@ -55,7 +55,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 EPS = 1e-10  # JSD's epsilon, added to both arguments of the KL log-ratio
 CD_MAX = 6.0  # largest CD between non-empty shapes in [0, 1]³ (3 + 3): MMD's value when every sample is empty
 MAX_POINTS = 200_000_000  # total occupied voxels we agree to index (≈ 5 GB of index arrays); beyond: clear error
-MIN_PARALLEL_SHAPES = 64  # below this many source shapes the CPU path stays in-process
 Engine = Literal["numpy", "torch"]
 GridSet = Any  # np.ndarray (N,R,R,R), a sequence of such arrays (concatenated in order), or VoxelPoints
 
@@ -235,105 +234,15 @@ def edt_sq(indices: np.ndarray, resolution: int) -> np.ndarray:
     return np.rint(d2).ravel()
 
 
-@dataclass
-class _Targets:
-    """The shapes whose voxels the transforms are read at: union U of their voxels and a (n × |U|) 0/1 CSR matrix."""
-
-    union: np.ndarray  # sorted flat voxel indices (|U|,)
-    inverse: np.ndarray  # position in `union` of each target point (P,), int64
-    offsets: np.ndarray  # (n + 1,)
-    matrix: Any = None  # scipy CSR, built lazily (numpy engine)
-
-    @classmethod
-    def build(cls, pts: VoxelPoints) -> _Targets:
-        union, inverse = np.unique(pts.indices, return_inverse=True)
-        return cls(union, inverse.astype(np.int64).ravel(), pts.offsets)
-
-    def csr(self) -> Any:
-        if self.matrix is None:
-            n = len(self.offsets) - 1
-            data = np.ones(len(self.inverse), np.float64)
-            self.matrix = sparse.csr_matrix((data, self.inverse, self.offsets), shape=(n, len(self.union)))
-        return self.matrix
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(targets: _Targets, resolution: int) -> None:
-    _WORKER["targets"] = targets
-    _WORKER["resolution"] = resolution
-    targets.csr()
-
-
-def _rows_numpy(sources: list[np.ndarray]) -> np.ndarray:
-    """H rows for some source shapes: H[i, j] = Σ_{q in target j} EDT²_i(q), exact integers in float64."""
-    targets: _Targets = _WORKER["targets"]
-    res: int = _WORKER["resolution"]
-    out = np.full((len(sources), len(targets.offsets) - 1), np.nan)
-    for k, idx in enumerate(sources):
-        if len(idx):
-            out[k] = targets.csr() @ edt_sq(idx, res)[targets.union]  # Σ over each target's voxels
-    return out
-
-
-# ------------------------------------------------------------------------------------------- exact Chamfer, torch
-
-
-def _edt_sq_torch(sources: list[np.ndarray], resolution: int, device: Any, budget: int) -> Any:
-    """Exact squared EDT of a batch of non-empty shapes on `device`: three separable min-plus passes.
-
-    Felzenszwalb & Huttenlocher's decomposition, d²(x,y,z) = min_i [(x-i)² + min_j [(y-j)² + min_k [(z-k)² + f]]],
-    each pass evaluated brute force (O(R) per voxel) in int32, so the integers equal the CPU transform's.
-    """
-    import torch
-
-    r = resolution
-    b = len(sources)
-    big = 1 << 30  # "no site yet"; big + 3·(R-1)² stays below 2^31 for R ≤ 256
-    g = torch.full((b, r**3), big, dtype=torch.int32, device=device)
-    rows = torch.repeat_interleave(torch.arange(b), torch.tensor([len(s) for s in sources]))
-    cols = torch.from_numpy(np.concatenate(sources).astype(np.int64))
-    g[rows.to(device), cols.to(device)] = 0
-    g = g.view(b, r, r, r)
-    ar = torch.arange(r, device=device, dtype=torch.int32)
-    sq = (ar[:, None] - ar[None, :]) ** 2  # (i, j) -> (i - j)²
-    chunk = max(1, min(r, budget // (b * r**3 * 4)))  # (b, R, R, chunk, R) int32 per step
-    for axis in (3, 2, 1):  # 1. along z, 2. along y, 3. along x
-        x = g.movedim(axis, -1).contiguous()
-        out = torch.empty_like(x)
-        for i0 in range(0, r, chunk):
-            out[..., i0 : i0 + chunk] = (x.unsqueeze(-2) + sq[i0 : i0 + chunk]).amin(dim=-1)
-        g = out.movedim(-1, axis)
-    return g.reshape(b, -1)
-
-
-def _rows_torch(sources: list[np.ndarray], targets: _Targets, resolution: int, device: Any, batch: int) -> np.ndarray:
-    """Same H rows as `_rows_numpy`, computed with torch on `device` (int64 segment sums, then float64)."""
-    import torch
-
-    union = torch.from_numpy(targets.union.astype(np.int64)).to(device)
-    inverse = torch.from_numpy(targets.inverse).to(device)
-    starts = torch.from_numpy(targets.offsets[:-1]).to(device)
-    ends = torch.from_numpy(targets.offsets[1:]).to(device)
-    budget = (1 << 31) if torch.device(device).type == "cuda" else (1 << 27)
-    out = np.full((len(sources), len(targets.offsets) - 1), np.nan)
-    todo = [k for k, s in enumerate(sources) if len(s)]
-    for i0 in range(0, len(todo), batch):
-        ks = todo[i0 : i0 + batch]
-        d2 = _edt_sq_torch([sources[k] for k in ks], resolution, device, budget)
-        vals = d2.index_select(1, union).to(torch.int64).index_select(1, inverse)  # (b, P) at every target point
-        csum = torch.nn.functional.pad(torch.cumsum(vals, dim=1), (1, 0))
-        h = csum.index_select(1, ends) - csum.index_select(1, starts)  # segment sums, exact int64
-        out[ks] = h.cpu().numpy().astype(np.float64)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ Chamfer matrices
 
 
-def _device_type(device: Any) -> str:
-    return str(device).split(":")[0] if device is not None else "cpu"
+def resolve_engine(engine: str | None, device: Any = "cpu") -> str:
+    """The engine a computation uses: `engine` when given (numpy or torch), else torch on CUDA and numpy elsewhere."""
+    engine = engine or ("torch" if backends.device_type(device) == "cuda" else "numpy")
+    if engine not in ("numpy", "torch"):
+        raise VoxdiffError(f"engine must be numpy or torch; got {engine!r}")
+    return engine
 
 
 def one_sided_sums(
@@ -348,44 +257,20 @@ def one_sided_sums(
     """H (n_src × n_tgt), H[i, j] = Σ_{q in target j} min_{p in source i} |p - q|² in voxel units (exact integers).
 
     Rows of empty sources are NaN. engine: "numpy" (default on CPU; `workers` > 1 uses processes) or "torch"
-    (default on CUDA). Both give the same integers.
+    (default on CUDA). Both give the same integers; how each computes them: voxdiff.metrics_backends.
     """
     if sources.resolution != targets.resolution:
         raise VoxdiffError(f"resolutions differ: {sources.resolution}³ vs {targets.resolution}³")
-    engine = engine or ("torch" if _device_type(device) == "cuda" else "numpy")
-    if engine not in ("numpy", "torch"):
-        raise VoxdiffError(f"engine must be numpy or torch; got {engine!r}")
-    res = sources.resolution
-    tg = _Targets.build(targets)
+    engine = resolve_engine(engine, device)
+    tg = backends.Targets.build(targets.indices, targets.offsets)
     src = [sources.shape_indices(i) for i in range(sources.n)]
-    h = np.empty((sources.n, targets.n), np.float64)
     bar = tqdm(total=sources.n, desc=f"chamfer ({engine})", unit="shape", disable=not progress, leave=False)
-    if engine == "torch":
-        batch = 8 if _device_type(device) == "cuda" else 2
-        step = batch * 8
-        for i0 in range(0, sources.n, step):
-            h[i0 : i0 + step] = _rows_torch(src[i0 : i0 + step], tg, res, device, batch)
-            bar.update(len(src[i0 : i0 + step]))
-    elif workers <= 1 or sources.n < MIN_PARALLEL_SHAPES:  # small jobs: process start-up costs more than it saves
-        _init_worker(tg, res)
-        try:
-            for i0 in range(0, sources.n, 16):
-                h[i0 : i0 + 16] = _rows_numpy(src[i0 : i0 + 16])
-                bar.update(len(src[i0 : i0 + 16]))
-        finally:
-            _WORKER.clear()
-    else:
-        step = max(1, min(32, math.ceil(sources.n / (4 * workers))))
-        ctx = get_context("spawn")  # never fork a process that may hold torch/OpenMP threads
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(tg, res)) as pool:
-            futures = {pool.submit(_rows_numpy, src[i0 : i0 + step]): i0 for i0 in range(0, sources.n, step)}
-            for fut in as_completed(futures):
-                rows = fut.result()
-                i0 = futures[fut]
-                h[i0 : i0 + len(rows)] = rows
-                bar.update(len(rows))
-    bar.close()
-    return h
+    try:
+        if engine == "torch":
+            return backends.sums_torch(src, tg, sources.resolution, device, update=bar.update)
+        return backends.sums_numpy(src, tg, sources.resolution, edt_sq, workers=workers, update=bar.update)
+    finally:
+        bar.close()
 
 
 def _cd_from_sums(h_ab: np.ndarray, h_ba: np.ndarray, n_a: np.ndarray, n_b: np.ndarray, res: int) -> np.ndarray:
@@ -540,7 +425,7 @@ def evaluate(
         "ref_mean_occupancy": float(r.counts.mean() / vox),
         "sample_mean_voxels": float(s.counts.mean()),
         "ref_mean_voxels": float(r.counts.mean()),
-        "engine": engine or ("torch" if _device_type(device) == "cuda" else "numpy"),
+        "engine": resolve_engine(engine, device),
         "elapsed_s": time.perf_counter() - t0,
     }
 
@@ -552,11 +437,3 @@ def sha256_of(arrays: Sequence[np.ndarray]) -> str:
         for i0 in range(0, a.shape[0], 64):
             h.update(memoryview(np.ascontiguousarray(a[i0 : i0 + 64])).cast("B"))
     return h.hexdigest()
-
-
-def default_workers() -> int:
-    """Worker processes for the CPU path: the usable cores (at least 1)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)

@@ -1,45 +1,41 @@
-"""Sampling: classifier-free guidance in one batched forward, the reverse-diffusion loop, latent decoding, binarisation,
-and the resumable `sample_to_files` job behind `diffusion/sample.py`.
+"""Sampling: classifier-free guidance in one batched forward, the reverse-diffusion loop, and the pipeline object that
+turns a trained LDM + AE into voxel grids (`LatentVoxelPipeline`), used by sampling-to-files, SDS, the tuning, the
+trainer's preview and the main pipeline alike.
 
-The network and the scheduler are arguments (habit 2 of ARCHITECTURE.md): nothing here builds or knows a noise process.
-Per-batch seeds make every batch a pure function of (seed, category, batch index), so an interrupted job that is rerun
-writes exactly the arrays an uninterrupted one would.
+    pipe = LatentVoxelPipeline.from_checkpoints("runs/medium/ae", "runs/medium/ldm", device="cpu")
+    z = pipe.sample_latents(labels, pipe.scheduler("ddim", 50), cfg_scale=1.0, generator=g)
+    grids = pipe.to_grids(z, labels, pipe.binarization("threshold", 0.5), resolution=64)   # uint8 (B, 64, 64, 64)
+
+The network and the scheduler are arguments of the loop: nothing here builds or knows a noise process. Per-batch seeds
+make every batch of `sample_to_files` a pure function of (seed, category, batch index), so an interrupted job that is
+rerun writes exactly the arrays an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from voxdiff import __version__
-from voxdiff.binarize import binarize
-from voxdiff.checkpoint import resolve_checkpoint_file, unwrap
-from voxdiff.config import CATEGORIES, LDMTrainConfig, SampleConfig, category_index, from_dict, to_dict
+from voxdiff.binarize import Binarization
+from voxdiff.checkpoint import AEMeta, LDMMeta, load_autoencoder, load_unet, resolve_checkpoint_file, unwrap
+from voxdiff.config import CATEGORIES, BinarizeMode, SampleConfig, SchedulerConfig, category_index, from_dict, to_dict
 from voxdiff.distributed import all_gather_object, barrier, broadcast_object, check_same_config, init_distributed
 from voxdiff.latents import denormalise, file_sha256
 from voxdiff.models.autoencoder import VoxelAutoencoder
-from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, make_scheduler
-from voxdiff.utils import VoxdiffError, atomic_write_json, get_logger
+from voxdiff.utils import Progress, VoxdiffError, atomic_write_json, flush_denormals, get_logger
 
-__all__ = [
-    "guided_eps",
-    "sample_latents",
-    "decode_latents",
-    "upsample_nearest",
-    "batch_seed",
-    "load_models",
-    "sample_to_files",
-]
+__all__ = ["guided_eps", "sample_latents", "upsample_nearest", "batch_seed", "LatentVoxelPipeline", "sample_to_files"]
 
 
 def guided_eps(
@@ -49,9 +45,9 @@ def guided_eps(
 
         ε̂ = (1 + w) · ε_θ(x, t, y) − w · ε_θ(x, t, ∅)
 
-    Scale convention (the seed's): w = 0 is exactly the plain conditional prediction (the unconditional branch is then
-    skipped, not just weighted by zero), w = −1 is the unconditional model, w > 0 strengthens the condition. In the
-    other common convention ε_u + s (ε_c − ε_u), s = 1 + w. The null class ∅ is the model's `null_class` id.
+    Scale convention: w = 0 is exactly the plain conditional prediction (the unconditional branch is then skipped,
+    not just weighted by zero), w = −1 is the unconditional model, w > 0 strengthens the condition. In the other
+    common convention ε_u + s (ε_c − ε_u), s = 1 + w. The null class ∅ is the model's `null_class` id.
     Shared by the sampler and SDS.
     """
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
@@ -71,7 +67,6 @@ def sample_latents(
     generator: torch.Generator | None,
     cfg_scale: float = 0.0,
     num_steps: int | None = None,
-    progress: bool = False,
     *,
     latent_shape: Sequence[int] | None = None,
     noise: torch.Tensor | None = None,
@@ -90,26 +85,10 @@ def sample_latents(
     x = noise.to(device=device, dtype=torch.float32)
     if num_steps is not None:
         scheduler.set_timesteps(num_steps)
-    for t in tqdm(scheduler.timesteps, desc="denoise", disable=not progress, leave=False):
+    for t in scheduler.timesteps:
         eps = guided_eps(model, x, int(t), labels, cfg_scale)
         x = scheduler.step(eps.float(), int(t), x, generator).prev_sample
     return x
-
-
-@torch.no_grad()
-def decode_latents(
-    ae: VoxelAutoencoder,
-    z_normalised: torch.Tensor,
-    latent_mean: torch.Tensor,
-    latent_std: torch.Tensor,
-    resolution: int | None = None,
-) -> torch.Tensor:
-    """Normalised latents -> occupancy probabilities (B, R, R, R): z · std + mean per channel, then the AE decoder.
-
-    `resolution` (a multiple of the AE's) upsamples by nearest neighbour; None keeps the AE's resolution.
-    """
-    z = denormalise(z_normalised, latent_mean, latent_std)
-    return ae.decode(z, resolution=resolution).squeeze(1)
 
 
 def upsample_nearest(grid: torch.Tensor, factor: int) -> torch.Tensor:
@@ -126,73 +105,141 @@ def batch_seed(seed: int, category: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, category, batch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _identity(path: Path) -> list[Any]:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+@dataclass(eq=False)
+class LatentVoxelPipeline:
+    """A trained latent diffusion model and its autoencoder, and every step from noise to voxel grids.
 
-
-def _topk_per_category(cfg: SampleConfig, ae_ckpt: dict[str, Any], ae_res: int) -> dict[str, int]:
-    """k at the AE resolution per category (0 = threshold): --topk K is given at the output resolution, so K / f³;
-    --topk auto reads the AE's training occupancy (mean occupied voxels per shape) at its own resolution."""
-    f3 = (cfg.resolution // ae_res) ** 3
-    if cfg.topk == 0:
-        return dict.fromkeys(cfg.categories, 0)
-    if cfg.topk > 0:
-        return dict.fromkeys(cfg.categories, max(1, round(cfg.topk / f3)))
-    occ = (ae_ckpt.get("extra") or {}).get("occupancy") or {}
-    per_cat = occ.get(str(ae_res)) or {}
-    missing = [c for c in cfg.categories if c not in per_cat]
-    if missing:
-        raise VoxdiffError(f"--topk auto: the AE checkpoint has no training occupancy at {ae_res}³ for {missing}; "
-                           "pass --topk K or --threshold")
-    return {c: max(1, round(float(per_cat[c]))) for c in cfg.categories}
-
-
-def load_models(cfg: SampleConfig, device: torch.device) -> dict[str, Any]:
-    """Load and cross-check the LDM and AE checkpoints (also used by `voxdiff.sds`); user errors raise VoxdiffError
-    before anything is written.
-
-    Returns model, ae (on `device`), ldm_cfg, ldm_ckpt, ae_ckpt, ldm_file, ae_file, latent_shape, ae_res, mean, std,
-    topk (k per category at the AE resolution).
+    Built from checkpoints (`from_checkpoints`) or from networks in memory (the trainer's preview). The latent scale,
+    the calibrated threshold and the training occupancy come from the AE's metadata; the noise schedule from the LDM's.
     """
-    ldm_file = resolve_checkpoint_file(cfg.ldm_ckpt_path)
-    ae_file = resolve_checkpoint_file(cfg.ae_ckpt_path)
-    model, ldm_ckpt = UNet3D.from_checkpoint(ldm_file, use_ema=cfg.use_ema)
-    ae, ae_ckpt = VoxelAutoencoder.from_checkpoint(ae_file)
-    ldm_cfg = from_dict(LDMTrainConfig, ldm_ckpt["config"])
-    extra = ldm_ckpt.get("extra") or {}
-    if ldm_cfg.model.num_classes != len(CATEGORIES):
-        raise VoxdiffError(f"LDM has {ldm_cfg.model.num_classes} classes but voxdiff has {len(CATEGORIES)} "
-                           f"({', '.join(CATEGORIES)}): checkpoint mismatch")
-    untrained = [c for c in cfg.categories if c not in ldm_cfg.categories]
-    if untrained:
-        raise VoxdiffError(f"LDM was not trained on {untrained} (trained on {list(ldm_cfg.categories)})")
-    if tuple(extra.get("latent_shape", ())) != tuple(ae.latent_shape):
-        raise VoxdiffError(f"LDM latent shape {tuple(extra.get('latent_shape', ()))} does not match the AE's "
-                           f"{tuple(ae.latent_shape)}: wrong --ae_ckpt_path?")
-    if cfg.use_cfg and not ldm_cfg.use_cfg:
-        raise VoxdiffError("--use_cfg given but the LDM was trained without label dropout (no unconditional model)")
-    ae_res = ae.cfg.resolution
-    if cfg.resolution < ae_res or cfg.resolution % ae_res:
-        raise VoxdiffError(f"--resolution {cfg.resolution} is impossible: it must be a multiple of the AE's {ae_res}")
-    if cfg.steps and cfg.steps > ldm_cfg.scheduler.num_train_timesteps:
-        raise VoxdiffError(f"--steps {cfg.steps} exceeds the {ldm_cfg.scheduler.num_train_timesteps} training steps")
-    return {
-        "model": model.to(device), "ae": ae.to(device), "ldm_cfg": ldm_cfg, "ldm_ckpt": ldm_ckpt, "ae_ckpt": ae_ckpt,
-        "ldm_file": ldm_file, "ae_file": ae_file, "latent_shape": tuple(ae.latent_shape), "ae_res": ae_res,
-        "mean": torch.as_tensor(extra["latent_mean"], dtype=torch.float32),
-        "std": torch.as_tensor(extra["latent_std"], dtype=torch.float32),
-        "topk": _topk_per_category(cfg, ae_ckpt, ae_res),
-        "threshold": effective_threshold(cfg.threshold, ae_ckpt),
-    }
+
+    unet: torch.nn.Module
+    ae: VoxelAutoencoder
+    scheduler_config: SchedulerConfig
+    ae_meta: AEMeta
+    ldm_meta: LDMMeta | None = None
+    ae_file: Path | None = None
+    ldm_file: Path | None = None
+    ldm_step: int = 0
+    ae_matches: bool = True  # the AE file is the one the LDM was trained with
+
+    def __post_init__(self) -> None:
+        if self.ae_meta.latent_mean is None or self.ae_meta.latent_std is None:
+            raise VoxdiffError(f"AE checkpoint {self.ae_file or ''} has no latent statistics (its training did not "
+                               "finish); rerun autoencoder.py with --resume")
+        self.latent_mean = torch.as_tensor(self.ae_meta.latent_mean, dtype=torch.float32)
+        self.latent_std = torch.as_tensor(self.ae_meta.latent_std, dtype=torch.float32)
+        if self.latent_mean.numel() != self.ae.cfg.latent_channels or not bool((self.latent_std > 0).all()):
+            raise VoxdiffError("AE latent statistics do not fit its latent (one positive std per channel expected)")
+
+    @classmethod
+    def from_checkpoints(cls, ae_ckpt_path: str | os.PathLike[str], ldm_ckpt_path: str | os.PathLike[str], *,
+                         device: Any = "cpu", use_ema: bool = True) -> LatentVoxelPipeline:
+        """Load and cross-check the AE and LDM checkpoints (files or run directories); user errors raise VoxdiffError
+        before anything is written."""
+        ldm_file, ae_file = resolve_checkpoint_file(ldm_ckpt_path), resolve_checkpoint_file(ae_ckpt_path)
+        unet, ldm_ckpt = load_unet(ldm_file, use_ema=use_ema)
+        ae, ae_ckpt = load_autoencoder(ae_file)
+        meta: LDMMeta = ldm_ckpt.meta  # type: ignore[assignment]
+        if unet.num_classes != len(CATEGORIES):
+            raise VoxdiffError(f"LDM has {unet.num_classes} classes but voxdiff has {len(CATEGORIES)} "
+                               f"({', '.join(CATEGORIES)}): checkpoint mismatch")
+        if tuple(meta.latent_shape) != tuple(ae.latent_shape):
+            raise VoxdiffError(f"LDM latent shape {tuple(meta.latent_shape)} does not match the AE's "
+                               f"{tuple(ae.latent_shape)}: wrong --ae_ckpt_path?")
+        matches = not meta.ae_sha256 or meta.ae_sha256 == file_sha256(ae_file)
+        return cls(unet=unet.to(device), ae=ae.to(device), scheduler_config=from_dict(SchedulerConfig, meta.scheduler),
+                   ae_meta=ae_ckpt.meta, ldm_meta=meta, ae_file=ae_file, ldm_file=ldm_file, ldm_step=ldm_ckpt.step,
+                   ae_matches=matches)  # type: ignore[arg-type]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return self.ae.latent_shape
+
+    @property
+    def ae_resolution(self) -> int:
+        return self.ae.cfg.resolution
+
+    def scheduler(self, sampler: str = "ddim", steps: int | None = None,
+                  eta: float = 0.0) -> DDPMScheduler | DDIMScheduler:
+        """A fresh scheduler of this LDM's noise process (None steps: all T for DDPM, 50 for DDIM)."""
+        T = self.scheduler_config.num_train_timesteps
+        if steps is not None and steps > T:
+            raise VoxdiffError(f"--steps {steps} exceeds the {T} training steps")
+        return make_scheduler(sampler, self.scheduler_config, steps, eta)
+
+    def guidance(self, use_cfg: bool, cfg_scale: float) -> float:
+        """The guidance scale w to sample with: `cfg_scale` with use_cfg, else 0 (plain conditional). Refuses guidance
+        from an LDM trained without label dropout (it has no unconditional model)."""
+        w = float(cfg_scale) if use_cfg else 0.0
+        if w != 0 and self.ldm_meta is not None and not self.ldm_meta.use_cfg:
+            raise VoxdiffError("this LDM was trained without label dropout, so it has no unconditional model: sample "
+                               "it with --no_use_cfg")
+        return w
+
+    def check_categories(self, categories: Sequence[str]) -> None:
+        trained = self.ldm_meta.categories if self.ldm_meta is not None else list(CATEGORIES)
+        untrained = [c for c in categories if c not in trained]
+        if untrained:
+            raise VoxdiffError(f"LDM was not trained on {untrained} (trained on {list(trained)})")
+
+    def sample_latents(self, labels: torch.Tensor, scheduler: DDPMScheduler | DDIMScheduler, cfg_scale: float,
+                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised latents (B, *latent_shape) of the classes `labels`, by the reverse process of `scheduler`."""
+        return sample_latents(self.unet, scheduler, labels.to(self.device), generator, cfg_scale,
+                              latent_shape=self.latent_shape, noise=noise)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> occupancy probabilities (B, r, r, r) at the AE's resolution, in fp32."""
+        return self.ae.decode(denormalise(z, self.latent_mean, self.latent_std)).squeeze(1)
+
+    def binarization(self, mode: BinarizeMode = "threshold", threshold: float = 0.5, topk: int | None = None,
+                     resolution: int | None = None) -> Binarization:
+        """The binarisation rule at the AE's resolution: "threshold" (p > threshold), "calibrated" (the AE's
+        held-out threshold) or "topk" (`topk` voxels per shape at `resolution`, i.e. topk / f³ at the AE's; None: the
+        category's mean training count)."""
+        if mode == "threshold":
+            return Binarization(threshold=float(threshold))
+        if mode == "calibrated":
+            return Binarization(threshold=float(self.ae_meta.threshold))
+        if mode != "topk":
+            raise ValueError(f"binarize must be threshold, calibrated or topk; got {mode!r}")
+        r = self.ae_resolution
+        f3 = ((resolution or r) // r) ** 3
+        if topk is not None:
+            return Binarization(topk=dict.fromkeys(range(len(CATEGORIES)), max(1, round(topk / f3))))
+        per_cat = self.ae_meta.occupancy.get(str(r)) or {}
+        missing = [c for c in CATEGORIES if c not in per_cat]
+        if missing:
+            raise VoxdiffError(f"top-k: the AE checkpoint has no training occupancy at {r}³ for {missing}; "
+                               "pass --topk K")
+        return Binarization(topk={category_index(c): max(1, round(float(k))) for c, k in per_cat.items()})
+
+    def to_grids(self, z: torch.Tensor, labels: torch.Tensor, binarization: Binarization,
+                 resolution: int | None = None) -> np.ndarray:
+        """Normalised latents -> uint8 grids (B, R, R, R) in {0, 1}: decode, binarise at the AE's resolution, then
+        nearest-upsample to `resolution` (a multiple of the AE's; None keeps it)."""
+        r = self.ae_resolution
+        resolution = resolution or r
+        if resolution < r or resolution % r:
+            raise VoxdiffError(f"resolution {resolution} is impossible: it must be a multiple of the AE's {r}")
+        grids = binarization(self.decode(z.detach()), labels)
+        return upsample_nearest(grids.to(torch.uint8), resolution // r).cpu().numpy()
 
 
-def effective_threshold(threshold: float, ae_ckpt: dict[str, Any]) -> float:
-    """The occupancy threshold to use: `threshold`, or when it is negative ("auto") the AE's threshold calibrated for
-    IoU on a held-out slice of the training split (checkpoint extra "threshold"), falling back to 0.5."""
-    if threshold >= 0:
-        return float(threshold)
-    return float((ae_ckpt.get("extra") or {}).get("threshold", 0.5))
+def _progress_key(cfg: SampleConfig, category: str, pipe: LatentVoxelPipeline) -> str:
+    """What a partial file depends on: the settings that change samples, and the checkpoints' content (so a moved
+    or renamed run directory resumes, and a retrained model never does)."""
+    import hashlib
+
+    src = {k: v for k, v in to_dict(cfg).items() if k not in ("ldm_ckpt_path", "ae_ckpt_path", "save_dir", "device")}
+    src.update(categories=[category], ldm=file_sha256(pipe.ldm_file), ae=file_sha256(pipe.ae_file))
+    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int | None = None) -> dict[str, Any]:
@@ -207,106 +254,113 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
     """
     info = init_distributed(cfg.device)
     device = info.device
+    flush_denormals(device)
     check_same_config(to_dict(cfg), "sampling config")
-    m = load_models(cfg, device)
+    pipe = LatentVoxelPipeline.from_checkpoints(cfg.ae_ckpt_path, cfg.ldm_ckpt_path, device=device,
+                                                use_ema=cfg.use_ema)
+    pipe.check_categories(cfg.categories)
+    scale = pipe.guidance(cfg.use_cfg, cfg.cfg_scale)
+    scheduler = pipe.scheduler(cfg.sampler, cfg.steps, cfg.eta)
+    binarization = pipe.binarization(cfg.binarize, cfg.threshold, cfg.topk, cfg.resolution)
+    R = cfg.resolution
+    if pipe.ae_resolution > R or R % pipe.ae_resolution:
+        raise VoxdiffError(f"--resolution {R} is impossible: it must be a multiple of the AE's {pipe.ae_resolution}")
     save_dir = Path(cfg.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     log = get_logger("voxdiff.sample", save_dir / "sample.log" if info.is_main else None)
-    recorded = m["ldm_ckpt"]["extra"].get("ae_hash")
-    if recorded and recorded != file_sha256(m["ae_file"]):
-        log.warning("AE checkpoint %s differs from the one the LDM was trained with (%s)", m["ae_file"],
-                    m["ldm_ckpt"]["extra"].get("ae_ckpt_path"))
-    model, ae = m["model"], m["ae"]
-    scheduler = make_scheduler(cfg.sampler, m["ldm_cfg"].scheduler, cfg.steps, cfg.eta)
-    scale = cfg.cfg_scale if cfg.use_cfg else 0.0
-    R, f = cfg.resolution, cfg.resolution // m["ae_res"]
+    if not pipe.ae_matches:
+        log.warning("AE checkpoint %s differs from the one the LDM was trained with (%s)", pipe.ae_file,
+                    pipe.ldm_meta.ae_file if pipe.ldm_meta else "?")
     nb = -(-cfg.num_samples // cfg.batch_size)
     summary: dict[str, Any] = {"config": to_dict(cfg), "version": __version__, "device": str(device),
-                               "ldm_ckpt": str(m["ldm_file"]), "ldm_step": int(m["ldm_ckpt"]["step"]),
-                               "ae_ckpt": str(m["ae_file"]), "cfg_scale_effective": scale,
+                               "ldm_ckpt": str(pipe.ldm_file), "ldm_step": pipe.ldm_step, "ae_ckpt": str(pipe.ae_file),
+                               "cfg_scale_effective": scale, "binarization": binarization.describe(),
                                "timesteps": len(scheduler.timesteps), "categories": {}, "complete": True}
     if info.distributed:
         summary["world_size"] = info.world_size
     budget = max_batches
     for cat in cfg.categories:
-        c = category_index(cat)
-        final, partial = save_dir / f"{cat}.npy", save_dir / f".{cat}.partial.npy"
-        prog_file = save_dir / f".{cat}.progress.json"
-        key_src = {**to_dict(cfg), "categories": [cat], "device": None, "ldm": _identity(m["ldm_file"]),
-                   "ae": _identity(m["ae_file"])}
-        key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
-        prog = json.loads(prog_file.read_text()) if prog_file.is_file() else {}
-        if prog.get("key") != key:
-            prog = {"key": key, "done": {}, "complete": False}
-        prog = broadcast_object(prog)  # rank 0's reading of the progress file decides for every rank
-        if prog["complete"] and final.is_file():
-            log.info("%s: complete from an earlier run, skipped", cat)
-            summary["categories"][cat] = {**prog["stats"], "skipped": True}
-            continue
-        if budget is not None and budget <= 0:
+        result = _sample_category(cfg, cat, pipe, scheduler, scale, binarization, info, log, progress, nb, budget)
+        if result is None:
             summary["complete"] = False
             break
-        if broadcast_object(not prog["done"] or not partial.is_file()):
-            prog["done"] = {}
-            if info.is_main:
-                np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(cfg.num_samples, R, R, R)).flush()
-        else:
-            log.info("%s: resuming, %d of %d batches done", cat, len(prog["done"]), nb)
-        barrier()  # the partial file exists: every rank writes its batches' rows into it
-        arr = np.lib.format.open_memmap(partial, mode="r+")
-        t0, new, new_shapes = time.perf_counter(), 0, 0
-        pbar = tqdm(total=cfg.num_samples, initial=sum(v["n"] for v in prog["done"].values()), unit="shape",
-                    desc=f"sample {cat}", disable=not (progress and info.is_main), dynamic_ncols=True)
-        pending = [b for b in range(nb) if str(b) not in prog["done"]]
-        if budget is not None:
-            pending = pending[: max(0, budget)]
-        for first in range(0, len(pending), info.world_size):
-            chunk = pending[first : first + info.world_size]  # a round: one batch per rank, in batch order
-            record: dict[str, Any] = {}
-            for b in chunk[info.rank : info.rank + 1]:  # this rank's batch (none in a short last round)
-                s, e = b * cfg.batch_size, min(cfg.num_samples, (b + 1) * cfg.batch_size)
-                gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, c, b))
-                labels = torch.full((e - s,), c, dtype=torch.long, device=device)
-                z = sample_latents(model, scheduler, labels, gen, scale, latent_shape=m["latent_shape"])
-                probs = decode_latents(ae, z, m["mean"], m["std"])  # at the AE's resolution
-                k = m["topk"][cat]
-                grids = binarize(probs, threshold=m["threshold"], topk=k if k > 0 else None)
-                grids = upsample_nearest(grids.to(torch.uint8), f).cpu().numpy()
-                arr[s:e] = grids
-                arr.flush()
-                occ = grids.reshape(len(grids), -1).sum(1)
-                record[str(b)] = {"n": e - s, "occ_sum": float(occ.sum()), "empty": int((occ == 0).sum())}
-            for rec in all_gather_object(record):  # every rank learns the round's finished batches, in batch order
-                prog["done"].update(rec)
-                new += len(rec)
-                new_shapes += sum(v["n"] for v in rec.values())
-                pbar.update(sum(v["n"] for v in rec.values()))
-            if info.is_main:
-                atomic_write_json(prog_file, prog)
+        stats, new = result
         if budget is not None:
             budget -= new
-        pbar.close()
-        seconds = time.perf_counter() - t0
-        done = len(prog["done"]) == nb
-        arr.flush()
-        del arr
-        stats = {"num_samples": cfg.num_samples, "resolution": R, "batches_new": new,
-                 "batches_total": nb, "seconds": seconds,
-                 "shapes_per_s": new_shapes / seconds if new_shapes and seconds > 0 else None,
-                 "mean_occupancy": sum(v["occ_sum"] for v in prog["done"].values()) / max(1, cfg.num_samples) / R**3,
-                 "empty": sum(v["empty"] for v in prog["done"].values()), "topk_at_ae_res": m["topk"][cat]}
-        if done:
-            prog.update(complete=True, stats=stats)
-            if info.is_main:  # every rank's rows were flushed before the last gather: rank 0 publishes the file
-                os.replace(partial, final)
-                atomic_write_json(prog_file, prog)
-            log.info("%s: wrote %s %s, %.1fs, %s", cat, final, (cfg.num_samples, R, R, R), seconds, stats)
-        else:
-            summary["complete"] = False
-            log.info("%s: stopped after %d new batches (%d/%d done); rerun to continue", cat, new,
-                     len(prog["done"]), nb)
-        summary["categories"][cat] = {**stats, "file": str(final) if done else None}
+        summary["categories"][cat] = stats
+        summary["complete"] &= stats.get("file") is not None
     if info.is_main:
         atomic_write_json(save_dir / "sample.json", summary)
     barrier()  # every rank returns once the files exist
     return summary
+
+
+def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, scheduler: Any, scale: float,
+                     binarization: Binarization, info: Any, log: logging.Logger, progress: bool, nb: int,
+                     budget: int | None) -> tuple[dict[str, Any], int] | None:
+    """One category of `sample_to_files`; None when the batch budget is already spent."""
+    save_dir, R, c = Path(cfg.save_dir), cfg.resolution, category_index(cat)
+    final, partial = save_dir / f"{cat}.npy", save_dir / f".{cat}.partial.npy"
+    prog_file = save_dir / f".{cat}.progress.json"
+    key = _progress_key(cfg, cat, pipe)
+    prog = json.loads(prog_file.read_text()) if prog_file.is_file() else {}
+    if prog.get("key") != key:
+        prog = {"key": key, "done": {}, "complete": False}
+    prog = broadcast_object(prog)  # rank 0's reading of the progress file decides for every rank
+    if prog["complete"] and final.is_file():
+        log.info("%s: complete from an earlier run, skipped", cat)
+        return {**prog["stats"], "skipped": True, "file": str(final)}, 0
+    if budget is not None and budget <= 0:
+        return None
+    if broadcast_object(not prog["done"] or not partial.is_file()):
+        prog["done"] = {}
+        if info.is_main:
+            np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(cfg.num_samples, R, R, R)).flush()
+    else:
+        log.info("%s: resuming, %d of %d batches done", cat, len(prog["done"]), nb)
+    barrier()  # the partial file exists: every rank writes its batches' rows into it
+    arr = np.lib.format.open_memmap(partial, mode="r+")
+    t0, new, new_shapes = time.perf_counter(), 0, 0
+    bar = Progress(cfg.num_samples, f"sample {cat}", unit="shape", initial=sum(v["n"] for v in prog["done"].values()),
+                   enabled=progress and info.is_main, log=log)
+    pending = [b for b in range(nb) if str(b) not in prog["done"]]
+    if budget is not None:
+        pending = pending[: max(0, budget)]
+    for first in range(0, len(pending), info.world_size):
+        chunk = pending[first : first + info.world_size]  # a round: one batch per rank, in batch order
+        record: dict[str, Any] = {}
+        for b in chunk[info.rank : info.rank + 1]:  # this rank's batch (none in a short last round)
+            s, e = b * cfg.batch_size, min(cfg.num_samples, (b + 1) * cfg.batch_size)
+            gen = torch.Generator(device=pipe.device).manual_seed(batch_seed(cfg.seed, c, b))
+            labels = torch.full((e - s,), c, dtype=torch.long, device=pipe.device)
+            z = pipe.sample_latents(labels, scheduler, scale, gen)
+            grids = pipe.to_grids(z, labels, binarization, R)
+            arr[s:e] = grids
+            arr.flush()
+            occ = grids.reshape(len(grids), -1).sum(1)
+            record[str(b)] = {"n": e - s, "occ_sum": float(occ.sum()), "empty": int((occ == 0).sum())}
+        for rec in all_gather_object(record):  # every rank learns the round's finished batches, in batch order
+            prog["done"].update(rec)
+            new += len(rec)
+            new_shapes += sum(v["n"] for v in rec.values())
+            bar.update(sum(v["n"] for v in rec.values()))
+        if info.is_main:
+            atomic_write_json(prog_file, prog)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    done = len(prog["done"]) == nb
+    arr.flush()
+    del arr
+    stats = {"num_samples": cfg.num_samples, "resolution": R, "batches_new": new, "batches_total": nb,
+             "seconds": seconds, "shapes_per_s": new_shapes / seconds if new_shapes and seconds > 0 else None,
+             "mean_occupancy": sum(v["occ_sum"] for v in prog["done"].values()) / max(1, cfg.num_samples) / R**3,
+             "empty": sum(v["empty"] for v in prog["done"].values())}
+    if done:
+        prog.update(complete=True, stats=stats)
+        if info.is_main:  # every rank's rows were flushed before the last gather: rank 0 publishes the file
+            os.replace(partial, final)
+            atomic_write_json(prog_file, prog)
+        log.info("%s: wrote %s %s, %.1fs, %s", cat, final, (cfg.num_samples, R, R, R), seconds, stats)
+    else:
+        log.info("%s: stopped after %d new batches (%d/%d done); rerun to continue", cat, new, len(prog["done"]), nb)
+    return {**stats, "file": str(final) if done else None}, new

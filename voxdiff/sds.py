@@ -10,8 +10,8 @@ renderer). Weighting w(t): "sds" = 1 − ᾱ_t (DreamFusion's choice, the noise 
 terms whose ε-residual is mostly noise) or "uniform" = 1. The gradient is applied through the usual surrogate loss
 `(grad.detach() * z).sum()`, whose derivative in z is exactly `grad`, so any torch optimizer (Adam here) can step z.
 
-The model, the CFG helper, the schedulers, checkpoint loading and decode/binarise are all reused from
-`voxdiff.sampling` / `voxdiff.schedulers`, so SDS shapes are decoded and binarised exactly like `diffusion/sample.py`'s.
+The model, the CFG helper, the schedulers, checkpoint loading and decode/binarise all come from the same
+`LatentVoxelPipeline` as `diffusion/sample.py`, so SDS shapes are decoded and binarised exactly like its samples.
 With `init="ddim"` and the same seed, the starting latents are bit-identical to `sample_to_files`' DDIM (η = 0) samples.
 """
 
@@ -24,15 +24,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from voxdiff import __version__
-from voxdiff.binarize import binarize
-from voxdiff.config import CATEGORIES, SampleConfig, SDSConfig, category_index, to_dict
-from voxdiff.latents import file_sha256
-from voxdiff.sampling import batch_seed, decode_latents, guided_eps, load_models, sample_latents, upsample_nearest
-from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, expand_as_sample, make_scheduler
-from voxdiff.utils import VoxdiffError, atomic_memmap, atomic_write_json, get_logger, resolve_device
+from voxdiff.binarize import Binarization
+from voxdiff.config import CATEGORIES, SDSConfig, category_index, to_dict
+from voxdiff.sampling import LatentVoxelPipeline, batch_seed, guided_eps
+from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, expand_as_sample
+from voxdiff.utils import (
+    Progress,
+    VoxdiffError,
+    atomic_memmap,
+    atomic_write_json,
+    flush_denormals,
+    get_logger,
+    resolve_device,
+)
 
 __all__ = ["sds_weight", "sds_grad", "sds_loss", "timestep_range", "run_sds"]
 
@@ -97,24 +103,15 @@ def timestep_range(cfg: SDSConfig, num_train_timesteps: int, step: int = 0) -> t
     T = num_train_timesteps
     hi = min(T - 1, round(cfg.t_max * T))
     lo = min(hi, round(cfg.t_min * T))
-    if cfg.anneal and cfg.steps > 1:
-        p = step / (cfg.steps - 1)
+    if cfg.anneal and cfg.num_steps > 1:
+        p = step / (cfg.num_steps - 1)
         hi = round(hi - (hi - lo) * p)
     return lo, hi
 
 
-def _to_grids(ae: Any, z: torch.Tensor, m: dict[str, Any], cfg: SDSConfig, k: int, factor: int) -> np.ndarray:
-    """Latents -> uint8 grids at cfg.resolution, with the calls and order of `sample_to_files`."""
-    probs = decode_latents(ae, z.detach(), m["mean"], m["std"])  # at the AE's resolution
-    grids = binarize(probs, threshold=m["threshold"], topk=k if k > 0 else None)
-    return upsample_nearest(grids.to(torch.uint8), factor).cpu().numpy()
-
-
 def _render(grids: np.ndarray, path: Path, title: str) -> None:
-    try:
-        from voxdiff.render import render_voxels
-    except ImportError:  # rendering is optional
-        return
+    from voxdiff.render import render_voxels
+
     render_voxels(grids, path, titles=[f"{title} #{i}" for i in range(len(grids))])
 
 
@@ -132,53 +129,53 @@ def _write_summary(path: Path, category: str, summary: dict[str, Any]) -> None:
     atomic_write_json(path, data)
 
 
-def _sample_config(cfg: SDSConfig) -> SampleConfig:
-    """The SampleConfig whose checks `load_models` applies (init DDIM steps, CFG, resolution, top-k)."""
-    return SampleConfig(
-        ldm_ckpt_path=cfg.ldm_ckpt_path, ae_ckpt_path=cfg.ae_ckpt_path, save_dir=cfg.save_dir,
-        categories=(cfg.category,), num_samples=cfg.num_samples, batch_size=cfg.batch_size, sampler="ddim",
-        steps=cfg.init_steps if cfg.init == "ddim" else 0, eta=0.0, use_cfg=cfg.guidance_scale != 0,
-        cfg_scale=cfg.guidance_scale, resolution=cfg.resolution, threshold=cfg.threshold, topk=cfg.topk,
-        use_ema=cfg.use_ema, device=cfg.device, seed=cfg.seed,
-    )
-
-
 def run_sds(cfg: SDSConfig, progress: bool = True) -> dict[str, Any]:
-    """Optimise `cfg.num_samples` latents of `cfg.category` by SDS (batches of `batch_size` at once) and decode them.
+    """Optimise `cfg.num_samples` latents per category by SDS (batches of `batch_size` at once) and decode them.
 
     Writes `{save_dir}/{category}.npy` ((N, R, R, R) uint8 in {0, 1}, for eval.py; atomic), `sds.json` (one entry
     per category: config, timings, final mean per-sample SDS-gradient norm, occupancy), `sds.log`, and renders of the
     first batch's first `render_n` shapes every `render_every` steps (`renders/{category}_step_XXXXX.png`).
-    Returns this category's summary.
-    Every checkpoint/flag error is raised before anything is written.
+    Returns {category: summary}. Every checkpoint/flag error is raised before anything is written.
     """
-    t_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    m = load_models(_sample_config(cfg), device)
-    model, ae = m["model"].requires_grad_(False), m["ae"].requires_grad_(False)
-    sched_cfg = m["ldm_cfg"].scheduler
-    T = sched_cfg.num_train_timesteps
-    noise_sched = make_scheduler("ddpm", sched_cfg)  # add_noise and ᾱ only
-    init_sched = make_scheduler("ddim", sched_cfg, cfg.init_steps, eta=0.0) if cfg.init == "ddim" else None
-    c, k = category_index(cfg.category), m["topk"][cfg.category]
-    R, factor = cfg.resolution, cfg.resolution // m["ae_res"]
+    flush_denormals(device)
+    pipe = LatentVoxelPipeline.from_checkpoints(cfg.ae_ckpt_path, cfg.ldm_ckpt_path, device=device,
+                                                use_ema=cfg.use_ema)
+    pipe.check_categories(cfg.categories)
+    pipe.unet.requires_grad_(False)
+    pipe.ae.requires_grad_(False)
+    scale = pipe.guidance(cfg.use_cfg, cfg.cfg_scale)
+    binarization = pipe.binarization(cfg.binarize, cfg.threshold, cfg.topk, cfg.resolution)
+    if cfg.resolution < pipe.ae_resolution or cfg.resolution % pipe.ae_resolution:
+        raise VoxdiffError(f"--resolution {cfg.resolution} is impossible: it must be a multiple of the AE's "
+                           f"{pipe.ae_resolution}")
+    init_sched = pipe.scheduler("ddim", cfg.steps, eta=0.0) if cfg.init == "ddim" else None
     save_dir = Path(cfg.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     log = get_logger("voxdiff.sds", save_dir / "sds.log")
-    recorded = (m["ldm_ckpt"].get("extra") or {}).get("ae_hash")
-    if recorded and recorded != file_sha256(m["ae_file"]):
-        log.warning("AE checkpoint %s differs from the one the LDM was trained with", m["ae_file"])
-    log.info("SDS %s: %d samples, %d steps, t in [%s, %s] of T=%d, w=%s, init=%s", cfg.category, cfg.num_samples,
-             cfg.steps, *timestep_range(cfg, T), T, cfg.weighting, cfg.init)
+    if not pipe.ae_matches:
+        log.warning("AE checkpoint %s differs from the one the LDM was trained with", pipe.ae_file)
+    return {cat: _sds_category(cfg, cat, pipe, scale, binarization, init_sched, log, progress)
+            for cat in cfg.categories}
 
+
+def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scale: float,
+                  binarization: Binarization, init_sched: Any, log: Any, progress: bool) -> dict[str, Any]:
+    """SDS for one category: batches of latents optimised, decoded like diffusion/sample.py, written atomically."""
+    t_start = time.perf_counter()
+    device, save_dir = pipe.device, Path(cfg.save_dir)
+    noise_sched = pipe.scheduler("ddpm")  # add_noise and ᾱ only
+    T = pipe.scheduler_config.num_train_timesteps
+    c, R = category_index(category), cfg.resolution
+    log.info("SDS %s: %d samples, %d steps, t in [%s, %s] of T=%d, w(t)=%s, guidance %s, init=%s", category,
+             cfg.num_samples, cfg.num_steps, *timestep_range(cfg, T), T, cfg.weighting, scale, cfg.init)
     nb = -(-cfg.num_samples // cfg.batch_size)
     timing = {"init_s": 0.0, "optimise_s": 0.0, "decode_s": 0.0, "render_s": 0.0}
-    step_norm = np.zeros(cfg.steps)  # mean per-sample ‖grad‖ at each step, averaged over batches
+    step_norm = np.zeros(cfg.num_steps)  # mean per-sample ‖grad‖ at each step, averaged over batches
     final_norms: list[np.ndarray] = []
     occ_sum, empty = 0.0, 0
-    out = save_dir / f"{cfg.category}.npy"
-    pbar = tqdm(total=nb * cfg.steps, desc=f"sds {cfg.category}", unit="step", disable=not progress,
-                dynamic_ncols=True)
+    out = save_dir / f"{category}.npy"
+    bar = Progress(nb * cfg.num_steps, f"sds {category}", enabled=progress, log=log)
     with atomic_memmap(out, (cfg.num_samples, R, R, R), np.uint8) as arr:
         for b in range(nb):
             s, e = b * cfg.batch_size, min(cfg.num_samples, (b + 1) * cfg.batch_size)
@@ -187,27 +184,31 @@ def run_sds(cfg: SDSConfig, progress: bool = True) -> dict[str, Any]:
             # 1. initial latents: N(0, I), or DDIM (η = 0) samples drawn exactly as sample_to_files draws them
             t0 = time.perf_counter()
             if init_sched is not None:
-                z0 = sample_latents(model, init_sched, labels, gen, cfg.guidance_scale, latent_shape=m["latent_shape"])
+                z0 = pipe.sample_latents(labels, init_sched, scale, gen)
             else:
-                z0 = torch.randn((e - s, *m["latent_shape"]), generator=gen, device=device)
+                z0 = torch.randn((e - s, *pipe.latent_shape), generator=gen, device=device)
             z = z0.detach().clone().requires_grad_(True)
             opt = torch.optim.Adam([z], lr=cfg.lr)
             timing["init_s"] += time.perf_counter() - t0
-            render_here = b == 0 and cfg.render_every > 0
-            if render_here:
+
+            def render(z: torch.Tensor, labels: torch.Tensor, name: str, title: str) -> None:
                 t0 = time.perf_counter()
-                _render(_to_grids(ae, z[: cfg.render_n], m, cfg, k, factor),
-                        save_dir / "renders" / f"{cfg.category}_step_00000.png", "init")
+                grids = pipe.to_grids(z[: cfg.render_n], labels[: cfg.render_n], binarization, R)
+                _render(grids, save_dir / "renders" / f"{category}_step_{name}.png", title)
                 timing["render_s"] += time.perf_counter() - t0
+
+            render_here = b == 0 and cfg.render_every is not None  # none: only the final decode
+            if render_here:
+                render(z, labels, "00000", "init")
             # 2. SDS steps: t ~ U[lo, hi] per sample, ε ~ N(0, I), surrogate loss -> Adam
             norms = torch.zeros(e - s)
-            for i in range(cfg.steps):
+            for i in range(cfg.num_steps):
                 t0 = time.perf_counter()
                 lo, hi = timestep_range(cfg, T, i)
                 t = torch.randint(lo, hi + 1, (e - s,), generator=gen, device=device)
                 noise = torch.randn(z.shape, generator=gen, device=device)
                 opt.zero_grad(set_to_none=True)
-                loss, grad = sds_loss(model, noise_sched, z, labels, t, noise, cfg.guidance_scale, cfg.weighting)
+                loss, grad = sds_loss(pipe.unet, noise_sched, z, labels, t, noise, scale, cfg.weighting)
                 if not torch.isfinite(grad).all():
                     raise VoxdiffError(f"non-finite SDS gradient at step {i} of batch {b}; check the checkpoints")
                 loss.backward()
@@ -215,36 +216,33 @@ def run_sds(cfg: SDSConfig, progress: bool = True) -> dict[str, Any]:
                 norms = grad.flatten(1).norm(dim=1).cpu()
                 step_norm[i] += float(norms.mean()) * (e - s) / cfg.num_samples
                 timing["optimise_s"] += time.perf_counter() - t0
-                pbar.update(1)
+                bar.update(1)
                 if render_here and (i + 1) % cfg.render_every == 0:
-                    t0 = time.perf_counter()
-                    _render(_to_grids(ae, z[: cfg.render_n], m, cfg, k, factor),
-                            save_dir / "renders" / f"{cfg.category}_step_{i + 1:05d}.png", f"step {i + 1}")
-                    timing["render_s"] += time.perf_counter() - t0
+                    render(z, labels, f"{i + 1:05d}", f"step {i + 1}")
             final_norms.append(norms.numpy())
             # 3. decode + binarise exactly like diffusion/sample.py, into the memmap
             t0 = time.perf_counter()
-            grids = _to_grids(ae, z, m, cfg, k, factor)
+            grids = pipe.to_grids(z, labels, binarization, R)
             arr[s:e] = grids
             occ = grids.reshape(len(grids), -1).sum(1)
             occ_sum += float(occ.sum())
             empty += int((occ == 0).sum())
             timing["decode_s"] += time.perf_counter() - t0
             log.info("batch %d/%d: mean final grad norm %.4f, mean occupancy %.5f", b + 1, nb,
-                     float(norms.mean()) if cfg.steps else float("nan"), float(occ.mean()) / R**3)
-        pbar.close()
+                     float(norms.mean()) if cfg.num_steps else float("nan"), float(occ.mean()) / R**3)
+        bar.close()
     timing["total_s"] = time.perf_counter() - t_start
-    final = float(np.concatenate(final_norms).mean()) if cfg.steps else None
+    final = float(np.concatenate(final_norms).mean()) if cfg.num_steps else None
     summary: dict[str, Any] = {
         "config": to_dict(cfg), "version": __version__, "device": str(device), "file": str(out),
-        "ldm_ckpt": str(m["ldm_file"]), "ldm_step": int(m["ldm_ckpt"]["step"]), "ae_ckpt": str(m["ae_file"]),
-        "num_train_timesteps": T, "t_range": list(timestep_range(cfg, T)), "topk_at_ae_res": k,
-        "threshold_effective": m["threshold"],
+        "ldm_ckpt": str(pipe.ldm_file), "ldm_step": pipe.ldm_step, "ae_ckpt": str(pipe.ae_file),
+        "num_train_timesteps": T, "t_range": list(timestep_range(cfg, T)), "cfg_scale_effective": scale,
+        "binarization": binarization.describe(),
         "weighting": "1 - alpha_bar_t (DreamFusion)" if cfg.weighting == "sds" else "1",
-        "timings": timing, "s_per_step": timing["optimise_s"] / max(1, nb * cfg.steps),
+        "timings": timing, "s_per_step": timing["optimise_s"] / max(1, nb * cfg.num_steps),
         "final_grad_norm_mean": final, "grad_norm_per_step": [round(float(x), 6) for x in step_norm],
         "mean_occupancy": occ_sum / cfg.num_samples / R**3, "empty": empty,
     }
-    _write_summary(save_dir / "sds.json", cfg.category, summary)
+    _write_summary(save_dir / "sds.json", category, summary)
     log.info("wrote %s %s in %.1fs", out, (cfg.num_samples, R, R, R), timing["total_s"])
     return summary

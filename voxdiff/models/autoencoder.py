@@ -1,50 +1,105 @@
-"""3D convolutional autoencoder (the seed's architecture): (B,1,R,R,R) -> (B,16,R/8,R/8,R/8) -> occupancy probabilities.
+"""3D convolutional autoencoder: (B,1,R,R,R) -> (B,16,r,r,r), r = R / 2^stages -> occupancy logits.
 
-Encoder: Conv3d 1->c0 (k4 s2) -> c0->c1 (k3) -> c1->c1 (k4 s2) -> c1->c2 (k3) -> c2->c2 (k4 s2) -> c2->latent (k3),
-each but the last followed by BatchNorm3d + LeakyReLU(0.2). The decoder mirrors it with ConvTranspose3d and ends in
-logits; `decode` applies the sigmoid. With the default channels (12, 24, 48) and R = 64 this is exactly the seed.
+block="seed" (the seed's network, exactly, with the default AEConfig): per stage a stride-2 Conv3d (k4) then a k3
+Conv3d, each followed by a norm + LeakyReLU(0.2), the last k3 conv giving the latent; the decoder mirrors it with
+ConvTranspose3d. Encoder for three stages: Conv 1->c0 (k4 s2), c0->c1 (k3), c1->c1 (k4 s2), c1->c2 (k3),
+c2->c2 (k4 s2), c2->latent (k3).
+block="resnet": a residual block (norm, act, conv, norm, act, conv, + skip) at every resolution between the same
+stride-2 steps, wider receptive fields for thin parts.
+norm="group" swaps BatchNorm3d for GroupNorm (independent of batch size and of train/eval mode); upsample="nearest"
+swaps each stride-2 transposed convolution for nearest upsampling + a k3 conv (no checkerboard artefacts).
+A network only: it knows its own config (AEConfig) and nothing of training.
 """
 
 from __future__ import annotations
-
-import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxdiff.config import AEConfig, AETrainConfig, from_dict
+from voxdiff.config import AEConfig
+
+__all__ = ["VoxelAutoencoder"]
 
 
-def _block(conv: nn.Module, out_ch: int, slope: float) -> nn.Sequential:
-    return nn.Sequential(conv, nn.BatchNorm3d(out_ch), nn.LeakyReLU(slope, inplace=True))
+def _norm(kind: str, ch: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm3d(ch)
+    return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if ch % g == 0), ch)
+
+
+class _Act(nn.Sequential):
+    """conv -> norm -> LeakyReLU (the seed's unit)."""
+
+    def __init__(self, conv: nn.Module, ch: int, norm: str, slope: float) -> None:
+        super().__init__(conv, _norm(norm, ch), nn.LeakyReLU(slope, inplace=True))
+
+
+class _ResBlock(nn.Module):
+    """norm -> act -> conv3 -> norm -> act -> conv3, plus a (1x1 projected) skip."""
+
+    def __init__(self, cin: int, cout: int, norm: str, slope: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_norm(norm, cin), nn.LeakyReLU(slope), nn.Conv3d(cin, cout, 3, 1, 1),
+                                  _norm(norm, cout), nn.LeakyReLU(slope), nn.Conv3d(cout, cout, 3, 1, 1))
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+def _up(cin: int, cout: int, mode: str) -> nn.Module:
+    """A stride-2 upsampling layer: ConvTranspose3d k4 s2 (the seed), or nearest upsample + Conv3d k3."""
+    if mode == "transpose":
+        return nn.ConvTranspose3d(cin, cout, 4, 2, 1)
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(cin, cout, 3, 1, 1))
+
+
+def _seed_layers(cfg: AEConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    ch, lat, s, nm = list(cfg.channels), cfg.latent_channels, cfg.negative_slope, cfg.norm
+    n = len(ch)
+    enc: list[nn.Module] = [_Act(nn.Conv3d(1, ch[0], 4, 2, 1), ch[0], nm, s)]
+    for i in range(n):
+        if i > 0:
+            enc.append(_Act(nn.Conv3d(ch[i], ch[i], 4, 2, 1), ch[i], nm, s))
+        enc.append(_Act(nn.Conv3d(ch[i], ch[i + 1], 3, 1, 1), ch[i + 1], nm, s) if i < n - 1
+                   else nn.Conv3d(ch[i], lat, 3, 1, 1))
+    # the seed's k3 decoder layers are ConvTranspose3d (the same map as a Conv3d); kept so its weights load
+    k3 = (lambda a, b: nn.ConvTranspose3d(a, b, 3, 1, 1)) if cfg.upsample == "transpose" else \
+        (lambda a, b: nn.Conv3d(a, b, 3, 1, 1))
+    rc = ch[::-1]
+    dec: list[nn.Module] = [_Act(k3(lat, rc[0]), rc[0], nm, s)]
+    for i in range(n):
+        if i < n - 1:
+            dec += [_Act(_up(rc[i], rc[i], cfg.upsample), rc[i], nm, s), _Act(k3(rc[i], rc[i + 1]), rc[i + 1], nm, s)]
+        else:
+            dec.append(_up(rc[i], 1, cfg.upsample) if cfg.upsample == "transpose" else
+                       nn.Sequential(_up(rc[i], rc[i], cfg.upsample), _norm(nm, rc[i]), nn.LeakyReLU(s, inplace=True),
+                                     nn.Conv3d(rc[i], 1, 3, 1, 1)))
+    return nn.Sequential(*enc), nn.Sequential(*dec)
+
+
+def _resnet_layers(cfg: AEConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    ch, lat, s, nm = list(cfg.channels), cfg.latent_channels, cfg.negative_slope, cfg.norm
+    enc: list[nn.Module] = [nn.Conv3d(1, ch[0], 4, 2, 1)]  # the first step is strided: the full grid is 1 channel
+    for i in range(1, len(ch)):
+        enc += [_ResBlock(ch[i - 1], ch[i], nm, s), nn.Conv3d(ch[i], ch[i], 3, 2, 1)]
+    enc += [_ResBlock(ch[-1], ch[-1], nm, s), _norm(nm, ch[-1]), nn.LeakyReLU(s), nn.Conv3d(ch[-1], lat, 3, 1, 1)]
+    dec: list[nn.Module] = [nn.Conv3d(lat, ch[-1], 3, 1, 1), _ResBlock(ch[-1], ch[-1], nm, s)]
+    for i in range(len(ch) - 1, 0, -1):
+        dec += [_up(ch[i], ch[i], cfg.upsample), _ResBlock(ch[i], ch[i - 1], nm, s)]
+    dec += [_norm(nm, ch[0]), nn.LeakyReLU(s), _up(ch[0], 1, cfg.upsample) if cfg.upsample == "transpose" else
+            nn.Sequential(_up(ch[0], ch[0], cfg.upsample), nn.LeakyReLU(s), nn.Conv3d(ch[0], 1, 3, 1, 1))]
+    return nn.Sequential(*enc), nn.Sequential(*dec)
 
 
 class VoxelAutoencoder(nn.Module):
-    """Conv3d + BatchNorm3d + LeakyReLU autoencoder with a (latent_channels, R/8, R/8, R/8) latent."""
+    """Conv3d autoencoder with a (latent_channels, r, r, r) latent, r = resolution / 2^len(channels)."""
 
     def __init__(self, cfg: AEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or AEConfig()
-        c0, c1, c2 = cfg.channels
-        s, lat = cfg.negative_slope, cfg.latent_channels
-        self.encoder = nn.Sequential(
-            _block(nn.Conv3d(1, c0, 4, 2, 1), c0, s),
-            _block(nn.Conv3d(c0, c1, 3, 1, 1), c1, s),
-            _block(nn.Conv3d(c1, c1, 4, 2, 1), c1, s),
-            _block(nn.Conv3d(c1, c2, 3, 1, 1), c2, s),
-            _block(nn.Conv3d(c2, c2, 4, 2, 1), c2, s),
-            nn.Conv3d(c2, lat, 3, 1, 1),
-        )
-        self.decoder = nn.Sequential(
-            _block(nn.ConvTranspose3d(lat, c2, 3, 1, 1), c2, s),
-            _block(nn.ConvTranspose3d(c2, c2, 4, 2, 1), c2, s),
-            _block(nn.ConvTranspose3d(c2, c1, 3, 1, 1), c1, s),
-            _block(nn.ConvTranspose3d(c1, c1, 4, 2, 1), c1, s),
-            _block(nn.ConvTranspose3d(c1, c0, 3, 1, 1), c0, s),
-            nn.ConvTranspose3d(c0, 1, 4, 2, 1),
-        )
+        self.encoder, self.decoder = _seed_layers(cfg) if cfg.block == "seed" else _resnet_layers(cfg)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -52,10 +107,10 @@ class VoxelAutoencoder(nn.Module):
         return (self.cfg.latent_channels, r, r, r)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,1,R,R,R) occupancy in [0,1] -> (B,latent_channels,R/8,R/8,R/8) latent (unnormalised)."""
-        if x.ndim != 5 or x.shape[1] != 1 or x.shape[-1] != self.cfg.resolution:
-            raise ValueError(f"expected (B,1,{self.cfg.resolution},{self.cfg.resolution},{self.cfg.resolution}); "
-                             f"got {tuple(x.shape)}")
+        """(B,1,R,R,R) occupancy in [0,1] -> (B,latent_channels,r,r,r) latent (unnormalised)."""
+        r = self.cfg.resolution
+        if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[-3:]) != (r, r, r):
+            raise ValueError(f"expected (B,1,{r},{r},{r}); got {tuple(x.shape)}")
         return self.encoder(x)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
@@ -63,7 +118,7 @@ class VoxelAutoencoder(nn.Module):
         return self.decoder(z)
 
     def decode(self, z: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
-        """Latent -> occupancy probabilities, optionally nearest-neighbour upsampled to `resolution` (e.g. 128)."""
+        """Latent -> occupancy probabilities (fp32), optionally nearest-neighbour upsampled to `resolution`."""
         p = torch.sigmoid(self.decode_logits(z).float())
         if resolution is not None and resolution != p.shape[-1]:
             if resolution % p.shape[-1]:
@@ -74,19 +129,3 @@ class VoxelAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction logits of x."""
         return self.decode_logits(self.encode(x))
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | os.PathLike[str], map_location: Any = "cpu"
-    ) -> tuple[VoxelAutoencoder, dict[str, Any]]:
-        """Rebuild the AE (eval mode) from a checkpoint file or run dir; returns (model, checkpoint dict).
-
-        The checkpoint's `extra["latent_mean"]` / `extra["latent_std"]` (per channel) normalise latents for the LDM.
-        """
-        from voxdiff.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(path, kind="autoencoder", map_location=map_location)
-        cfg = from_dict(AETrainConfig, ckpt["config"]).model
-        model = cls(cfg)
-        model.load_state_dict(ckpt["model"])
-        return model.eval(), ckpt

@@ -1,6 +1,7 @@
 """UNet3D over the AE latent: the 2D DDPM UNet (Ho et al. 2020) made 3D, class-conditioned for classifier-free guidance.
 
-A network only: it maps (x_t, t, y) to ε̂ and knows nothing of the noise schedule (habit 2 of ARCHITECTURE.md).
+A network only: it maps (x_t, t, y) to ε̂ and knows nothing of the noise schedule (the sampler and the trainer take
+the network and a scheduler as separate arguments).
 
     x (B,C,r,r,r) -> conv_in -> [ResBlock×n (+Attention)  -> Downsample] per level -> ResBlock, Attention, ResBlock
       -> [ResBlock×(n+1) over concatenated skips (+Attention) -> Upsample] per level -> GroupNorm, SiLU, conv_out
@@ -8,22 +9,17 @@ A network only: it maps (x_t, t, y) to ε̂ and knows nothing of the noise sched
 Conditioning: emb = MLP(sinusoidal(t)) + LabelEmbedder(y), added inside every residual block. The label table has
 `num_classes + 1` rows; row `num_classes` is the null (unconditional) class used by CFG. Label dropout for CFG training
 lives in the embedder (DiT's `LabelEmbedder.token_drop`) and only acts in training mode.
-
-The building blocks live in this file rather than in models/layers.py, which the autoencoder engineer may own.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxdiff.config import LDMTrainConfig, UNetConfig, from_dict
-from voxdiff.utils import VoxdiffError
+from voxdiff.config import UNetConfig
 
 __all__ = ["timestep_embedding", "LabelEmbedder", "ResBlock3d", "Attention3d", "UNet3D"]
 
@@ -192,20 +188,3 @@ class UNet3D(nn.Module):
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | os.PathLike[str], use_ema: bool = True, map_location: Any = "cpu"
-    ) -> tuple[UNet3D, dict[str, Any]]:
-        """Rebuild the UNet (eval mode) from an LDM checkpoint file or run dir; EMA weights unless `use_ema=False`."""
-        from voxdiff.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(path, kind="ldm", map_location=map_location)
-        try:
-            cfg = from_dict(LDMTrainConfig, ckpt["config"])
-        except (TypeError, ValueError) as e:
-            raise VoxdiffError(f"LDM checkpoint {path} has an unreadable config ({e})") from None
-        model = cls(cfg.model)
-        state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-        model.load_state_dict(state)
-        return model.eval(), ckpt

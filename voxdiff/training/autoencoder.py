@@ -22,7 +22,16 @@ import numpy as np
 import torch
 
 from voxdiff.binarize import ThresholdCalibrator, binarize, recon_metrics
-from voxdiff.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, unwrap
+from voxdiff.checkpoint import (
+    AEMeta,
+    Checkpoint,
+    check_resumable,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
 from voxdiff.config import CATEGORIES, AETrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
 from voxdiff.distributed import (
@@ -44,6 +53,7 @@ from voxdiff.training.common import (
     cap_message,
     check_finite,
     holdout_rows,
+    prepare_run_dir,
     resolve_precision,
 )
 from voxdiff.utils import Progress, VoxdiffError, flush_denormals, get_logger, seed_everything
@@ -55,24 +65,29 @@ EVAL_BATCH = 32
 STATS_MAX_SHAPES = 2048  # latent statistics from at most this many training shapes (1M values per channel at 8³)
 
 
-def training_occupancy(dataset: VoxelDataset) -> dict[str, dict[str, float]]:
-    """Mean occupied-voxel count per shape, per category, at every power-of-two resolution from 64 up to the data's.
+def training_occupancy(dataset: VoxelDataset) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
+    """(mean, largest) occupied-voxel count per shape, per category, at every power-of-two resolution from 32 up to
+    the data's, plus the dataset's own resolution.
 
-    Keys: str(resolution) -> category -> mean count (e.g. {"64": {"chair": 1930.5, ...}, "128": {...}}), plus the
-    dataset's own resolution. These are the per-category k of top-k binarisation and the scale of "bloated".
+    Keys: str(resolution) -> category -> count (e.g. {"64": {"chair": 1930.5, ...}, "128": {...}}). The means are the
+    per-category k of top-k binarisation; the largest counts are the scale of a "bloated" sample.
     """
     src = dataset.source_resolution
-    resolutions = sorted({r for r in (64, 128) if r <= src and src % r == 0} | {dataset.resolution})
-    out: dict[str, dict[str, float]] = {str(r): {} for r in resolutions}
+    resolutions = sorted({r for r in (32, 64, 128) if r <= src and src % r == 0} | {dataset.resolution})
+    mean: dict[str, dict[str, float]] = {str(r): {} for r in resolutions}
+    most: dict[str, dict[str, int]] = {str(r): {} for r in resolutions}
     for arr, label in zip(dataset.arrays, dataset.labels):
-        sums = dict.fromkeys(resolutions, 0.0)
+        sums, tops = dict.fromkeys(resolutions, 0.0), dict.fromkeys(resolutions, 0)
         for s in range(0, len(arr), 256):
             g = np.asarray(arr[s : s + 256]) > 0
             for r in resolutions:
-                sums[r] += float(downsample_max(g, r).sum())
+                counts = downsample_max(g, r).reshape(len(g), -1).sum(1)
+                sums[r] += float(counts.sum())
+                tops[r] = max(tops[r], int(counts.max(initial=0)))
         for r in resolutions:
-            out[str(r)][CATEGORIES[label]] = sums[r] / max(1, len(arr))
-    return out
+            mean[str(r)][CATEGORIES[label]] = sums[r] / max(1, len(arr))
+            most[str(r)][CATEGORIES[label]] = tops[r]
+    return mean, most
 
 
 def chamfer_pairs(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
@@ -205,8 +220,9 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
         if not last_file.is_file():
             raise VoxdiffError(f"--resume: no checkpoint at {last_file}")
         resume_ckpt = load_checkpoint(last_file, kind=KIND, map_location="cpu")
-        _check_resume(resume_ckpt["config"], cfg, last_file)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        check_resumable(resume_ckpt)
+        _check_resume(resume_ckpt.train_config, cfg, last_file)
+    prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main)
     log = get_logger("voxdiff.ae", run_dir / "train.log" if info.is_main else None)
     log.info("config %s", to_dict(cfg))
 
@@ -216,7 +232,7 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
     holdout = holdout_rows(train_set.counts, cfg.holdout_fraction, cfg.holdout_max, cfg.seed)
     held_idx = train_set.global_indices(holdout)
     fit_idx = np.setdiff1d(np.arange(len(train_set)), held_idx)
-    if resume_ckpt is not None and resume_ckpt["extra"].get("holdout") != holdout:
+    if resume_ckpt is not None and resume_ckpt.meta.holdout != holdout:
         raise VoxdiffError(f"cannot resume from {last_file}: the train split changed since it was written")
     grids = train_set.load(progress=progress and info.is_main)
     labels = torch.from_numpy(train_set.class_indices())
@@ -231,23 +247,19 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
     if cfg.sync_bn and info.distributed:  # BatchNorm statistics over the global batch instead of each rank's shard
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, best_iou, threshold = 0, -1.0, 0.5
-    val: dict[str, float] = {}
-    occupancy: dict[str, dict[str, float]] | None = None
-    if resume_ckpt is not None:
-        unwrap(model).load_state_dict(resume_ckpt["model"])
-        opt.load_state_dict(resume_ckpt["optimizer"])
-        step = resume_ckpt["step"]
-        extra = resume_ckpt["extra"]
-        best_iou, val = extra.get("best_iou", -1.0), extra.get("val", {})
-        threshold, occupancy = extra.get("threshold", 0.5), extra.get("occupancy")
-        set_rng_state(resume_ckpt["rng"])
-        log.info("resumed from %s at step %d", last_file, step)
-    if occupancy is None:
-        occupancy = training_occupancy(train_set)
-    topk_by_class = {CATEGORIES.index(c): int(round(k)) for c, k in occupancy[str(res)].items()}
+    step = 0
+    occupancy, max_voxels = training_occupancy(train_set)
     mean_frac = float(np.mean(list(occupancy[str(res)].values()))) / res**3
     pos_weight = cfg.pos_weight if cfg.pos_weight is not None else pos_weight_from_occupancy(mean_frac)
+    meta = AEMeta(occupancy=occupancy, max_voxels=max_voxels, holdout=holdout, pos_weight=pos_weight)
+    if resume_ckpt is not None:
+        unwrap(model).load_state_dict(resume_ckpt.model)
+        opt.load_state_dict(resume_ckpt.optimizer)
+        step = resume_ckpt.step
+        meta = resume_ckpt.meta
+        set_rng_state(resume_ckpt.rng)
+        log.info("resumed from %s at step %d", last_file, step)
+    topk_by_class = {CATEGORIES.index(c): int(round(k)) for c, k in occupancy[str(res)].items()}
     log.info("train %d (fit %d, held out %d); occupancy %.5f -> pos_weight %.1f; %d steps; autocast %s",
              len(train_set), len(fit_idx), len(held_idx), mean_frac, pos_weight, total_steps, amp)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, evaluation and checkpoints use `model`
@@ -255,22 +267,19 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
     if runlog is not None and cfg.resume:
         runlog.truncate_after(step)
 
-    def save(name: str, **more: Any) -> None:
-        save_checkpoint(run_dir / name, kind=KIND, config=to_dict(cfg), model=unwrap(model).state_dict(),
-                        optimizer=opt.state_dict(), step=step, epoch=step // order.steps_per_epoch,
-                        rng=get_rng_state(),
-                        extra={"threshold": threshold, "occupancy": occupancy, "val": val, "best_iou": best_iou,
-                               "pos_weight": pos_weight, "holdout": holdout, **more})
+    def save(name: str) -> None:
+        save_checkpoint(run_dir / name, Checkpoint(
+            kind=KIND, model_config=to_dict(cfg.model), train_config=to_dict(cfg), model=unwrap(model).state_dict(),
+            optimizer=opt.state_dict(), step=step, rng=get_rng_state(), meta=meta))
 
     def validate_and_save() -> None:  # rank 0 validates and writes; the other ranks wait at the next collective
-        nonlocal threshold, val, best_iou
-        threshold, cal_iou = calibrate_threshold(model, held_grids, device)
-        val = evaluate(model, held_grids, held_labels, device, threshold)
-        runlog.log(step=step, **{f"val_{k}": v for k, v in val.items()})
+        meta.threshold, _ = calibrate_threshold(model, held_grids, device)
+        meta.heldout = evaluate(model, held_grids, held_labels, device, meta.threshold)
+        runlog.log(step=step, **{f"val_{k}": v for k, v in meta.heldout.items()})
         runlog.flush(("loss",))
-        log.info("step %d held-out %s", step, {k: round(v, 5) for k, v in val.items()})
-        if val["iou_cal"] > best_iou:
-            best_iou = val["iou_cal"]
+        log.info("step %d held-out %s", step, {k: round(v, 5) for k, v in meta.heldout.items()})
+        if meta.heldout["iou_cal"] > meta.best_iou:
+            meta.best_iou = meta.heldout["iou_cal"]
             save("best.pt")
         save("last.pt")
         model.train()
@@ -315,25 +324,22 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
     if runlog is not None:
         if step > start_step or not last_file.is_file():
             validate_and_save()
-        final = evaluate(model, held_grids, held_labels, device, threshold, topk_by_class, chamfer=True)
+        final = evaluate(model, held_grids, held_labels, device, meta.threshold, topk_by_class, chamfer=True)
         stats_idx = fit_idx[:: max(1, -(-len(fit_idx) // STATS_MAX_SHAPES))]
         stats_grids = grids[stats_idx]
         for name in ("last.pt", "best.pt"):
             file = run_dir / name
             ck = load_checkpoint(file, kind=KIND, map_location="cpu")
             probe = VoxelAutoencoder(cfg.model).to(device)
-            probe.load_state_dict(ck["model"])
-            mean, std = latent_stats(probe, stats_grids, device)
-            ck["extra"].update(latent_mean=mean, latent_std=std, latent_stats_shapes=len(stats_idx))
-            if name == "last.pt":
-                ck["extra"]["final"] = final
-            save_checkpoint(file, kind=KIND, config=ck["config"], model=ck["model"], optimizer=ck["optimizer"],
-                            step=ck["step"], epoch=ck["epoch"], rng=ck["rng"], extra=ck["extra"])
+            probe.load_state_dict(ck.model)
+            ck.meta.latent_mean, ck.meta.latent_std = latent_stats(probe, stats_grids, device)
+            ck.meta.final = final if name == "last.pt" else ck.meta.final
+            save_checkpoint(file, ck)
         runlog.flush(("loss",))
     else:
         final = {}
     seconds = cap.elapsed()
-    result = {"step": step, "total_steps": total_steps, "stopped": stopped, "best_iou_cal": best_iou,
+    result = {"step": step, "total_steps": total_steps, "stopped": stopped, "best_iou_cal": meta.best_iou,
               "seconds": seconds, "train_seconds": train_seconds,
               "overhead_fraction": 1.0 - train_seconds / seconds if seconds > 0 else None,
               "samples_per_s": (step - start_step) * cfg.batch_size / train_seconds if train_seconds > 0 else None,

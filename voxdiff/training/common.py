@@ -75,6 +75,25 @@ class RunLogger:
         plot_curves(self.rows, curves, self.png)
 
 
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "log.csv", "log.png", "train.log")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool = True) -> None:
+    """Make a trainer's run directory safe to write: refuse one that holds a checkpoint unless the run resumes it or
+    `overwrite` says to replace it (then rank 0 removes the old run's files first, so no stale best.pt survives)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VoxdiffError(f"--ckpt_path {run_dir} is a file, not a directory")
+    existing = [n for n in ("last.pt", "best.pt") if (run_dir / n).is_file()]
+    if existing and not resume:
+        if not overwrite:
+            raise VoxdiffError(f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+                               "--overwrite to replace it, or choose another --ckpt_path")
+        for name in RUN_FILES if is_main else ():
+            (run_dir / name).unlink(missing_ok=True)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+
 def check_finite(loss: torch.Tensor, step: int) -> None:
     """Stop with a clear message on a NaN/inf loss instead of training on garbage for hours."""
     if not torch.isfinite(loss).all():

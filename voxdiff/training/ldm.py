@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 from voxdiff.checkpoint import (
+    Checkpoint,
+    LDMMeta,
+    check_resumable,
     get_rng_state,
+    load_autoencoder,
     load_checkpoint,
-    resolve_checkpoint_file,
     save_checkpoint,
     set_rng_state,
 )
@@ -41,8 +44,7 @@ from voxdiff.distributed import (
     split_batch,
     wrap_ddp,
 )
-from voxdiff.latents import cached_latents, file_sha256, latent_stats, normalise
-from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.latents import cached_latents, file_sha256, normalise
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training.common import (
@@ -53,6 +55,7 @@ from voxdiff.training.common import (
     cap_message,
     check_finite,
     holdout_rows,
+    prepare_run_dir,
     resolve_precision,
     warmup_lr,
 )
@@ -144,22 +147,26 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     run_dir = Path(cfg.ckpt_path)
     last_file, best_file = run_dir / "last.pt", run_dir / "best.pt"
     resume_ckpt = None
-    if cfg.resume and last_file.is_file():
+    if cfg.resume:
+        if not last_file.is_file():
+            raise VoxdiffError(f"--resume: no checkpoint at {last_file}")
         resume_ckpt = load_checkpoint(last_file, kind=KIND)
-        _check_resume(from_dict(LDMTrainConfig, resume_ckpt["config"]), cfg, last_file)
-    elif not cfg.resume and last_file.is_file():
-        raise VoxdiffError(f"{last_file} exists; pass --resume to continue it or choose another --ckpt_path")
+        check_resumable(resume_ckpt)
+        _check_resume(from_dict(LDMTrainConfig, resume_ckpt.train_config), cfg, last_file)
     for c in cfg.categories:
         if not voxel_path(cfg.dataset_path, c, "train").is_file():
             raise VoxdiffError(f"training voxels not found: {voxel_path(cfg.dataset_path, c, 'train')}")
     seed_everything(cfg.seed)
 
     # ---- frozen autoencoder and cached latents ----------------------------------------------------------------
-    ae, ae_ckpt = VoxelAutoencoder.from_checkpoint(cfg.ae_ckpt_path)
-    ae_file = resolve_checkpoint_file(cfg.ae_ckpt_path)  # the file `from_checkpoint` read
+    ae, ae_ckpt = load_autoencoder(cfg.ae_ckpt_path)
+    ae_file = ae_ckpt.file
     ae_hash = file_sha256(ae_file)
-    if resume_ckpt is not None and resume_ckpt["extra"].get("ae_hash") != ae_hash:
+    if resume_ckpt is not None and resume_ckpt.meta.ae_sha256 != ae_hash:
         raise VoxdiffError(f"cannot resume {last_file}: it was trained on another AE checkpoint than {ae_file}")
+    if ae_ckpt.meta.latent_mean is None or ae_ckpt.meta.latent_std is None:
+        raise VoxdiffError(f"AE checkpoint {ae_file} has no latent statistics (its training did not finish); rerun "
+                           "autoencoder.py with --resume")
     ae.requires_grad_(False)
     latent_shape = tuple(ae.latent_shape)
     if cfg.model.in_channels != latent_shape[0]:
@@ -168,7 +175,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         raise VoxdiffError(f"latent side {latent_shape[1]} is not a multiple of the UNet's downsampling "
                            f"{cfg.model.downsample_factor}; use fewer ch_mult levels")
     cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else ae_file.parent / "latents"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main)
     log = get_logger("voxdiff.ldm", run_dir / "train.log" if info.is_main else None)
     if not info.is_main:
         barrier()  # rank 0 encodes (or finds) the latent cache first; the other ranks then read it
@@ -176,16 +183,12 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
                                               device, progress and info.is_main)
     if info.is_main:
         barrier()
-    stats = latent_stats(ae_ckpt, latent_shape[0])
-    if stats is None:  # an AE checkpoint without statistics: compute them here and record them in the LDM checkpoint
-        log.warning("AE checkpoint has no latent_mean/latent_std; using statistics of the encoded training set")
-        flat = z_all.transpose(0, 1).reshape(latent_shape[0], -1)
-        stats = (flat.mean(1), flat.std(1, unbiased=False).clamp(min=1e-6))
-    latent_mean, latent_std = stats
+    latent_mean = torch.tensor(ae_ckpt.meta.latent_mean, dtype=torch.float32)  # the latent scale lives with the AE
+    latent_std = torch.tensor(ae_ckpt.meta.latent_std, dtype=torch.float32)
     # the AE's held-out slice of the train split: never trained on, it picks best.pt (val and test are references)
     train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=None)
-    ae_holdout = (ae_ckpt.get("extra") or {}).get("holdout")
-    if ae_holdout is None:
+    ae_holdout = ae_ckpt.meta.holdout
+    if not ae_holdout:
         log.warning("AE checkpoint records no held-out slice; holding out 5% of each category here")
         ae_holdout = holdout_rows(train_set.counts, 0.05, 100, cfg.seed)
     holdout = {c: rows for c, rows in ae_holdout.items() if c in cfg.categories}
@@ -212,14 +215,14 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     scheduler = DDPMScheduler.from_config(cfg.scheduler)
     step, smooth, best_metric = 0, None, math.inf
     if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        ema.module.load_state_dict(resume_ckpt["ema"])
-        ema.n_averaged.fill_(int(resume_ckpt["extra"]["ema_n_averaged"]))
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        step = int(resume_ckpt["step"])
-        smooth = resume_ckpt["extra"].get("smooth_loss")
-        best_metric = float(resume_ckpt["extra"].get("best_metric", math.inf))
-        set_rng_state(resume_ckpt["rng"])
+        model.load_state_dict(resume_ckpt.model)
+        ema.module.load_state_dict(resume_ckpt.ema)
+        ema.n_averaged.fill_(int(resume_ckpt.meta.ema_n_averaged))
+        optimizer.load_state_dict(resume_ckpt.optimizer)
+        step = int(resume_ckpt.step)
+        smooth = resume_ckpt.meta.smooth_loss
+        best_metric = float(resume_ckpt.meta.best_heldout_loss)
+        set_rng_state(resume_ckpt.rng)
         log.info("resumed from %s at step %d", last_file, step)
     share_device_rng(info)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, EMA and checkpoints use `model`
@@ -230,13 +233,13 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     log.info("UNet3D %.2fM parameters; config %s", num_params / 1e6, to_dict(cfg))
 
     def save(file: Path, metric: float) -> None:
-        save_checkpoint(
-            file, kind=KIND, config=to_dict(cfg), model=model.state_dict(), ema=ema.module.state_dict(),
-            optimizer=optimizer.state_dict(), step=step, epoch=step // order.steps_per_epoch, rng=get_rng_state(),
-            extra={"ae_hash": ae_hash, "ae_ckpt_path": str(ae_file), "latent_shape": list(latent_shape),
-                   "latent_mean": latent_mean.tolist(), "latent_std": latent_std.tolist(),
-                   "ema_n_averaged": int(ema.n_averaged), "smooth_loss": smooth, "best_metric": metric,
-                   "best_kind": "heldout_train_loss", "holdout": holdout, "num_train": n})
+        meta = LDMMeta(ae_sha256=ae_hash, ae_file=ae_file.name, latent_shape=list(latent_shape),
+                       categories=list(cfg.categories), use_cfg=cfg.use_cfg, scheduler=to_dict(cfg.scheduler),
+                       ema_n_averaged=int(ema.n_averaged), smooth_loss=smooth, best_heldout_loss=metric,
+                       holdout=holdout, num_train=n)
+        save_checkpoint(file, Checkpoint(
+            kind=KIND, model_config=to_dict(cfg.model), train_config=to_dict(cfg), model=model.state_dict(),
+            ema=ema.module.state_dict(), optimizer=optimizer.state_dict(), step=step, rng=get_rng_state(), meta=meta))
 
     def checkpoint() -> None:
         nonlocal best_metric
@@ -294,14 +297,14 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
             checkpoint()
         if info.is_main and cfg.preview and cfg.preview_every and step % cfg.preview_every == 0 \
                 and step != total_steps:
-            _render_samples(ema.module, ae, ae_ckpt, latent_mean, latent_std, cfg, run_dir, step, log)
+            _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
     bar.close()
     if stopped == "time_cap":
         log.warning(cap_message("LDM", step, total_steps))
     if info.is_main and (step > start_step or not last_file.is_file()):
         checkpoint()
     if info.is_main and cfg.preview:
-        _render_samples(ema.module, ae, ae_ckpt, latent_mean, latent_std, cfg, run_dir, step, log)
+        _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
     seconds = cap.elapsed()
     result = {"step": step, "total_steps": total_steps, "stopped": stopped, "loss_smooth": smooth,
               "best_heldout_loss": best_metric, "last": str(last_file), "best": str(best_file),
@@ -318,28 +321,27 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _render_samples(model: torch.nn.Module, ae: VoxelAutoencoder, ae_ckpt: dict[str, Any], mean: torch.Tensor,
-                    std: torch.Tensor, cfg: LDMTrainConfig, run_dir: Path, step: int, log: Any) -> None:
-    """PNG of 2 EMA samples per category (DDIM-50, AE's calibrated threshold) at `{run_dir}/samples_{step}.png`.
-
-    Uses a private generator, so rendering never shifts the training RNG streams (exact resume holds).
+def _render_preview(model: torch.nn.Module, ae: torch.nn.Module, ae_meta: Any, cfg: LDMTrainConfig, run_dir: Path,
+                    step: int, log: Any) -> None:
+    """PNG of 2 EMA samples per category at `{run_dir}/samples_{step}.png`: DDIM-50, guidance w = 1 when trained
+    with label dropout, binarised as p > cfg.preview_threshold (what the pipeline's sampling uses), through the same
+    LatentVoxelPipeline as the final samples. A private generator: rendering never shifts the training RNG streams.
     """
-    from voxdiff.binarize import binarize
+    from voxdiff.binarize import Binarization
     from voxdiff.config import category_index
     from voxdiff.render import render_voxels
-    from voxdiff.sampling import decode_latents, sample_latents
-    from voxdiff.schedulers import make_scheduler
+    from voxdiff.sampling import LatentVoxelPipeline
 
     device = next(model.parameters()).device
-    labels = torch.tensor([category_index(c) for c in cfg.categories for _ in range(2)], device=device)
-    sched = make_scheduler("ddim", cfg.scheduler, min(50, cfg.scheduler.num_train_timesteps))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     was_training = model.training
     model.eval()
-    z = sample_latents(model, sched, labels, gen, 0.0, latent_shape=tuple(ae.latent_shape))
+    pipe = LatentVoxelPipeline(unet=model, ae=ae, scheduler_config=cfg.scheduler, ae_meta=ae_meta)
+    labels = torch.tensor([category_index(c) for c in cfg.categories for _ in range(2)], device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    z = pipe.sample_latents(labels, pipe.scheduler("ddim", min(50, cfg.scheduler.num_train_timesteps)),
+                            1.0 if cfg.use_cfg else 0.0, gen)
     model.train(was_training)
-    threshold = float((ae_ckpt.get("extra") or {}).get("threshold") or 0.5)
-    grids = binarize(decode_latents(ae, z, mean, std), threshold=threshold).to(torch.uint8).cpu().numpy()
+    grids = pipe.to_grids(z, labels, Binarization(threshold=cfg.preview_threshold))
     path = run_dir / f"samples_{step:06d}.png"
     render_voxels(grids, path, titles=[f"{c} {i}" for c in cfg.categories for i in range(2)], ncols=4)
     log.info("step %d: rendered %d samples to %s", step, len(grids), path)

@@ -1,0 +1,85 @@
+"""The main job from the command line: `python -m voxdiff --preset demo` runs data -> AE -> LDM -> tune -> sample ->
+eval -> render -> report (voxdiff.pipeline) and prints one line per category and set.
+
+Every setting of every stage is a flag, named as in the stage's own script and prefixed by the stage (--ae.num_steps,
+--ldm.lr, --sample.cfg_scale, ...); a flag that is not given keeps the preset's value. --config reruns a run's
+config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_from_args
+from voxdiff.config import (
+    PIPELINE_PRESETS,
+    AETrainConfig,
+    LDMTrainConfig,
+    PipelineConfig,
+    SampleConfig,
+    TuneConfig,
+    from_dict,
+)
+from voxdiff.pipeline import STAGES, run
+from voxdiff.utils import VoxdiffError, run_cli
+
+_STAGE_PATHS = ("dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "device", "seed", "resume",
+                "overwrite", "resolution")  # set by the pipeline itself (resolve())
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list]:
+    p = ArgumentParser(prog="python -m voxdiff", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--preset", choices=list(PIPELINE_PRESETS), default="demo",
+                   help="named configuration of every stage (voxdiff/config.py) (default: %(default)s)")
+    p.add_argument("--config", help="a config.json written by an earlier run (instead of --preset) (default: none)")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated subset of the stages (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="rerun every stage, replacing earlier results")
+    note = "default: the preset's"
+    flags = add_config_arguments(p, PipelineConfig, skip=("ae", "ldm", "tune", "sample", "name"), default_note=note)
+    flags += add_config_arguments(p.add_argument_group("AE training (autoencoder.py)"), AETrainConfig,
+                                  prefix="ae.", skip=_STAGE_PATHS, default_note=note)
+    flags += add_config_arguments(p.add_argument_group("LDM training (diffusion/train.py)"), LDMTrainConfig,
+                                  prefix="ldm.", skip=(*_STAGE_PATHS, "preview_threshold"), default_note=note)
+    flags += add_config_arguments(p.add_argument_group("tuning on held-out training shapes (voxdiff/tuning.py)"),
+                                  TuneConfig, prefix="tune.", default_note=note)
+    flags += add_config_arguments(p.add_argument_group("sampling (diffusion/sample.py)"), SampleConfig,
+                                  prefix="sample.", skip=_STAGE_PATHS, default_note=note)
+    return p, flags
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from voxdiff.config import pipeline_preset
+    from voxdiff.report import summary_lines
+
+    parser, flags = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise VoxdiffError(f"config file not found: {path}")
+        try:
+            base = from_dict(PipelineConfig, json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise VoxdiffError(f"{path} is not a voxdiff config ({e})") from None
+    else:
+        base = pipeline_preset(args.preset)
+        base.run_dir = f"runs/{args.preset}"
+    cfg = config_from_args(PipelineConfig, args, flags, base)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise VoxdiffError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+    command = "python -m voxdiff " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = run(cfg, stages, force=args.force, command=command.strip())
+    for line in summary_lines(report, Path(cfg.run_dir)):
+        print(line)
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,146 @@
+"""The pipeline's report: goals against the oracle, report.json / report.md, and the console summary.
+
+The quality goal per category (model against the oracle, a fresh procedural draw scored the same way):
+COV ≥ 0.9× the oracle's, MMD ≤ 1.25×, JSD ≤ 2×, 1-NNA on equal-size sets ≤ 0.65, bloated samples ≤ 1 % and no
+empty sample. A set with empty samples meets no goal: an empty shape matches nothing, and ratios over a set that is
+partly empty say nothing about the shapes it does hold.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from voxdiff import __version__
+from voxdiff.config import PipelineConfig
+from voxdiff.utils import atomic_write_json, atomic_write_text
+
+RATIO_GOALS: dict[str, tuple[str, float]] = {"cov": ("≥", 0.9), "mmd": ("≤", 1.25), "jsd": ("≤", 2.0)}
+NNA_GOAL = 0.65
+BLOATED_GOAL = 0.01  # at most this fraction of bloated samples
+SET_KEYS = ("provenance", "goal", "memorization")  # per-category entries that are not sample sets
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, Python, torch, CPU count and GPU: printed in every report."""
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def goal_check(res: dict[str, Any]) -> dict[str, Any]:
+    """Model/oracle ratios and whether each meets its goal; every goal is unmet while the model has empty samples."""
+    if "oracle" not in res:
+        return {}
+    model = res["model"]
+    n, empty = model["n_samples"], model["n_empty_samples"]
+    blocked = f"{empty} empty samples" if empty else None
+    out: dict[str, Any] = {}
+    for key, (op, bound) in RATIO_GOALS.items():
+        o = res["oracle"][key]
+        ratio = model[key] / o if o > 0 else float("inf")
+        ok = ratio >= bound if op == "≥" else ratio <= bound
+        out[key] = {"ratio": ratio, "goal": f"{op} {bound}× oracle", "met": ok and not blocked}
+    nna = model.get("nna_balanced", model["nna"])  # 1-NNA's scale assumes equal-size sets
+    out["nna"] = {"value": nna, "goal": f"≤ {NNA_GOAL}", "met": nna <= NNA_GOAL and not blocked}
+    bloated = model.get("n_bloated_samples")
+    if bloated is not None:
+        frac = bloated / max(1, n)
+        out["bloated"] = {"value": frac, "goal": f"≤ {BLOATED_GOAL:.0%}", "met": frac <= BLOATED_GOAL}
+    out["empty"] = {"value": empty, "goal": "0", "met": empty == 0}
+    if blocked:
+        for v in out.values():
+            v.setdefault("why", blocked)
+    return out
+
+
+def _fmt_goal(key: str, v: dict[str, Any]) -> str:
+    if "ratio" in v:
+        return f"{v['ratio']:.2f}× oracle"
+    if key == "bloated":
+        return f"{v['value']:.1%}"
+    return f"{v['value']:.3f}" if isinstance(v["value"], float) else str(v["value"])
+
+
+def sample_sets(res: dict[str, Any]) -> list[str]:
+    """Names of the scored sets of one category's results (model, oracle, baselines), in order."""
+    return [k for k in res if k not in SET_KEYS]
+
+
+def write_report(cfg: PipelineConfig, report: dict[str, Any]) -> None:
+    """report.json (everything) and report.md (tables a person reads, with links to renders and loss curves)."""
+    run = Path(cfg.run_dir)
+    atomic_write_json(run / "report.json", report)
+    m = report["machine"]
+    hw = f"GPU {m.get('gpu', '')}" if m["cuda"] else f"CPU only ({m['cpus']} cores)"
+    s = cfg.sample
+    binar = {"threshold": f"p > {s.threshold}", "calibrated": "the AE's calibrated threshold",
+             "topk": f"top-k {s.topk or 'training occupancy'}"}[s.binarize]
+    lines = [f"# voxdiff report: `{cfg.name}`", "",
+             f"voxdiff {__version__}, {report['date']}, {m['platform']}, torch {m['torch']}, {hw}.",
+             f"Command: `{report['command']}`", "",
+             f"Data: procedural preset `{cfg.data_preset}` at {cfg.resolution}³; samples: {s.num_samples} per "
+             f"category, {s.sampler.upper()} {s.steps or 'default'} steps, guidance w = "
+             f"{s.cfg_scale if s.use_cfg else 0} (ε̂ = (1 + w)·ε_c − w·ε_u), binarised as {binar}.",
+             "References: test + val of each category. JSD, MMD (Chamfer, squared distances in the unit cube) lower is "
+             "better; COV higher is better; 1-NNA closest to 0.5 is best (its 0.5 optimum assumes equal-size sets, "
+             "hence the column on the first min(N, M) of each set). Bloated: more voxels than twice the largest "
+             "training shape.", ""]
+    lines += [f"**Warning: {note}.**" for note in report.get("notes", [])]
+    if report.get("notes"):
+        lines.append("")
+    for cat, res in report.get("eval", {}).items():
+        lines += [f"## {cat} ({res['provenance']['reference_count']} references)", "",
+                  "| set | JSD | MMD | COV | 1-NNA | 1-NNA (equal sets) | empty | bloated | mean voxels |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name in sample_sets(res):
+            r = res[name]
+            bloated = "—" if r.get("n_bloated_samples") is None else f"{r['n_bloated_samples']}/{r['n_samples']}"
+            lines.append(f"| {name} | {r['jsd']:.5f} | {r['mmd']:.6f} | {r['cov']:.3f} | {r['nna']:.3f} | "
+                         f"{r['nna_balanced']:.3f} | {r['n_empty_samples']}/{r['n_samples']} | {bloated} | "
+                         f"{r['sample_mean_voxels']:.0f} |")
+        ref_voxels = res[sample_sets(res)[0]]["ref_mean_voxels"]
+        lines += ["", f"References hold {ref_voxels:.0f} voxels on average."]
+        goal = res.get("goal") or {}
+        if goal:
+            parts = [f"{k.upper()} {_fmt_goal(k, v)} (goal {v['goal']}: {'met' if v['met'] else 'not met'})"
+                     for k, v in goal.items()]
+            lines += ["", "Goals: " + "; ".join(parts) + "."]
+            if any("why" in v for v in goal.values()):
+                lines.append(f"No goal counts as met: {next(v['why'] for v in goal.values() if 'why' in v)}.")
+        mem = res.get("memorization")
+        if mem:
+            lines += ["", f"Copying check: median Chamfer distance to the nearest training shape is "
+                          f"{mem['samples_median']:.6f} for samples and {mem['heldout_median']:.6f} for held-out "
+                          f"test shapes (ratio {mem['ratio']:.2f}; near 1: no copying, ≪ 1: training shapes "
+                          "reproduced)."]
+        if cat in report.get("renders", {}):
+            lines += ["", f"![{cat}]({report['renders'][cat]})"]
+        lines.append("")
+    lines += ["## Training", "", "- AE loss curve: `ae/log.png`, log `ae/train.log`",
+              "- LDM loss curve: `ldm/log.png`, log `ldm/train.log`", "", "## Timings (s)", "",
+              "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
+    atomic_write_text(run / "report.md", "\n".join(lines) + "\n")
+
+
+def summary_lines(report: dict[str, Any], run_dir: Path) -> list[str]:
+    """The console summary: one line per category and set (with empty and bloated counts), notes, the report path."""
+    lines: list[str] = [f"warning: {note}" for note in report.get("notes", [])]
+    for cat, res in report.get("eval", {}).items():
+        for name in sample_sets(res):
+            r = res[name]
+            flags = f"  empty {r['n_empty_samples']}/{r['n_samples']}"
+            if r.get("n_bloated_samples") is not None:
+                flags += f"  bloated {r['n_bloated_samples']}/{r['n_samples']}"
+            lines.append(f"{cat:9s} {name:15s} JSD {r['jsd']:.5f}  MMD {r['mmd']:.6f}  COV {r['cov']:.3f}  "
+                         f"1-NNA {r['nna']:.3f} (equal sets {r['nna_balanced']:.3f}){flags}")
+    if (run_dir / "report.md").is_file():
+        lines.append(f"report: {run_dir / 'report.md'}")
+    return lines
