@@ -82,7 +82,7 @@ def _preview_points(args: argparse.Namespace, split: str) -> None:
         titles += [f"{c} {i}" for i in range(len(got))]
     if not pts:
         raise VoxdiffError(f"--preview: no shapes in {split}")
-    render.plot_pointclouds(np.stack(pts), args.preview, titles=titles, ncols=args.preview_n)
+    render.plot_pointclouds(np.stack(pts), args.preview, titles, render.Style(ncols=args.preview_n))
 
 
 def _preview_voxels(args: argparse.Namespace, out_dir: Path, split: str) -> None:
@@ -94,7 +94,8 @@ def _preview_voxels(args: argparse.Namespace, out_dir: Path, split: str) -> None
         g = np.asarray(open_voxels(voxel_path(out_dir, c, split))[: args.preview_n])
         grids.append(g)
         titles += [f"{c} {i} ({args.resolution}³)" for i in range(len(g))]
-    render.render_voxels(np.concatenate(grids), args.preview_voxels, titles=titles, ncols=args.preview_n)
+    render.render_voxels(np.concatenate(grids), args.preview_voxels, titles,
+                         style=render.Style(ncols=args.preview_n))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,7 +21,7 @@ from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
 from voxdiff.config import CATEGORIES
 from voxdiff.data.voxelize import open_voxels
 from voxdiff.mesh import export_mesh, export_pointcloud
-from voxdiff.render import DEFAULT_VIEW, DEFAULT_VIEWS, render_voxels
+from voxdiff.render import DEFAULT_VIEW, DEFAULT_VIEWS, Style, render_voxels
 from voxdiff.utils import VoxdiffError, run_cli
 
 
@@ -85,17 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     views = list(DEFAULT_VIEWS) if args.all_views else args.views
     # 2. render
     out = Path(args.out) if args.out else Path(args.samples).with_suffix(".png")
-    render_voxels(
-        grids,
-        out,
-        titles=titles,
-        ncols=args.ncols,
-        views=views,
-        max_points=args.max_points,
-        color_by=args.color_by,
-        threshold=args.threshold,
-        panel_px=args.panel_px,
-    )
+    style = Style(ncols=args.ncols, views=views, max_points=args.max_points, color_by=args.color_by,
+                  panel_px=args.panel_px)
+    render_voxels(grids, out, titles, threshold=args.threshold, style=style)
     # 3. meshes of exactly the shapes drawn
     n_mesh = 0
     if args.mesh_dir:

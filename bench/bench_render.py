@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from voxdiff.render import render_voxels  # noqa: E402
+from voxdiff.render import Style, render_voxels  # noqa: E402
 
 
 def toy_shape(r: int, t: int) -> np.ndarray:
@@ -68,7 +68,7 @@ def main() -> None:
         grids = np.load(path, mmap_mode="r")
         occupied = int(sum(int(np.count_nonzero(grids[t])) for t in range(args.n)))
         t0 = time.perf_counter()
-        render_voxels(grids[: args.n], Path(d) / "ours.png", ncols=8)
+        render_voxels(grids[: args.n], Path(d) / "ours.png", style=Style(ncols=8))
         ours = time.perf_counter() - t0
         t0 = time.perf_counter()
         baseline(grids[: args.n], Path(d) / "base.png", ncols=8)

@@ -122,7 +122,7 @@ def test_bad_inputs(tiny_voxel_dir: Path, ae_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(VoxdiffError, match="no latent statistics"):
         train_ldm(_cfg(tiny_voxel_dir, nostats, tmp_path / "r5"), progress=False)
     bigger = UNetConfig(**{**to_dict(TINY), "ch_mult": (1, 2), "attn_levels": (1,), "ch": 16})
-    with pytest.raises(VoxdiffError, match="model differs"):
+    with pytest.raises(VoxdiffError, match=r"config mismatch \(model: checkpoint"):
         train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / "r4", num_steps=2, resume=True, model=bigger),
                   progress=False)
     with pytest.raises(ValueError, match="cfg_dropout"):

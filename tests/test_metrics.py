@@ -108,8 +108,8 @@ def test_chamfer_matrix_matches_brute_force(sets):
 @pytest.mark.parametrize("r", [16, 32])
 def test_torch_engine_equals_numpy(sets, r):
     s, ref = sets[r]
-    a = metrics.chamfer_blocks(s, ref, engine="numpy")
-    b = metrics.chamfer_blocks(s, ref, engine="torch", device="cpu")
+    a = metrics.chamfer_blocks(s, ref, metrics.Backend(engine="numpy"))
+    b = metrics.chamfer_blocks(s, ref, metrics.Backend(engine="torch", device="cpu"))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
 
@@ -127,8 +127,8 @@ def test_edt_backends_agree_with_kdtree():
 def test_workers_give_same_result(sets, monkeypatch):
     s, ref = sets[16]
     monkeypatch.setattr(metrics_backends, "MIN_PARALLEL_SHAPES", 0)  # really start the process pool
-    a = metrics.chamfer_blocks(s[:6], ref[:6], workers=1)[1]
-    b = metrics.chamfer_blocks(s[:6], ref[:6], workers=2)[1]
+    a = metrics.chamfer_blocks(s[:6], ref[:6], metrics.Backend(workers=1))[1]
+    b = metrics.chamfer_blocks(s[:6], ref[:6], metrics.Backend(workers=2))[1]
     np.testing.assert_array_equal(a, b)
 
 

@@ -87,7 +87,8 @@ def test_render_voxels_size_and_empty_panel(tmp_path: Path) -> None:
     grids = np.stack([box_grid(), np.zeros((16, 16, 16), np.uint8), box_grid(lo=(2, 2, 2), hi=(5, 14, 5))])
     np.save(tmp_path / "g.npy", grids)
     mm = np.load(tmp_path / "g.npy", mmap_mode="r")  # memory-mapped input is the intended use
-    out = render.render_voxels(mm, tmp_path / "a.png", titles=["box", "nothing", "bar"], ncols=2, panel_px=100)
+    out = render.render_voxels(mm, tmp_path / "a.png", ["box", "nothing", "bar"],
+                              style=render.Style(ncols=2, panel_px=100))
     img = mpimg.imread(out)
     assert img.shape[:2] == (200, 200)  # 2 rows x 2 cols of 100 px
     col = coloured(img)
@@ -101,7 +102,7 @@ def test_render_voxels_views_layout_and_probabilities(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     probs = rng.random((2, 12, 12, 12)).astype(np.float32) * 0.4  # all below the threshold...
     probs[0, 3:9, 3:9, 3:9] = 0.9  # ...except a cube in the first
-    out = render.render_voxels(probs, tmp_path / "v.png", views=render.DEFAULT_VIEWS, panel_px=80)
+    out = render.render_voxels(probs, tmp_path / "v.png", style=render.Style(views=render.DEFAULT_VIEWS, panel_px=80))
     img = mpimg.imread(out)
     assert img.shape[:2] == (2 * 80, 3 * 80)  # one row per shape, one column per view
     col = coloured(img)
@@ -116,7 +117,7 @@ def test_camera_is_y_up(tmp_path: Path, axis: int, tall: bool) -> None:
     sl = [slice(10, 14)] * 3
     sl[axis] = slice(2, 22)
     g[(0, *sl)] = 1
-    out = render.render_voxels(g, tmp_path / "bar.png", views=[(0.0, 0.0)], panel_px=120)
+    out = render.render_voxels(g, tmp_path / "bar.png", style=render.Style(views=[(0.0, 0.0)], panel_px=120))
     ys, xs = np.nonzero(coloured(mpimg.imread(out)))
     height, width = np.ptp(ys), np.ptp(xs)
     assert (height > 2 * width) if tall else (width > 2 * height)
@@ -126,7 +127,8 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(VoxdiffError, match="N,R,R,R"):
         render.render_voxels(np.zeros((2, 4, 4)), tmp_path / "x.png")
     with pytest.raises(ValueError, match="height.*depth.*solid"):
-        render.render_voxels(np.zeros((1, 4, 4, 4)), tmp_path / "x.png", color_by="rainbow")  # type: ignore[arg-type]
+        render.render_voxels(np.zeros((1, 4, 4, 4)), tmp_path / "x.png",
+                             style=render.Style(color_by="rainbow"))  # type: ignore[arg-type]
     with pytest.raises(VoxdiffError, match="titles"):
         render.render_voxels(np.zeros((2, 4, 4, 4)), tmp_path / "x.png", titles=["one"])
     with pytest.raises(VoxdiffError, match="empty grid"):
@@ -139,7 +141,7 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
 def test_pointclouds_and_sheet(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     pts = rng.normal(size=(3, 500, 3)) * np.array([0.1, 0.4, 0.1])  # tall thin clouds
-    img = mpimg.imread(render.plot_pointclouds(pts, tmp_path / "pc.png", titles=list("abc"), panel_px=90))
+    img = mpimg.imread(render.plot_pointclouds(pts, tmp_path / "pc.png", list("abc"), render.Style(panel_px=90)))
     assert img.shape[:2] == (90, 270) and coloured(img).sum() > 100
     sheet = {"data": np.stack([box_grid()] * 5), "samples": np.zeros((2, 8, 8, 8), np.uint8)}
     img = mpimg.imread(render.render_samples_sheet(sheet, tmp_path / "s.png", n_per_row=4, panel_px=100))

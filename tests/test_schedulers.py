@@ -40,7 +40,7 @@ def test_forward_process_matches_its_closed_form() -> None:
     np.testing.assert_allclose(s.sqrt_alphas_cumprod.numpy(), ms, rtol=1e-10)
     np.testing.assert_allclose(s.sqrt_one_minus_alphas_cumprod.numpy() ** 2, vs, rtol=1e-10)
     # Monte Carlo: simulate the chain step by step for T = 100 and compare with add_noise's moments.
-    s100 = DDPMScheduler(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2)
+    s100 = DDPMScheduler(SchedulerConfig(num_train_timesteps=100, beta_start=1e-3, beta_end=0.2))
     g = torch.Generator().manual_seed(0)
     x0 = torch.full((50_000,), 0.7, dtype=torch.float64)
     x = x0.clone()

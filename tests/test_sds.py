@@ -17,7 +17,7 @@ from voxdiff.config import SampleConfig, SchedulerConfig, SDSConfig
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.sampling import sample_to_files
 from voxdiff.schedulers import make_scheduler
-from voxdiff.sds import run_sds, sds_grad, sds_loss, timestep_range
+from voxdiff.sds import run_sds, sds_grad, sds_surrogate, timestep_range
 from voxdiff.utils import VoxdiffError
 
 TINY = TINY_UNET
@@ -51,8 +51,8 @@ def _setup(seed: int = 0):
 @pytest.mark.parametrize("weighting", ["sds", "uniform"])
 def test_latent_grad_is_weighted_eps_residual(weighting: str) -> None:
     model, sched, z, y, t, eps = _setup()
-    loss, grad = sds_loss(model, sched, z, y, t, eps, 1.5, weighting)
-    loss.backward()
+    grad = sds_grad(model, sched, z, y, t, eps, 1.5, weighting)
+    sds_surrogate(z, grad).backward()
     # hand computation: z_t = √ᾱ z + √(1−ᾱ) ε; ε̂ = 2.5 ε_c − 1.5 ε_u; grad = w(t) (ε̂ − ε)
     a = sched.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
     with torch.no_grad():

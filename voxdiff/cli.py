@@ -33,14 +33,17 @@ DERIVED: frozenset[str] = frozenset({"model.in_channels", "model.num_classes"})
 
 @functools.cache
 def field_help(cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class source, continued by comment lines right below it
-    (empty when the source is unavailable)."""
+    """The trailing `# comment` of each field in the class source (its bases' first), continued by comment lines
+    right below it (empty when the source is unavailable)."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            out.update(field_help(base))
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # pragma: no cover - frozen / zipped installs
-        return {}
+        return out
     lines = source.splitlines()
-    out: dict[str, str] = {}
     for node in ast.parse(source).body[0].body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             line = lines[node.end_lineno - 1]

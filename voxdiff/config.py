@@ -188,19 +188,21 @@ class SchedulerConfig:
 
 
 @dataclass
-class AETrainConfig:
-    """Autoencoder training run (`autoencoder.py`, `voxdiff.training.train_autoencoder`)."""
+class TrainConfig:
+    """What every training run has: data, run directory, length, optimiser, precision, device, seed and resume.
+
+    The length is `num_steps` optimizer steps, or `num_epochs` passes over the training set when num_steps is none;
+    `max_minutes` is only a safety cap, and a run it stops says so.
+    """
 
     dataset_path: str = "data/hdf5_data"  # directory of {category}_voxels_{split}.npy
-    ckpt_path: str = "checkpoints/ae"  # run directory: last.pt, best.pt, train.log, log.csv/png
+    ckpt_path: str = "checkpoints/run"  # run directory: last.pt, best.pt, train.log, log.csv/png
     categories: tuple[str, ...] = CATEGORIES
     batch_size: int = 64  # global batch (split across ranks under torchrun)
     lr: float = 1e-3
-    num_steps: int | None = None  # optimizer steps; none: num_epochs passes over the training shapes
-    num_epochs: int = 50  # passes over the training shapes when num_steps is none
+    num_steps: int | None = None  # optimizer steps; none: num_epochs passes over the training set
+    num_epochs: int | None = 50  # passes over the training set when num_steps is none
     max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); none: no cap
-    loss: AELoss = "weighted_bce"  # reconstruction loss (voxdiff/losses.py)
-    pos_weight: float | None = None  # weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data
     grad_clip: float = 1.0  # max gradient norm (0: off)
     weight_decay: float = 0.0
     precision: Precision = "auto"  # autocast dtype of training forwards; auto: bf16 where the hardware has it
@@ -209,59 +211,65 @@ class AETrainConfig:
     resume: bool = False  # continue exactly from {ckpt_path}/last.pt
     overwrite: bool = False  # replace an existing run in ckpt_path (without it, an existing checkpoint is refused)
     log_every: int = 10  # steps between loss rows in log.csv
-    ckpt_every: int = 500  # steps between held-out validation and last.pt / best.pt
+    ckpt_every: int = 500  # steps between held-out validation, last.pt and best.pt
+
+    def __post_init__(self) -> None:
+        for c in self.categories:
+            category_index(c)
+        check_literal(self.precision, Precision, "precision")
+        check_range("batch_size", self.batch_size, lo=1)
+        check_range("lr", self.lr, lo=0.0, lo_open=True)
+        check_range("num_steps", self.num_steps, lo=1, optional=True)
+        check_range("num_epochs", self.num_epochs, lo=1, optional=True)
+        check_range("max_minutes", self.max_minutes, lo=0.0, lo_open=True, optional=True)
+        check_range("grad_clip", self.grad_clip, lo=0.0)
+        check_range("weight_decay", self.weight_decay, lo=0.0)
+        check_range("log_every", self.log_every, lo=1)
+        check_range("ckpt_every", self.ckpt_every, lo=1)
+        if self.num_steps is None and self.num_epochs is None:
+            raise ValueError("give a training length: num_steps or num_epochs")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's length in optimizer steps."""
+        return self.num_steps if self.num_steps is not None else int(self.num_epochs) * steps_per_epoch
+
+
+@dataclass
+class AETrainConfig(TrainConfig):
+    """Autoencoder training run (`autoencoder.py`, `voxdiff.training.train_autoencoder`)."""
+
+    ckpt_path: str = "checkpoints/ae"  # run directory: last.pt, best.pt, train.log, log.csv/png
+    loss: AELoss = "weighted_bce"  # reconstruction loss (voxdiff/losses.py)
+    pos_weight: float | None = None  # weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data
     holdout_fraction: float = 0.05  # per category, held out of TRAIN for best.pt and threshold calibration
     holdout_max: int = 100  # at most this many held-out shapes per category
     sync_bn: bool = False  # under torchrun: SyncBatchNorm (full-global-batch statistics; CUDA only)
     model: AEConfig = field(default_factory=AEConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_literal(self.loss, AELoss, "loss")
-        check_literal(self.precision, Precision, "precision")
-        for c in self.categories:
-            category_index(c)
-        check_range("batch_size", self.batch_size, lo=1)
-        check_range("lr", self.lr, lo=0.0, lo_open=True)
-        check_range("num_steps", self.num_steps, lo=1, optional=True)
-        check_range("num_epochs", self.num_epochs, lo=1)
-        check_range("max_minutes", self.max_minutes, lo=0.0, lo_open=True, optional=True)
         check_range("pos_weight", self.pos_weight, lo=0.0, lo_open=True, optional=True)
-        check_range("grad_clip", self.grad_clip, lo=0.0)
-        check_range("weight_decay", self.weight_decay, lo=0.0)
-        check_range("log_every", self.log_every, lo=1)
-        check_range("ckpt_every", self.ckpt_every, lo=1)
         check_range("holdout_fraction", self.holdout_fraction, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         check_range("holdout_max", self.holdout_max, lo=1)
-        if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other")
 
 
 @dataclass
-class LDMTrainConfig:
+class LDMTrainConfig(TrainConfig):
     """Latent diffusion training run (`diffusion/train.py`, `voxdiff.training.train_ldm`)."""
 
-    dataset_path: str = "data/hdf5_data"  # directory of {category}_voxels_{split}.npy
-    ae_ckpt_path: str = "checkpoints/ae"  # trained AE checkpoint file or run directory
     ckpt_path: str = "checkpoints/ldm"  # run directory: last.pt, best.pt, train.log, log.csv/png, previews
-    categories: tuple[str, ...] = CATEGORIES
-    use_cfg: bool = True  # train with label dropout, so classifier-free guidance can be used when sampling
-    cfg_dropout: float = 0.1  # label dropout probability (with use_cfg)
     batch_size: int = 16  # global batch (split across ranks under torchrun)
     lr: float = 2e-4
+    num_steps: int | None = 10000  # optimizer steps; none: num_epochs passes over the training latents
+    num_epochs: int | None = None  # passes over the training latents when num_steps is none
+    ae_ckpt_path: str = "checkpoints/ae"  # trained AE checkpoint file or run directory
+    use_cfg: bool = True  # train with label dropout, so classifier-free guidance can be used when sampling
+    cfg_dropout: float = 0.1  # label dropout probability (with use_cfg)
     warmup_steps: int = 500  # linear LR warmup
-    num_epochs: int | None = None  # passes over the training latents; none: num_steps decides
-    num_steps: int | None = 10000  # optimizer steps; none: num_epochs decides (with both, the first reached)
-    max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); none: no cap
     ema_decay: float = 0.999
-    grad_clip: float = 1.0  # max gradient norm (0: off)
-    weight_decay: float = 0.0
-    precision: Precision = "auto"  # autocast dtype of training forwards; auto: bf16 where the hardware has it
-    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
-    seed: int = 0
-    resume: bool = False  # continue exactly from {ckpt_path}/last.pt
-    overwrite: bool = False  # replace an existing run in ckpt_path (without it, an existing checkpoint is refused)
-    log_every: int = 10  # steps between loss rows in log.csv
-    ckpt_every: int = 500  # steps between held-out loss, last.pt and best.pt
     preview: bool = True  # render 2 samples per category at the end (and every preview_every steps)
     preview_every: int | None = None  # steps between preview renders; none: only at the end
     preview_threshold: float = 0.5  # previews binarise as p > this (the pipeline sets its sampling threshold)
@@ -270,42 +278,25 @@ class LDMTrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        for c in self.categories:
-            category_index(c)
-        check_literal(self.precision, Precision, "precision")
+        super().__post_init__()
         check_range("cfg_dropout", self.cfg_dropout, lo=0.0, hi=1.0, hi_open=True)
-        check_range("batch_size", self.batch_size, lo=1)
-        check_range("lr", self.lr, lo=0.0, lo_open=True)
         check_range("warmup_steps", self.warmup_steps, lo=0)
-        check_range("num_epochs", self.num_epochs, lo=1, optional=True)
-        check_range("num_steps", self.num_steps, lo=1, optional=True)
-        check_range("max_minutes", self.max_minutes, lo=0.0, lo_open=True, optional=True)
         check_range("ema_decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
-        check_range("grad_clip", self.grad_clip, lo=0.0)
-        check_range("weight_decay", self.weight_decay, lo=0.0)
-        check_range("log_every", self.log_every, lo=1)
-        check_range("ckpt_every", self.ckpt_every, lo=1)
         check_range("preview_every", self.preview_every, lo=1, optional=True)
         check_range("preview_threshold", self.preview_threshold, lo=0.0, hi=1.0, hi_open=True)
-        if self.num_steps is None and self.num_epochs is None:
-            raise ValueError("give a training length: num_steps or num_epochs")
-        if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other")
 
 
 @dataclass
-class SampleConfig:
-    """Sampling run (`diffusion/sample.py`, `voxdiff.sampling.sample_to_files`)."""
+class GenerateConfig:
+    """What sampling and SDS share: the checkpoints, where the files go, how many shapes, guidance, output resolution
+    and binarisation (decode -> p > threshold, or top-k, at the AE's resolution -> nearest upsampling)."""
 
     ldm_ckpt_path: str = "checkpoints/ldm"  # LDM checkpoint file or run directory (best.pt, else last.pt)
     ae_ckpt_path: str = "checkpoints/ae"  # AE checkpoint file or run directory (best.pt, else last.pt)
-    save_dir: str = "samples"  # gets {category}.npy, sample.json, sample.log
+    save_dir: str = "samples"  # gets {category}.npy and a JSON summary with a log
     categories: tuple[str, ...] = CATEGORIES
     num_samples: int = 1000  # shapes per category
     batch_size: int = 100
-    sampler: SamplerName = "ddim"
-    steps: int | None = None  # denoising steps; none: all T for ddpm, 50 for ddim
-    eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 ~ DDPM)
     use_cfg: bool = True  # classifier-free guidance; --no_use_cfg samples the plain conditional model (w = 0)
     cfg_scale: float = 1.0  # guidance w in (1 + w)·ε_c − w·ε_u: 0 = plain conditional;
     # the same as a "guidance scale" of 1 + w in the other common convention
@@ -315,23 +306,35 @@ class SampleConfig:
     threshold: float = 0.5  # occupied = probability > threshold (with --binarize threshold)
     topk: int | None = None  # voxels kept per shape at --resolution (with --binarize topk);
     # none: the category's mean training count
-    use_ema: bool = True  # sample with the EMA weights
-    device: str = "auto"
+    use_ema: bool = True  # the EMA weights of the LDM
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_literal(self.sampler, SamplerName, "sampler")
         check_literal(self.binarize, BinarizeMode, "binarize")
         for c in self.categories:
             category_index(c)
         check_range("num_samples", self.num_samples, lo=1)
         check_range("batch_size", self.batch_size, lo=1)
-        check_range("steps", self.steps, lo=1, optional=True)
-        check_range("eta", self.eta, lo=0.0, hi=1.0)
         check_range("cfg_scale", self.cfg_scale, lo=-1.0, hi=100.0)
         check_range("threshold", self.threshold, lo=0.0, hi=1.0, hi_open=True)
         check_range("topk", self.topk, lo=1, optional=True)
         check_range("resolution", self.resolution, lo=8)
+
+
+@dataclass
+class SampleConfig(GenerateConfig):
+    """Sampling run (`diffusion/sample.py`, `voxdiff.sampling.sample_to_files`)."""
+
+    sampler: SamplerName = "ddim"
+    steps: int | None = None  # denoising steps; none: all T for ddpm, 50 for ddim
+    eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 ~ DDPM)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_literal(self.sampler, SamplerName, "sampler")
+        check_range("steps", self.steps, lo=1, optional=True)
+        check_range("eta", self.eta, lo=0.0, hi=1.0)
 
 
 # Flags that only act together with another field's value: the CLIs refuse them otherwise (no silently ignored flag).
@@ -343,53 +346,35 @@ ACTS_ONLY_WITH: dict[str, tuple[str, Any]] = {
 
 
 @dataclass
-class SDSConfig:
+class SDSConfig(GenerateConfig):
     """Score distillation on latents (`sds/main.py`, `voxdiff.sds.run_sds`); w(t) = 1 − ᾱ_t ("sds") or 1 ("uniform").
 
     t ~ U[t_min·T, t_max·T] per sample per step (with `anneal`, the upper bound falls linearly to t_min over the run).
-    Guidance, resolution and binarisation mean what they mean in SampleConfig.
     """
 
-    ldm_ckpt_path: str = "checkpoints/ldm"  # LDM checkpoint file or run directory
-    ae_ckpt_path: str = "checkpoints/ae"  # AE checkpoint file or run directory
     save_dir: str = "samples_sds"  # gets {category}.npy, sds.json, sds.log, renders/
     categories: tuple[str, ...] = ("chair",)
     num_samples: int = 100  # shapes per category
     batch_size: int = 100  # latents optimised at once
+    resolution: int = 64  # output grid side: the AE's or a power-of-two multiple of it
     num_steps: int = 200  # SDS optimisation steps per batch (0: keep the initial latents)
     lr: float = 0.02  # Adam learning rate on the (normalised) latents
-    use_cfg: bool = True  # classifier-free guidance in the score; --no_use_cfg: plain conditional (w = 0)
-    cfg_scale: float = 1.0  # guidance w in (1 + w)·ε_c − w·ε_u (0 = plain conditional)
     t_min: float = 0.02  # lowest noise level, as a fraction of T
     t_max: float = 0.98  # highest noise level, as a fraction of T
     anneal: bool = False  # lower the upper t bound linearly to t_min over the run
     weighting: SDSWeighting = "sds"  # w(t): sds = 1 − ᾱ_t (DreamFusion), uniform = 1
     init: SDSInit = "noise"  # initial latents: noise (N(0, I)) or ddim (DDIM samples, η = 0)
     steps: int = 50  # DDIM steps of --init ddim
-    resolution: int = 64  # output grid side (a multiple of the AE's)
-    binarize: BinarizeMode = "threshold"
-    threshold: float = 0.5
-    topk: int | None = None
-    use_ema: bool = True
     render_every: int | None = 50  # render the first batch every K steps; none: no renders
     render_n: int = 8  # shapes per render
-    device: str = "auto"
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        for c in self.categories:
-            category_index(c)
+        super().__post_init__()
         check_literal(self.weighting, SDSWeighting, "weighting")
         check_literal(self.init, SDSInit, "init")
-        check_literal(self.binarize, BinarizeMode, "binarize")
-        check_range("num_samples", self.num_samples, lo=1)
-        check_range("batch_size", self.batch_size, lo=1)
         check_range("num_steps", self.num_steps, lo=0)
         check_range("steps", self.steps, lo=1)
         check_range("lr", self.lr, lo=0.0, lo_open=True)
-        check_range("cfg_scale", self.cfg_scale, lo=-1.0, hi=100.0)
-        check_range("threshold", self.threshold, lo=0.0, hi=1.0, hi_open=True)
-        check_range("topk", self.topk, lo=1, optional=True)
         check_range("render_every", self.render_every, lo=1, optional=True)
         check_range("render_n", self.render_n, lo=1)
         if not 0.0 <= self.t_min < self.t_max <= 1.0:

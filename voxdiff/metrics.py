@@ -245,30 +245,32 @@ def resolve_engine(engine: str | None, device: Any = "cpu") -> str:
     return engine
 
 
-def one_sided_sums(
-    sources: VoxelPoints,
-    targets: VoxelPoints,
-    *,
-    device: Any = "cpu",
-    engine: Engine | None = None,
-    workers: int = 1,
-    progress: bool = False,
-) -> np.ndarray:
+@dataclass(frozen=True)
+class Backend:
+    """How the one-sided sums are computed: engine "numpy" (the default on CPU; `workers` > 1 uses processes) or
+    "torch" on `device` (the default on CUDA). Both give the same integers (voxdiff.metrics_backends)."""
+
+    device: Any = "cpu"
+    engine: Engine | None = None
+    workers: int = 1
+    progress: bool = False
+
+
+def one_sided_sums(sources: VoxelPoints, targets: VoxelPoints, backend: Backend = Backend()) -> np.ndarray:
     """H (n_src × n_tgt), H[i, j] = Σ_{q in target j} min_{p in source i} |p - q|² in voxel units (exact integers).
 
-    Rows of empty sources are NaN. engine: "numpy" (default on CPU; `workers` > 1 uses processes) or "torch"
-    (default on CUDA). Both give the same integers; how each computes them: voxdiff.metrics_backends.
+    Rows of empty sources are NaN.
     """
     if sources.resolution != targets.resolution:
         raise VoxdiffError(f"resolutions differ: {sources.resolution}³ vs {targets.resolution}³")
-    engine = resolve_engine(engine, device)
+    engine = resolve_engine(backend.engine, backend.device)
     tg = backends.Targets.build(targets.indices, targets.offsets)
     src = [sources.shape_indices(i) for i in range(sources.n)]
-    bar = tqdm(total=sources.n, desc=f"chamfer ({engine})", unit="shape", disable=not progress, leave=False)
+    bar = tqdm(total=sources.n, desc=f"chamfer ({engine})", unit="shape", disable=not backend.progress, leave=False)
     try:
         if engine == "torch":
-            return backends.sums_torch(src, tg, sources.resolution, device, update=bar.update)
-        return backends.sums_numpy(src, tg, sources.resolution, edt_sq, workers=workers, update=bar.update)
+            return backends.sums_torch(src, tg, sources.resolution, backend.device, update=bar.update)
+        return backends.sums_numpy(src, tg, sources.resolution, edt_sq, workers=backend.workers, update=bar.update)
     finally:
         bar.close()
 
@@ -282,23 +284,14 @@ def _cd_from_sums(h_ab: np.ndarray, h_ba: np.ndarray, n_a: np.ndarray, n_b: np.n
     return d
 
 
-def chamfer_matrix(
-    a: GridSet,
-    b: GridSet,
-    *,
-    device: Any = "cpu",
-    engine: Engine | None = None,
-    workers: int = 1,
-    progress: bool = False,
-) -> np.ndarray:
+def chamfer_matrix(a: GridSet, b: GridSet, backend: Backend = Backend()) -> np.ndarray:
     """Exact Chamfer matrix D[i, j] = CD(a_i, b_j) (float64, unit-cube coordinates, squared distances).
 
     One EDT per shape (len(a) + len(b) transforms). Empty shapes give +inf rows/columns.
     """
     pa = extract_points(a, name="a")
     pb = extract_points(b, name="b")
-    h_ab = one_sided_sums(pa, pb, device=device, engine=engine, workers=workers, progress=progress)
-    h_ba = one_sided_sums(pb, pa, device=device, engine=engine, workers=workers, progress=progress)
+    h_ab, h_ba = one_sided_sums(pa, pb, backend), one_sided_sums(pb, pa, backend)
     return _cd_from_sums(h_ab, h_ba, pa.counts, pb.counts, pa.resolution)
 
 
@@ -308,15 +301,8 @@ def _concat(s: VoxelPoints, r: VoxelPoints) -> VoxelPoints:
     return VoxelPoints(s.resolution, idx, off, s.occupancy + r.occupancy)
 
 
-def chamfer_blocks(
-    samples: GridSet,
-    references: GridSet,
-    *,
-    device: Any = "cpu",
-    engine: Engine | None = None,
-    workers: int = 1,
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def chamfer_blocks(samples: GridSet, references: GridSet,
+                   backend: Backend = Backend()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(D_ss, D_sr, D_rr): every Chamfer distance among samples ∪ references, from N + M transforms.
 
     D_sr is the (N_sample × N_ref) matrix of MMD/COV; all three feed 1-NNA.
@@ -326,7 +312,7 @@ def chamfer_blocks(
     if s.resolution != r.resolution:
         raise VoxdiffError(f"samples are {s.resolution}³ but references are {r.resolution}³")
     both = _concat(s, r)
-    h = one_sided_sums(both, both, device=device, engine=engine, workers=workers, progress=progress)
+    h = one_sided_sums(both, both, backend)
     d = _cd_from_sums(h, h, both.counts, both.counts, s.resolution)
     n = s.n
     return d[:n, :n], d[:n, n:], d[n:, n:]
@@ -406,7 +392,7 @@ def evaluate(
     empty_refs = np.flatnonzero(r.counts == 0)
     if len(empty_refs):
         raise VoxdiffError(f"{len(empty_refs)} reference shape(s) are empty (first: index {empty_refs[0]})")
-    d_ss, d_sr, d_rr = chamfer_blocks(s, r, device=device, engine=engine, workers=workers, progress=progress)
+    d_ss, d_sr, d_rr = chamfer_blocks(s, r, Backend(device, engine, workers, progress))
     mmd, cov = mmd_cov(d_sr)
     vox = s.resolution**3
     n_empty = int((s.counts == 0).sum())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -264,50 +265,50 @@ def _check_grids(grids: Any) -> int:
     return n
 
 
-def render_voxels(
-    grids: Any,
-    path: str | os.PathLike[str],
-    titles: Sequence[str] | None = None,
-    ncols: int | None = None,
-    views: Sequence[View] | None = None,
-    max_points: int = 16_000,
-    point_size: float | None = None,
-    color_by: ColorBy = "height",
-    threshold: float = 0.5,
-    panel_px: int = 240,
-    seed: int = 0,
-) -> Path:
-    """Write a PNG of voxel shapes: a grid of shapes (one view) or one row per shape × one column per view.
+@dataclass(frozen=True)
+class Style:
+    """How a sheet of shapes is drawn: columns, camera views, point budget, marker size, colouring, panel size, seed.
 
-    grids: (N,R,R,R) array-like — an np.memmap is fine, only `grids[i]` of each drawn shape is read. Occupancy is
-    `grid > threshold`. titles: one per shape (default: its index). views: (elevation, azimuth) pairs in degrees.
-    max_points caps the surface voxels drawn per panel (a seeded subsample with larger markers). Empty shapes get a
-    panel labelled "empty". The image is exactly (ncols·panel_px) × (nrows·panel_px) pixels. Returns the path.
+    views: (elevation, azimuth) pairs in degrees; one view gives a grid of shapes (`ncols` per row, default
+    min(n, 8)), several give one row per shape and one column per view. max_points caps the points drawn per panel
+    (a seeded subsample with larger markers). Every panel is `panel_px` pixels square.
     """
-    _check_points_kw(max_points, color_by)
-    n = _check_grids(grids)
-    vs = _parse_views(views)
+
+    ncols: int | None = None
+    views: Sequence[View] | None = None
+    max_points: int = 16_000
+    point_size: float | None = None
+    color_by: ColorBy = "height"
+    panel_px: int = 240
+    seed: int = 0
+
+
+def _sheet(n: int, titles: Sequence[str] | None, style: Style, path: str | os.PathLike[str],
+           points: Any) -> Path:
+    """Lay out n panels per `style` and draw points(i, rng) -> (xyz, normals or None, spacing, empty) in each."""
+    _check_points_kw(style.max_points, style.color_by)
+    vs = _parse_views(style.views)
     if titles is not None and len(titles) != n:
         raise VoxdiffError(f"got {len(titles)} titles for {n} shapes")
     names = [str(t) for t in titles] if titles is not None else [str(i) for i in range(n)]
     if len(vs) == 1:
-        ncols = max(1, min(ncols or min(n, 8), n))
+        ncols = max(1, min(style.ncols or min(n, 8), n))
         nrows = -(-n // ncols)
         cells = [(i // ncols, i % ncols, i, 0) for i in range(n)]
     else:  # shapes × views
         ncols, nrows = len(vs), n
         cells = [(i, j, i, j) for i in range(n) for j in range(len(vs))]
-    fig, w, h = _figure(nrows, ncols, panel_px)
-    fs = max(7.0, panel_px / 24)
-    rng = np.random.default_rng(seed)
-    cache: tuple[int, tuple[np.ndarray, np.ndarray, float, int]] | None = None
+    fig, w, h = _figure(nrows, ncols, style.panel_px)
+    fs = max(7.0, style.panel_px / 24)
+    rng = np.random.default_rng(style.seed)
+    cache: tuple[int, Any] | None = None
     for row, col, i, j in cells:
         if cache is None or cache[0] != i:  # read each shape once, even across views
-            cache = (i, _voxel_points(grids[i], threshold, max_points, rng))
-        xyz, nrm, spacing, n_occ = cache[1]
-        ax = _panel(fig, row, col, w, h, panel_px)
-        _draw_cloud(ax, xyz, nrm, vs[j], panel_px, spacing, point_size, color_by)
-        if n_occ == 0:
+            cache = (i, points(i, rng))
+        xyz, nrm, spacing, empty = cache[1]
+        ax = _panel(fig, row, col, w, h, style.panel_px)
+        _draw_cloud(ax, xyz, nrm, vs[j], style.panel_px, spacing, style.point_size, style.color_by)
+        if empty:
             _empty_label(ax)
         label = names[i] if (len(vs) == 1 or j == 0) else ""
         if len(vs) > 1 and row == 0:
@@ -317,24 +318,30 @@ def render_voxels(
     return Path(path)
 
 
-def plot_pointclouds(
-    points: Any,
-    path: str | os.PathLike[str],
-    titles: Sequence[str] | None = None,
-    ncols: int | None = None,
-    views: Sequence[View] | None = None,
-    max_points: int = 16_000,
-    point_size: float | None = None,
-    color_by: ColorBy = "height",
-    panel_px: int = 240,
-    seed: int = 0,
-) -> Path:
+def render_voxels(grids: Any, path: str | os.PathLike[str], titles: Sequence[str] | None = None,
+                  threshold: float = 0.5, style: Style = Style()) -> Path:
+    """Write a PNG of voxel shapes: a grid of shapes (one view) or one row per shape × one column per view.
+
+    grids: (N,R,R,R) array-like — an np.memmap is fine, only `grids[i]` of each drawn shape is read. Occupancy is
+    `grid > threshold`. titles: one per shape (default: its index). Empty shapes get a panel labelled "empty". The
+    image is exactly (ncols·panel_px) × (nrows·panel_px) pixels. Returns the path.
+    """
+    n = _check_grids(grids)
+
+    def points(i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float, bool]:
+        xyz, nrm, spacing, n_occ = _voxel_points(grids[i], threshold, style.max_points, rng)
+        return xyz, nrm, spacing, n_occ == 0
+
+    return _sheet(n, titles, style, path, points)
+
+
+def plot_pointclouds(points: Any, path: str | os.PathLike[str], titles: Sequence[str] | None = None,
+                     style: Style = Style()) -> Path:
     """Write a PNG grid of raw point clouds (N,P,3) in (x, y-up, z), drawn with the same camera and look as voxels.
 
     All clouds share one isotropic normalisation (the joint bounding box mapped into the unit cube), so relative sizes
     are kept; points have no normals, so shading is by depth. Layout and sizing as in `render_voxels`.
     """
-    _check_points_kw(max_points, color_by)
     pts = [np.asarray(p, dtype=np.float64) for p in points]
     if not pts:
         raise VoxdiffError("no point clouds to draw")
@@ -343,11 +350,6 @@ def plot_pointclouds(
             raise VoxdiffError(f"point cloud {k} must be (P,3); got shape {p.shape}")
         if not np.isfinite(p).all():
             raise VoxdiffError(f"point cloud {k} holds NaN or inf")
-    n = len(pts)
-    if titles is not None and len(titles) != n:
-        raise VoxdiffError(f"got {len(titles)} titles for {n} point clouds")
-    names = [str(t) for t in titles] if titles is not None else [str(i) for i in range(n)]
-    vs = _parse_views(views)
     nonempty = [p for p in pts if len(p)]
     if nonempty:
         allp = np.concatenate(nonempty)
@@ -355,30 +357,15 @@ def plot_pointclouds(
         centre, scale = 0.5 * (lo + hi), max(float((hi - lo).max()), 1e-9)
     else:
         centre, scale = np.zeros(3), 1.0
-    if len(vs) == 1:
-        ncols = max(1, min(ncols or min(n, 8), n))
-        nrows = -(-n // ncols)
-        cells = [(i // ncols, i % ncols, i, 0) for i in range(n)]
-    else:
-        ncols, nrows = len(vs), n
-        cells = [(i, j, i, j) for i in range(n) for j in range(len(vs))]
-    fig, w, h = _figure(nrows, ncols, panel_px)
-    fs = max(7.0, panel_px / 24)
-    rng = np.random.default_rng(seed)
-    for row, col, i, j in cells:
+
+    def cloud(i: int, rng: np.random.Generator) -> tuple[np.ndarray, None, float, bool]:
         p = pts[i]
-        if len(p) > max_points:
-            p = p[np.sort(rng.choice(len(p), max_points, replace=False))]
-        xyz = (p - centre) / scale
+        if len(p) > style.max_points:
+            p = p[np.sort(rng.choice(len(p), style.max_points, replace=False))]
         spacing = 1.0 / max(np.sqrt(len(p)), 1.0) * 0.9  # typical spacing of P points on a unit-ish surface
-        ax = _panel(fig, row, col, w, h, panel_px)
-        _draw_cloud(ax, xyz, None, vs[j], panel_px, spacing, point_size, color_by)
-        if len(p) == 0:
-            _empty_label(ax)
-        label = names[i] if (len(vs) == 1 or j == 0) else ""
-        _title(ax, label, fs)
-    _save(fig, path)
-    return Path(path)
+        return (p - centre) / scale, None, spacing, len(p) == 0
+
+    return _sheet(len(pts), titles, style, path, cloud)
 
 
 def render_samples_sheet(

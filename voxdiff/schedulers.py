@@ -58,30 +58,18 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, sch
 class _Scheduler:
     """Shared tables, `set_timesteps` and `add_noise` of DDPM and DDIM."""
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-    ) -> None:
-        if num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1; got {num_train_timesteps}")
-        self.num_train_timesteps = num_train_timesteps
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        self.config = config = config or SchedulerConfig()  # validated by the dataclass
+        self.num_train_timesteps = config.num_train_timesteps
         # Precomputed once (float64): β_t, α_t, ᾱ_t and the forward-process square roots.
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        self.betas = make_betas(config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         # ᾱ before the first step: 1 (x_{-1} := x_0), so the last reverse step returns the x_0 estimate.
         self.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
-        self.set_timesteps(num_train_timesteps)
-
-    @classmethod
-    def from_config(cls, cfg: SchedulerConfig, **kwargs: float) -> _Scheduler:
-        """Build from a SchedulerConfig (extra keyword arguments, e.g. DDIM's eta, pass through)."""
-        return cls(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, **kwargs)
+        self.set_timesteps(config.num_train_timesteps)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Use `num_inference_steps` evenly spaced timesteps ("leading" spacing: T−k, ..., k, 0 with k = T // n)."""
@@ -161,18 +149,11 @@ class DDPMScheduler(_Scheduler):
 class DDIMScheduler(_Scheduler):
     """DDIM sampling (DDIM eq. 12) with stochasticity η: η = 0 deterministic, η = 1 has DDPM's posterior variance."""
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        eta: float = 0.0,
-    ) -> None:
+    def __init__(self, config: SchedulerConfig | None = None, eta: float = 0.0) -> None:
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1]; got {eta}")
         self.eta = float(eta)
-        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        super().__init__(config)
 
     def posterior(
         self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
@@ -197,10 +178,10 @@ def make_scheduler(
     """A "ddpm" or "ddim" scheduler for `cfg` with `steps` inference steps (None: all T for DDPM, 50 for DDIM)."""
     cfg = cfg or SchedulerConfig()
     if name == "ddpm":
-        sched: DDPMScheduler | DDIMScheduler = DDPMScheduler.from_config(cfg)
+        sched: DDPMScheduler | DDIMScheduler = DDPMScheduler(cfg)
         sched.set_timesteps(steps or cfg.num_train_timesteps)
     elif name == "ddim":
-        sched = DDIMScheduler.from_config(cfg, eta=eta)
+        sched = DDIMScheduler(cfg, eta=eta)
         sched.set_timesteps(steps or min(50, cfg.num_train_timesteps))
     else:
         raise ValueError(f"sampler must be one of ddpm, ddim; got {name!r}")

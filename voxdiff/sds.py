@@ -40,7 +40,7 @@ from voxdiff.utils import (
     resolve_device,
 )
 
-__all__ = ["sds_weight", "sds_grad", "sds_loss", "timestep_range", "run_sds"]
+__all__ = ["sds_weight", "sds_grad", "sds_surrogate", "timestep_range", "run_sds"]
 
 
 def sds_weight(scheduler: DDPMScheduler | DDIMScheduler, t: torch.Tensor, weighting: str = "sds") -> torch.Tensor:
@@ -79,19 +79,10 @@ def sds_grad(
         return w * (eps_hat - noise)
 
 
-def sds_loss(
-    model: torch.nn.Module,
-    scheduler: DDPMScheduler | DDIMScheduler,
-    z: torch.Tensor,
-    labels: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    cfg_scale: float,
-    weighting: str = "sds",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(surrogate loss, grad): loss = (grad.detach() · z).sum(), so loss.backward() puts exactly `grad` in z.grad."""
-    grad = sds_grad(model, scheduler, z, labels, t, noise, cfg_scale, weighting)
-    return (grad.detach() * z).sum(), grad
+def sds_surrogate(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """(grad.detach() · z).sum(): its derivative in z is exactly `grad`, so loss.backward() + any torch optimizer
+    step the latents along the SDS gradient."""
+    return (grad.detach() * z).sum()
 
 
 def timestep_range(cfg: SDSConfig, num_train_timesteps: int, step: int = 0) -> tuple[int, int]:
@@ -208,10 +199,10 @@ def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scal
                 t = torch.randint(lo, hi + 1, (e - s,), generator=gen, device=device)
                 noise = torch.randn(z.shape, generator=gen, device=device)
                 opt.zero_grad(set_to_none=True)
-                loss, grad = sds_loss(pipe.unet, noise_sched, z, labels, t, noise, scale, cfg.weighting)
+                grad = sds_grad(pipe.unet, noise_sched, z, labels, t, noise, scale, cfg.weighting)
                 if not torch.isfinite(grad).all():
                     raise VoxdiffError(f"non-finite SDS gradient at step {i} of batch {b}; check the checkpoints")
-                loss.backward()
+                sds_surrogate(z, grad).backward()
                 opt.step()
                 norms = grad.flatten(1).norm(dim=1).cpu()
                 step_norm[i] += float(norms.mean()) * (e - s) / cfg.num_samples

@@ -15,7 +15,6 @@ last.pt.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,6 @@ from voxdiff.binarize import ThresholdCalibrator, binarize, recon_metrics
 from voxdiff.checkpoint import (
     AEMeta,
     Checkpoint,
-    check_resumable,
     get_rng_state,
     load_checkpoint,
     save_checkpoint,
@@ -34,29 +32,12 @@ from voxdiff.checkpoint import (
 )
 from voxdiff.config import CATEGORIES, AETrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
-from voxdiff.distributed import (
-    check_in_sync,
-    check_same_config,
-    init_distributed,
-    mean_over_ranks,
-    split_batch,
-    wrap_ddp,
-)
+from voxdiff.distributed import check_in_sync, mean_over_ranks, wrap_ddp
 from voxdiff.losses import pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.metrics import chamfer_matrix
 from voxdiff.models.autoencoder import VoxelAutoencoder
-from voxdiff.training.common import (
-    RunLogger,
-    StepOrder,
-    TimeCap,
-    autocast,
-    cap_message,
-    check_finite,
-    holdout_rows,
-    prepare_run_dir,
-    resolve_precision,
-)
-from voxdiff.utils import Progress, VoxdiffError, flush_denormals, get_logger, seed_everything
+from voxdiff.training import common
+from voxdiff.utils import Progress, VoxdiffError, get_logger
 
 KIND = "autoencoder"
 # Training-config fields that fix the data order / model: a resume with different values cannot continue exactly.
@@ -185,51 +166,22 @@ def latent_stats(model: torch.nn.Module, grids: torch.Tensor, device: torch.devi
     return mean.cpu().tolist(), std.cpu().tolist()
 
 
-def _check_resume(saved: dict[str, Any], cfg: AETrainConfig, file: Path) -> None:
-    """Refuse a resume whose model (or data-order) settings differ from the checkpoint's, naming the fields."""
-    now = to_dict(cfg)
-    diff = [k for k in _RESUME_FIXED if _norm(saved.get(k)) != _norm(now.get(k))]
-    if diff:
-        parts = [f"{k}: checkpoint {saved.get(k)} vs now {now.get(k)}" for k in diff]
-        raise VoxdiffError(f"cannot resume from {file}: config mismatch ({'; '.join(parts)})")
-
-
-def _norm(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _norm(v) for k, v in x.items()}
-    return [_norm(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
 def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train the voxel autoencoder described by `cfg`; returns the final metrics (also in best.pt / last.pt extra)."""
     # ---- setup -------------------------------------------------------------------------------------------------
-    info = init_distributed(cfg.device)  # under torchrun: batch_size is global, rank 0 alone writes (distributed.py)
-    device = info.device
-    cap = TimeCap(cfg.max_minutes, device)
-    check_same_config(to_dict(cfg), "AE training config")
-    split_batch(cfg.batch_size, info.world_size)
+    run = common.start_run(cfg, KIND, _RESUME_FIXED)
+    info, device, cap, amp, run_dir, resume_ckpt = run.info, run.device, run.cap, run.amp, run.run_dir, run.resume
     if cfg.sync_bn and info.distributed and device.type != "cuda":
         raise VoxdiffError("--sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
-    amp = resolve_precision(cfg.precision, device)
-    flush_denormals(device)
-    seed_everything(cfg.seed)
-    run_dir = Path(cfg.ckpt_path)
     last_file = run_dir / "last.pt"
-    resume_ckpt = None
-    if cfg.resume:
-        if not last_file.is_file():
-            raise VoxdiffError(f"--resume: no checkpoint at {last_file}")
-        resume_ckpt = load_checkpoint(last_file, kind=KIND, map_location="cpu")
-        check_resumable(resume_ckpt)
-        _check_resume(resume_ckpt.train_config, cfg, last_file)
-    prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main)
+    common.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main)
     log = get_logger("voxdiff.ae", run_dir / "train.log" if info.is_main else None)
     log.info("config %s", to_dict(cfg))
 
     # ---- data: the train split in RAM, minus a held-out slice (checkpoint selection, threshold calibration) ------
     res = cfg.model.resolution
     train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=res)
-    holdout = holdout_rows(train_set.counts, cfg.holdout_fraction, cfg.holdout_max, cfg.seed)
+    holdout = common.holdout_rows(train_set.counts, cfg.holdout_fraction, cfg.holdout_max, cfg.seed)
     held_idx = train_set.global_indices(holdout)
     fit_idx = np.setdiff1d(np.arange(len(train_set)), held_idx)
     if resume_ckpt is not None and resume_ckpt.meta.holdout != holdout:
@@ -237,8 +189,8 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
     grids = train_set.load(progress=progress and info.is_main)
     labels = torch.from_numpy(train_set.class_indices())
     held_grids, held_labels = grids[held_idx], labels[held_idx]
-    order = StepOrder(len(fit_idx), cfg.batch_size, info, cfg.seed)
-    total_steps = cfg.num_steps or cfg.num_epochs * order.steps_per_epoch
+    order = common.StepOrder(len(fit_idx), cfg.batch_size, info, cfg.seed)
+    total_steps = cfg.total_steps(order.steps_per_epoch)
 
     # ---- model, optimizer, resume --------------------------------------------------------------------------------
     model = VoxelAutoencoder(cfg.model).to(device)
@@ -263,7 +215,7 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
     log.info("train %d (fit %d, held out %d); occupancy %.5f -> pos_weight %.1f; %d steps; autocast %s",
              len(train_set), len(fit_idx), len(held_idx), mean_frac, pos_weight, total_steps, amp)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, evaluation and checkpoints use `model`
-    runlog = RunLogger(run_dir, "log", resume=cfg.resume, log=log) if info.is_main else None
+    runlog = common.RunLogger(run_dir, "log", resume=cfg.resume, log=log) if info.is_main else None
     if runlog is not None and cfg.resume:
         runlog.truncate_after(step)
 
@@ -295,11 +247,11 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
             break
         x = _to_device(grids[fit_idx[order.batch(step).numpy()]], device)
         t0 = time.perf_counter()
-        with autocast(device, amp):
+        with common.autocast(device, amp):
             logits = net(x)
         loss = reconstruction_loss(logits, x, cfg.loss, pos_weight)
         loss_all = mean_over_ranks(loss.detach())  # the global batch's loss; every rank stops together on NaN
-        check_finite(loss_all, step)
+        common.check_finite(loss_all, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -318,7 +270,7 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
             validate_and_save()
     bar.close()
     if stopped == "time_cap":
-        log.warning(cap_message("AE", step, total_steps))
+        log.warning(common.cap_message("AE", step, total_steps))
 
     # ---- final validation, latent statistics for the LDM (both checkpoints) ----------------------------------------
     if runlog is not None:
@@ -345,7 +297,7 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
               "samples_per_s": (step - start_step) * cfg.batch_size / train_seconds if train_seconds > 0 else None,
               **{f"heldout_{k}": v for k, v in final.items()}}
     if stopped == "time_cap":
-        result["note"] = cap_message("AE", step, total_steps)
+        result["note"] = common.cap_message("AE", step, total_steps)
     if info.distributed:  # DDP's invariant, checked once (also a barrier: rank 0 has finished the checkpoints)
         result.update(world_size=info.world_size, param_hash=check_in_sync(model, "AE"))
     log.info("finished: %s", result)

@@ -7,15 +7,17 @@ import csv
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from voxdiff.config import Precision, check_literal
-from voxdiff.distributed import DistInfo, any_rank, epoch_sampler
-from voxdiff.utils import VoxdiffError, get_logger
+from voxdiff.checkpoint import Checkpoint, Kind, check_resumable, load_checkpoint
+from voxdiff.config import Precision, TrainConfig, check_literal, to_dict
+from voxdiff.distributed import DistInfo, any_rank, check_same_config, epoch_sampler, init_distributed, split_batch
+from voxdiff.utils import VoxdiffError, flush_denormals, get_logger, seed_everything
 
 
 class RunLogger:
@@ -73,6 +75,55 @@ class RunLogger:
         from voxdiff.render import plot_curves
 
         plot_curves(self.rows, curves, self.png)
+
+
+@dataclass
+class RunStart:
+    """What `start_run` sets up for a trainer."""
+
+    info: DistInfo  # rank, world size, device
+    cap: TimeCap  # the safety cap on wall time
+    amp: torch.dtype | None  # autocast dtype of training forwards
+    run_dir: Path
+    resume: Checkpoint | None  # last.pt to continue from, when cfg.resume
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+
+def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...]) -> RunStart:
+    """The setup both trainers share: torchrun's environment, the time cap, the same config on every rank, the batch
+    split, the precision, flushed denormals, the seeds, and the checkpoint to resume, refused when one of the
+    `fixed` settings (the network, the data order) differs from the run's."""
+    info = init_distributed(cfg.device)  # under torchrun: batch_size is global, rank 0 alone writes (distributed.py)
+    cap = TimeCap(cfg.max_minutes, info.device)
+    check_same_config(to_dict(cfg), f"{kind} training config")
+    split_batch(cfg.batch_size, info.world_size)
+    amp = resolve_precision(cfg.precision, info.device)
+    flush_denormals(info.device)
+    seed_everything(cfg.seed)
+    run_dir = Path(cfg.ckpt_path)
+    last = run_dir / "last.pt"
+    resume = None
+    if cfg.resume:
+        if not last.is_file():
+            raise VoxdiffError(f"--resume: no checkpoint at {last}")
+        resume = load_checkpoint(last, kind=kind, map_location="cpu")
+        check_resumable(resume)
+        now = to_dict(cfg)
+        diff = [k for k in fixed if _norm(resume.train_config.get(k)) != _norm(now.get(k))]
+        if diff:
+            parts = [f"{k}: checkpoint {resume.train_config.get(k)} vs now {now.get(k)}" for k in diff]
+            raise VoxdiffError(f"cannot resume from {last}: config mismatch ({'; '.join(parts)})")
+    return RunStart(info, cap, amp, run_dir, resume)
+
+
+def _norm(x: Any) -> Any:
+    """Tuples and lists compare equal (JSON and torch.save keep different sequence types)."""
+    if isinstance(x, dict):
+        return {k: _norm(v) for k, v in x.items()}
+    return [_norm(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "log.csv", "log.png", "train.log")

@@ -24,42 +24,26 @@ from torch.optim.swa_utils import AveragedModel
 from voxdiff.checkpoint import (
     Checkpoint,
     LDMMeta,
-    check_resumable,
     get_rng_state,
     load_autoencoder,
-    load_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
-from voxdiff.config import LDMTrainConfig, from_dict, to_dict
+from voxdiff.config import LDMTrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, voxel_path
 from voxdiff.distributed import (
     barrier,
     check_in_sync,
-    check_same_config,
-    init_distributed,
     mean_over_ranks,
     rank_rng,
     share_device_rng,
-    split_batch,
     wrap_ddp,
 )
 from voxdiff.latents import cached_latents, file_sha256, normalise
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDPMScheduler
-from voxdiff.training.common import (
-    RunLogger,
-    StepOrder,
-    TimeCap,
-    autocast,
-    cap_message,
-    check_finite,
-    holdout_rows,
-    prepare_run_dir,
-    resolve_precision,
-    warmup_lr,
-)
-from voxdiff.utils import Progress, VoxdiffError, flush_denormals, get_logger, seed_everything
+from voxdiff.training import common
+from voxdiff.utils import Progress, VoxdiffError, get_logger
 
 __all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "KIND"]
 
@@ -97,7 +81,7 @@ def diffusion_loss(
 
     `amp`: autocast dtype of the network's forward (None: fp32)."""
     zt = scheduler.add_noise(z0, noise, t)
-    with autocast(z0.device, amp):
+    with common.autocast(z0.device, amp):
         eps = model(zt, t, y)
     return F.mse_loss(eps.float(), noise)
 
@@ -121,12 +105,8 @@ def _heldout_loss(model: torch.nn.Module, scheduler: DDPMScheduler, z: torch.Ten
     return total / len(z)
 
 
-def _check_resume(saved: LDMTrainConfig, cfg: LDMTrainConfig, file: Path) -> None:
-    """Refuse to resume a run with a different network, noise process, conditioning or data."""
-    for name in ("model", "scheduler", "use_cfg", "cfg_dropout", "categories", "batch_size", "seed"):
-        if getattr(saved, name) != getattr(cfg, name):
-            raise VoxdiffError(f"cannot resume {file}: {name} differs (checkpoint {getattr(saved, name)!r}, "
-                               f"now {getattr(cfg, name)!r})")
+# Settings a resumed run must share with its checkpoint: the network, the noise process, the conditioning, the data.
+_RESUME_FIXED = ("model", "scheduler", "use_cfg", "cfg_dropout", "categories", "batch_size", "seed")
 
 
 def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -137,26 +117,12 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     alone writes; the step and data position are global, so last.pt resumes under any world size.
     """
     # ---- setup ------------------------------------------------------------------------------------------------
-    info = init_distributed(cfg.device)
-    device = info.device
-    cap = TimeCap(cfg.max_minutes, device)
-    check_same_config(to_dict(cfg), "LDM training config")
-    split_batch(cfg.batch_size, info.world_size)
-    amp = resolve_precision(cfg.precision, device)
-    flush_denormals(device)
-    run_dir = Path(cfg.ckpt_path)
+    run = common.start_run(cfg, KIND, _RESUME_FIXED)
+    info, device, cap, amp, run_dir, resume_ckpt = run.info, run.device, run.cap, run.amp, run.run_dir, run.resume
     last_file, best_file = run_dir / "last.pt", run_dir / "best.pt"
-    resume_ckpt = None
-    if cfg.resume:
-        if not last_file.is_file():
-            raise VoxdiffError(f"--resume: no checkpoint at {last_file}")
-        resume_ckpt = load_checkpoint(last_file, kind=KIND)
-        check_resumable(resume_ckpt)
-        _check_resume(from_dict(LDMTrainConfig, resume_ckpt.train_config), cfg, last_file)
     for c in cfg.categories:
         if not voxel_path(cfg.dataset_path, c, "train").is_file():
             raise VoxdiffError(f"training voxels not found: {voxel_path(cfg.dataset_path, c, 'train')}")
-    seed_everything(cfg.seed)
 
     # ---- frozen autoencoder and cached latents ----------------------------------------------------------------
     ae, ae_ckpt = load_autoencoder(cfg.ae_ckpt_path)
@@ -175,7 +141,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         raise VoxdiffError(f"latent side {latent_shape[1]} is not a multiple of the UNet's downsampling "
                            f"{cfg.model.downsample_factor}; use fewer ch_mult levels")
     cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else ae_file.parent / "latents"
-    prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main)
+    common.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main)
     log = get_logger("voxdiff.ldm", run_dir / "train.log" if info.is_main else None)
     if not info.is_main:
         barrier()  # rank 0 encodes (or finds) the latent cache first; the other ranks then read it
@@ -190,7 +156,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     ae_holdout = ae_ckpt.meta.holdout
     if not ae_holdout:
         log.warning("AE checkpoint records no held-out slice; holding out 5% of each category here")
-        ae_holdout = holdout_rows(train_set.counts, 0.05, 100, cfg.seed)
+        ae_holdout = common.holdout_rows(train_set.counts, 0.05, 100, cfg.seed)
     holdout = {c: rows for c, rows in ae_holdout.items() if c in cfg.categories}
     held_idx = torch.from_numpy(train_set.global_indices(holdout))
     fit_mask = torch.ones(len(z_all), dtype=torch.bool)
@@ -201,9 +167,8 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     z_held = normalise(z_all[held_eval], latent_mean, latent_std).to(device)
     y_held = y_all[held_eval].to(device)
     n = len(z_train)
-    order = StepOrder(n, cfg.batch_size, info, cfg.seed)
-    limits = [s for s in (cfg.num_steps, (cfg.num_epochs or 0) * order.steps_per_epoch) if s]
-    total_steps = min(limits)
+    order = common.StepOrder(n, cfg.batch_size, info, cfg.seed)
+    total_steps = cfg.total_steps(order.steps_per_epoch)
     log.info("latents %s x %d for training, %d held out (cache %s), device %s, autocast %s, steps/epoch %d, total %d",
              latent_shape, n, len(z_held), cache_file, device, amp, order.steps_per_epoch, total_steps)
     log.info("world size %d, global batch %d, per-rank batch %d", info.world_size, cfg.batch_size, order.per_rank)
@@ -212,7 +177,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     model = UNet3D(cfg.model, class_dropout=cfg.cfg_dropout if cfg.use_cfg else 0.0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    scheduler = DDPMScheduler.from_config(cfg.scheduler)
+    scheduler = DDPMScheduler(cfg.scheduler)
     step, smooth, best_metric = 0, None, math.inf
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt.model)
@@ -226,7 +191,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         log.info("resumed from %s at step %d", last_file, step)
     share_device_rng(info)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, EMA and checkpoints use `model`
-    runlog = RunLogger(run_dir, "log", resume=resume_ckpt is not None, log=log) if info.is_main else None
+    runlog = common.RunLogger(run_dir, "log", resume=resume_ckpt is not None, log=log) if info.is_main else None
     if runlog is not None and resume_ckpt is not None:
         runlog.truncate_after(step)
     num_params = sum(p.numel() for p in model.parameters())
@@ -267,7 +232,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         idx = order.batch(step).to(device)
         z0, y = z_train[idx], y_train[idx]
         t0 = time.perf_counter()
-        lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
+        lr = common.warmup_lr(step, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # t and noise are drawn for the whole global batch (same stream on every rank) and each rank takes the rows
@@ -278,7 +243,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         with rank_rng(info, cfg.seed, step):  # per-rank dropout / label-dropout masks in a distributed run
             loss = diffusion_loss(net, scheduler, z0, y, t, noise, amp)
         loss_all = mean_over_ranks(loss.detach())  # the global batch's loss (every rank stops together on NaN)
-        check_finite(loss_all, step)
+        common.check_finite(loss_all, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -300,7 +265,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
             _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
     bar.close()
     if stopped == "time_cap":
-        log.warning(cap_message("LDM", step, total_steps))
+        log.warning(common.cap_message("LDM", step, total_steps))
     if info.is_main and (step > start_step or not last_file.is_file()):
         checkpoint()
     if info.is_main and cfg.preview:
@@ -312,7 +277,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
               "overhead_fraction": 1.0 - train_seconds / seconds if seconds > 0 else None,
               "steps_per_s": (step - start_step) / train_seconds if train_seconds > 0 else None}
     if stopped == "time_cap":
-        result["note"] = cap_message("LDM", step, total_steps)
+        result["note"] = common.cap_message("LDM", step, total_steps)
     if info.distributed:  # DDP's invariant, checked once: every rank ends with bit-identical model and EMA weights
         result.update(world_size=info.world_size, param_hash=check_in_sync(model, "UNet"),
                       ema_hash=check_in_sync(ema.module, "EMA"))
@@ -329,7 +294,7 @@ def _render_preview(model: torch.nn.Module, ae: torch.nn.Module, ae_meta: Any, c
     """
     from voxdiff.binarize import Binarization
     from voxdiff.config import category_index
-    from voxdiff.render import render_voxels
+    from voxdiff.render import Style, render_voxels
     from voxdiff.sampling import LatentVoxelPipeline
 
     device = next(model.parameters()).device
@@ -343,5 +308,5 @@ def _render_preview(model: torch.nn.Module, ae: torch.nn.Module, ae_meta: Any, c
     model.train(was_training)
     grids = pipe.to_grids(z, labels, Binarization(threshold=cfg.preview_threshold))
     path = run_dir / f"samples_{step:06d}.png"
-    render_voxels(grids, path, titles=[f"{c} {i}" for c in cfg.categories for i in range(2)], ncols=4)
+    render_voxels(grids, path, [f"{c} {i}" for c in cfg.categories for i in range(2)], style=Style(ncols=4))
     log.info("step %d: rendered %d samples to %s", step, len(grids), path)
