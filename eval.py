@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
+from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter, output_file, positive_int, probability
 from voxdiff.config import CATEGORIES
 from voxdiff.metrics_backends import default_workers
 from voxdiff.scoring import References, open_samples, score_sets
@@ -29,11 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("category", help=f"one of {', '.join(CATEGORIES)}, or {ALL} (SAMPLES is then a directory)")
     ap.add_argument("samples", help="(N,R,R,R) .npy of generated grids (bool/uint8, or float in {0,1})")
     ap.add_argument("--dataset_path", default="./data/hdf5_data", help="folder with {category}_voxels_{split}.npy")
-    ap.add_argument("--threshold", type=float, default=None, help="binarise samples as x > T first (e.g. 0.5)")
+    ap.add_argument("--threshold", type=probability, default=None,
+                    help="binarise samples as x > T first, T in [0, 1) (e.g. 0.5); none: samples must be 0/1")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (cuda uses the torch path)")
-    ap.add_argument("--workers", type=int, default=0, help="CPU worker processes (0 = all usable cores)")
+    ap.add_argument("--workers", type=positive_int, default=None, help="CPU worker processes (none: every usable core)")
     ap.add_argument("--seed", type=int, default=None, help="seed the samples were generated with (provenance only)")
-    ap.add_argument("--json", default=None, help="also write metrics + provenance to this JSON file (atomic)")
+    ap.add_argument("--json", type=output_file, default=None,
+                    help="also write metrics + provenance to this JSON file (atomic)")
     ap.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     return ap
 
@@ -74,8 +76,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.category != ALL and args.category not in CATEGORIES:
         raise VoxdiffError(f"unknown category {args.category!r}; choose from {', '.join(CATEGORIES)} or {ALL}")
-    if args.workers < 0:
-        raise VoxdiffError(f"--workers must be >= 0; got {args.workers}")
     device = resolve_device(args.device)
     files = sample_files(args.category, args.samples)
     log = get_logger("voxdiff.eval", Path(args.json).with_suffix(".log") if args.json else None)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             {"samples": path},
             threshold=args.threshold,
             device=device,
-            workers=args.workers or default_workers(),
+            workers=args.workers or default_workers(),  # none: every usable core
             seed=args.seed,
             progress=progress,
         )

@@ -18,13 +18,14 @@ from voxdiff.config import CATEGORIES, SPLITS
 from voxdiff.data.partseg import (
     COUNT_PRESETS,
     PARTSEG_URL,
+    check_may_generate,
     download_partseg,
     extract_zip,
     iter_category_points,
     write_synthetic_partseg,
 )
 from voxdiff.data.voxelize import check_resolution, preprocess
-from voxdiff.utils import VoxdiffError, run_cli
+from voxdiff.utils import VoxdiffError, dir_lock, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +109,18 @@ def main(argv: list[str] | None = None) -> dict:
     if sum([args.synthetic, args.zip is not None, args.download]) > 1:
         raise VoxdiffError("choose at most one of --synthetic, --zip and --download")
     dataset = Path(args.dataset_path)
+    out_dir = Path(args.out_dir) if args.out_dir else dataset
+    if args.synthetic:
+        check_may_generate(dataset)
+    if args.out_dir is None and not (args.synthetic or args.zip or args.download) and not dataset.is_dir():
+        raise VoxdiffError(f"--dataset_path {dataset} is not a directory (give --synthetic, --zip or --download to "
+                           "create it)")
+    with dir_lock(out_dir, "data preparation", remove_created_on_error=True):
+        return _prepare(args, dataset)
+
+
+def _prepare(args: argparse.Namespace, dataset: Path) -> dict:
+    """Fetch or generate the HDF5 files, voxelize them, preview; the output directory is locked."""
     if args.download:
         zip_path = dataset.parent / "shapenet_part_seg_hdf5_data.zip"
         print(f"downloading {args.download_url} (timeout {args.timeout:g} s) -> {zip_path}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
+from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter, probability
 from voxdiff.config import CATEGORIES
 from voxdiff.data.voxelize import open_voxels
 from voxdiff.mesh import export_mesh, export_pointcloud
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"camera views; several draw one row per shape (default {DEFAULT_VIEW[0]:g},{DEFAULT_VIEW[1]:g})",
     )
     p.add_argument("--all_views", action="store_true", help="shorthand for three views: front, side and top")
-    p.add_argument("--threshold", type=float, default=0.5, help="occupancy = value > threshold (for probabilities)")
+    p.add_argument("--threshold", type=probability, default=0.5,
+                   help="occupancy = value > threshold, in [0, 1) (for probabilities)")
     p.add_argument("--color_by", choices=("height", "depth", "solid"), default="height")
     p.add_argument("--max_points", type=int, default=16_000, help="surface voxels drawn per panel (subsampled above)")
     p.add_argument("--panel_px", type=int, default=240, help="pixel size of one square panel")

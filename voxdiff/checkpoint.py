@@ -12,6 +12,7 @@ Format 1 files (voxdiff 0.1) are upgraded in memory when loaded: they sample and
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import pickle
 import random
@@ -158,7 +159,12 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
         "meta": dataclasses.asdict(ckpt.meta),
     }
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as e:  # torch reports a full disk or a failed write as a RuntimeError
+            first = str(e).splitlines()[0] if str(e) else "write failed"
+            raise OSError(errno.EIO, f"could not write the checkpoint ({first}); is the disk full?", str(path)) \
+                from None
 
 
 def resolve_checkpoint_file(path: str | os.PathLike[str], prefer: str = "best") -> Path:

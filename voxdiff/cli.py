@@ -67,6 +67,32 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """argparse type: a finite number in [0, 1) (a threshold on occupancy probabilities)."""
+    value = _finite_float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {text!r}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """argparse type: a file path that can be written (not a directory; its directory exists or can be made)."""
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    if any(q.exists() and not q.is_dir() for q in p.parents):
+        raise argparse.ArgumentTypeError(f"{text}: a parent of it is a file, not a directory")
+    return text
+
+
 def _int(text: str) -> int:
     try:
         return int(text)

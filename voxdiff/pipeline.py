@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 from voxdiff import __version__
 from voxdiff.config import CATEGORIES, SPLITS, PipelineConfig, to_dict
 from voxdiff.report import goal_check, machine_info, write_report
-from voxdiff.utils import Progress, VoxdiffError, atomic_memmap, atomic_write_json, get_logger
+from voxdiff.utils import Progress, VoxdiffError, atomic_memmap, atomic_write_json, dir_lock, get_logger
 
 STAGES: tuple[str, ...] = ("data", "ae", "ldm", "tune", "sample", "eval", "render", "report")
 ORACLE_SEED_OFFSET = 1_000_003  # the oracle's shapes come from another seed than the data's, same generator
@@ -264,6 +265,24 @@ def _train_stage(train: Any, stage_cfg: Any, run_dir: Path, force: bool) -> dict
 def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = False, command: str = "",
         progress: bool = True) -> dict:
     """Run the pipeline stages in order; returns the report dict (also written to report.json / report.md)."""
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VoxdiffError(f"--run_dir {run_dir} is a file, not a directory")
+    if cfg.dataset_path is not None and not Path(cfg.dataset_path).is_dir():
+        raise VoxdiffError(f"--dataset_path {cfg.dataset_path} is not a directory; omit it to generate procedural data "
+                           f"into {run_dir / 'data'}")
+    created = not run_dir.exists()
+    try:
+        with dir_lock(run_dir, "pipeline"):  # one pipeline per run directory
+            return _run(cfg, stages, force, command, progress)
+    except BaseException:
+        if created and not (run_dir / "stages.json").exists():  # failed before any stage finished: leave nothing
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str, progress: bool) -> dict:
+    """The body of `run`, with the run directory locked."""
     from voxdiff.sampling import sample_to_files
     from voxdiff.training.autoencoder import train_autoencoder
     from voxdiff.training.ldm import train_ldm
@@ -271,9 +290,9 @@ def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = Fal
     external = cfg.dataset_path
     cfg = resolve(cfg)
     run_dir = Path(cfg.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise VoxdiffError(f"--run_dir {run_dir} is a file, not a directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "oracle", "baselines", "renders"):  # the lock is held: temp files here are a killed run's
+        for tmp in (run_dir / sub).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     atomic_write_json(run_dir / "config.json", to_dict(cfg))
     log = get_logger("voxdiff.pipeline", run_dir / "pipeline.log")
     log.info("pipeline %s stages %s", cfg.name, stages)

@@ -13,6 +13,7 @@ rerun writes exactly the arrays an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +34,15 @@ from voxdiff.distributed import all_gather_object, barrier, broadcast_object, ch
 from voxdiff.latents import denormalise, file_sha256
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, make_scheduler
-from voxdiff.utils import Progress, VoxdiffError, atomic_write_json, flush_denormals, get_logger
+from voxdiff.utils import (
+    Progress,
+    VoxdiffError,
+    atomic_write_json,
+    dir_lock,
+    flush_denormals,
+    get_logger,
+    open_npy_memmap,
+)
 
 __all__ = ["guided_eps", "sample_latents", "upsample_nearest", "batch_seed", "LatentVoxelPipeline", "sample_to_files"]
 
@@ -212,6 +221,9 @@ class LatentVoxelPipeline:
         r = self.ae_resolution
         f3 = ((resolution or r) // r) ** 3
         if topk is not None:
+            if topk > (resolution or r) ** 3 // 2:
+                raise VoxdiffError(f"--topk {topk} would fill more than half of a {resolution or r}³ grid; give the "
+                                   "number of occupied voxels a shape should have (the data hold a few percent)")
             return Binarization(topk=dict.fromkeys(range(len(CATEGORIES)), max(1, round(topk / f3))))
         per_cat = self.ae_meta.occupancy.get(str(r)) or {}
         missing = [c for c in CATEGORIES if c not in per_cat]
@@ -266,7 +278,17 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
     if pipe.ae_resolution > R or R % pipe.ae_resolution:
         raise VoxdiffError(f"--resolution {R} is impossible: it must be a multiple of the AE's {pipe.ae_resolution}")
     save_dir = Path(cfg.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if info.is_main:  # one sampling job per directory; leftovers of killed jobs are cleared
+            stack.enter_context(dir_lock(save_dir, "sampling job"))
+        barrier()
+        return _sample_all(cfg, pipe, scheduler, scale, binarization, info, progress, max_batches)
+
+
+def _sample_all(cfg: SampleConfig, pipe: LatentVoxelPipeline, scheduler: Any, scale: float,
+                binarization: Binarization, info: Any, progress: bool, max_batches: int | None) -> dict[str, Any]:
+    """The body of `sample_to_files`, with the save directory locked."""
+    save_dir, device = Path(cfg.save_dir), pipe.device
     log = get_logger("voxdiff.sample", save_dir / "sample.log" if info.is_main else None)
     if not pipe.ae_matches:
         log.warning("AE checkpoint %s differs from the one the LDM was trained with (%s)", pipe.ae_file,
@@ -315,7 +337,7 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
     if broadcast_object(not prog["done"] or not partial.is_file()):
         prog["done"] = {}
         if info.is_main:
-            np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(cfg.num_samples, R, R, R)).flush()
+            open_npy_memmap(partial, (cfg.num_samples, R, R, R)).flush()  # disk space reserved up front
     else:
         log.info("%s: resuming, %d of %d batches done", cat, len(prog["done"]), nb)
     barrier()  # the partial file exists: every rank writes its batches' rows into it

@@ -107,8 +107,9 @@ def open_samples(path: str | os.PathLike[str]) -> np.ndarray:
         raise VoxdiffError(f"samples file not found: {p}")
     try:
         return np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise VoxdiffError(f"{p} is not a readable .npy array ({e})") from None
+    except (ValueError, OSError, EOFError) as e:
+        why = str(e).splitlines()[0] if str(e) else "empty or truncated file"
+        raise VoxdiffError(f"{p} is not a readable .npy array ({why})") from None
 
 
 def provenance(

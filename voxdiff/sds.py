@@ -35,6 +35,7 @@ from voxdiff.utils import (
     VoxdiffError,
     atomic_memmap,
     atomic_write_json,
+    dir_lock,
     flush_denormals,
     get_logger,
     resolve_device,
@@ -142,12 +143,12 @@ def run_sds(cfg: SDSConfig, progress: bool = True) -> dict[str, Any]:
                            f"{pipe.ae_resolution}")
     init_sched = pipe.scheduler("ddim", cfg.steps, eta=0.0) if cfg.init == "ddim" else None
     save_dir = Path(cfg.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    log = get_logger("voxdiff.sds", save_dir / "sds.log")
-    if not pipe.ae_matches:
-        log.warning("AE checkpoint %s differs from the one the LDM was trained with", pipe.ae_file)
-    return {cat: _sds_category(cfg, cat, pipe, scale, binarization, init_sched, log, progress)
-            for cat in cfg.categories}
+    with dir_lock(save_dir, "SDS job"):  # one writer per directory; leftovers of killed jobs are cleared
+        log = get_logger("voxdiff.sds", save_dir / "sds.log")
+        if not pipe.ae_matches:
+            log.warning("AE checkpoint %s differs from the one the LDM was trained with", pipe.ae_file)
+        return {cat: _sds_category(cfg, cat, pipe, scale, binarization, init_sched, log, progress)
+                for cat in cfg.categories}
 
 
 def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scale: float,

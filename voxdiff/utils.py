@@ -6,6 +6,7 @@ Standard library + numpy at import time; torch is imported lazily so that leaf m
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -59,11 +60,29 @@ def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def open_npy_memmap(path: str | os.PathLike[str], shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+    """A new writable .npy memmap whose disk space is reserved up front (posix_fallocate), so a full disk is an
+    OSError here, naming the file, and never a crash (SIGBUS) on a later write into the mapping."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    size = os.path.getsize(path)
+    if hasattr(os, "posix_fallocate") and size:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            del arr
+            raise OSError(e.errno, f"cannot reserve {size / 2**20:.0f} MiB for {path}: {e.strerror}", str(path)) \
+                from None
+        finally:
+            os.close(fd)
+    return arr
+
+
 @contextlib.contextmanager
 def atomic_memmap(path: str | os.PathLike[str], shape: tuple[int, ...], dtype: Any = np.uint8) -> Iterator[np.ndarray]:
     """A writable .npy memmap that appears at `path` only if the block completes (streamed writes, bounded memory)."""
     with atomic_path(path) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        arr = open_npy_memmap(tmp, shape, dtype)
         try:
             yield arr
             arr.flush()
@@ -128,19 +147,74 @@ def get_logger(name: str, log_file: str | os.PathLike[str] | None = None) -> log
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """Run a CLI `main(argv)`; user errors become one line on stderr and exit status 2.
 
-    VoxdiffError, FileNotFoundError, ValueError and KeyboardInterrupt are reported without a traceback;
-    anything else is a bug and keeps its traceback.
+    VoxdiffError, ValueError, EOFError and OSError (missing or unreadable files, a full disk, a path that is a file
+    where a directory is needed, ...) are reported in one line naming the file, without a traceback; a full disk
+    exits 28 (ENOSPC). Anything else is a bug and keeps its traceback.
     """
     prog = Path(sys.argv[0]).name
     try:
         main(argv)
-    except (VoxdiffError, FileNotFoundError, ValueError) as e:
+    except (VoxdiffError, ValueError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"{prog}: error: {msg}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(28 if e.errno == errno.ENOSPC else 2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: what went wrong and with which file."""
+    what = e.strerror or str(e).splitlines()[0] if (e.strerror or str(e)) else type(e).__name__
+    if e.errno == errno.ENOSPC:
+        what = f"no space left on the device ({what})"
+    name = e.filename if e.filename is not None else ""
+    if name and str(name) not in what:
+        return f"{name}: {what}"
+    return what
+
+
+@contextlib.contextmanager
+def dir_lock(directory: str | os.PathLike[str], what: str = "run",
+             remove_created_on_error: bool = False) -> Iterator[Path]:
+    """Hold an exclusive lock on `directory` (creating it) while a writer uses it, and clear what killed writers left.
+
+    A second process that wants the same directory gets a one-line VoxdiffError instead of interleaving its files
+    with the first's. Once the lock is held, temporary files of atomic writes (`.*.tmp`) in the directory can only be
+    leftovers of a killed run and are removed. The lock is released when the block ends or the process dies. With
+    `remove_created_on_error`, a directory this call created is removed again when the block fails.
+    """
+    import fcntl
+    import shutil
+
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise VoxdiffError(f"{d} is a file, not a directory")
+    created = [p for p in (d, *d.parents) if not p.exists()]
+    d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise VoxdiffError(f"{d} is in use by another {what} (pid {other}); wait for it to finish or choose "
+                               "another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        for tmp in d.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        try:
+            yield d
+        except BaseException:
+            if remove_created_on_error and created:
+                shutil.rmtree(created[-1], ignore_errors=True)  # the outermost directory this call made
+            raise
+    finally:
+        os.close(fd)
 
 
 class Progress:

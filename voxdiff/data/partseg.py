@@ -70,6 +70,20 @@ def _make_rows(seed: int, split: str, entries: list[tuple[str, int]]) -> tuple[n
     return data, label, pid
 
 
+PROCEDURAL_MARKER = ".voxdiff_procedural"  # written beside procedural HDF5 files: a later generation may replace them
+
+
+def check_may_generate(out_dir: Path) -> None:
+    """Refuse to write procedural shapes into a directory holding PartSeg HDF5 files that voxdiff did not generate
+    there (someone's ShapeNet copy): generating would replace them."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VoxdiffError(f"{out_dir} is a file, not a directory")
+    theirs = sorted(out_dir.glob("ply_data_*.h5")) if out_dir.is_dir() else []
+    if theirs and not (out_dir / PROCEDURAL_MARKER).is_file():
+        raise VoxdiffError(f"{out_dir} holds PartSeg HDF5 files that voxdiff did not generate ({theirs[0].name}, ...); "
+                           "procedural data would replace them: choose another directory")
+
+
 def write_synthetic_partseg(
     out_dir: str | os.PathLike[str],
     counts: dict[str, dict[str, int]],
@@ -88,7 +102,9 @@ def write_synthetic_partseg(
 
     h5py = _import_h5py()
     out = Path(out_dir)
+    check_may_generate(out)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / PROCEDURAL_MARKER, f"procedural PartSeg data written by voxdiff, seed {seed}\n")
     written: list[Path] = []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
@@ -195,6 +211,20 @@ def count_category(hdf5_dir: str | os.PathLike[str], split: str, category: str) 
         with _open_checked(path) as f:
             total += int(np.count_nonzero(_labels(f, path) == label))
     return total
+
+
+PARTSEG_NUM_CATEGORIES = 16  # ShapeNet PartSeg labels are 0..15; voxdiff models three of them
+
+
+def label_counts(hdf5_dir: str | os.PathLike[str], split: str) -> dict[int, int]:
+    """Shapes per label id in `split` (all labels, not only the modelled categories)."""
+    out: dict[int, int] = {}
+    for path in read_file_list(hdf5_dir, split):
+        with _open_checked(path) as f:
+            ids, n = np.unique(_labels(f, path), return_counts=True)
+            for i, k in zip(ids.tolist(), n.tolist()):
+                out[int(i)] = out.get(int(i), 0) + int(k)
+    return out
 
 
 def _label_of(category: str) -> int:

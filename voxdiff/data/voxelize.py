@@ -19,8 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from voxdiff.config import CATEGORIES, SPLITS
-from voxdiff.data.partseg import _tqdm_disable, count_category, iter_category_points
+from voxdiff.config import CATEGORIES, PARTSEG_LABELS, SPLITS
+from voxdiff.data.partseg import (
+    PARTSEG_NUM_CATEGORIES,
+    _tqdm_disable,
+    count_category,
+    iter_category_points,
+    label_counts,
+)
 from voxdiff.utils import VoxdiffError, atomic_memmap, atomic_save_npy, atomic_write_json, get_logger
 
 
@@ -39,9 +45,10 @@ def open_voxels(path: str | os.PathLike[str]) -> np.ndarray:
     if not p.is_file():
         raise VoxdiffError(f"voxel file not found: {p} (run load_data.py first)")
     try:
-        arr = np.load(p, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise VoxdiffError(f"{p} is not a readable .npy file ({e})") from None
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        why = str(e).splitlines()[0] if str(e) else "empty or truncated file"
+        raise VoxdiffError(f"{p} is not a readable .npy file ({why})") from None
     if arr.ndim != 4 or not (arr.shape[1] == arr.shape[2] == arr.shape[3]):
         raise VoxdiffError(f"{p} must hold (N,R,R,R) grids; got shape {arr.shape}")
     return arr
@@ -182,7 +189,19 @@ def preprocess(
              "isotropic" if isotropic else "per-axis", {f"{c}/{s}": n for (c, s), n in counts.items()})
     summary: dict[str, Any] = {
         "hdf5_dir": str(hdf5_dir), "out_dir": str(out), "resolution": r, "isotropic": bool(isotropic), "outputs": {},
+        "skipped": {},
     }
+    kept = {PARTSEG_LABELS[c] for c in categories}
+    for s in splits:  # say what is not voxelized: other PartSeg categories, and labels that are not PartSeg's at all
+        per = label_counts(hdf5_dir, s)
+        other = sum(n for i, n in per.items() if i not in kept and 0 <= i < PARTSEG_NUM_CATEGORIES)
+        invalid = {i: n for i, n in per.items() if not 0 <= i < PARTSEG_NUM_CATEGORIES}
+        summary["skipped"][s] = {"other_categories": other, "invalid_labels": invalid}
+        if other:
+            log.info("%s: %d shapes of other PartSeg categories skipped", s, other)
+        if invalid:
+            log.warning("%s: %d shapes with labels outside PartSeg's 0..15 (%s) skipped", s, sum(invalid.values()),
+                        ", ".join(f"{i}: {n}" for i, n in sorted(invalid.items())))
     for s in splits:
         for c in categories:
             n, path, t1 = counts[(c, s)], voxel_path(out, c, s), time.perf_counter()

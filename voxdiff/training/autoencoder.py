@@ -14,6 +14,7 @@ last.pt.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -168,13 +169,18 @@ def latent_stats(model: torch.nn.Module, grids: torch.Tensor, device: torch.devi
 
 def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train the voxel autoencoder described by `cfg`; returns the final metrics (also in best.pt / last.pt extra)."""
+    with contextlib.ExitStack() as stack:  # the run directory's lock, and its removal if the run fails at once
+        return _train_autoencoder(cfg, progress, stack)
+
+
+def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------------------------
     run = common.start_run(cfg, KIND, _RESUME_FIXED)
     info, device, cap, amp, run_dir, resume_ckpt = run.info, run.device, run.cap, run.amp, run.run_dir, run.resume
     if cfg.sync_bn and info.distributed and device.type != "cuda":
         raise VoxdiffError("--sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
     last_file = run_dir / "last.pt"
-    common.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main)
+    common.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main, stack)
     log = get_logger("voxdiff.ae", run_dir / "train.log" if info.is_main else None)
     log.info("config %s", to_dict(cfg))
 

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from voxdiff.checkpoint import Checkpoint, Kind, check_resumable, load_checkpoint
 from voxdiff.config import Precision, TrainConfig, check_literal, to_dict
 from voxdiff.distributed import DistInfo, any_rank, check_same_config, epoch_sampler, init_distributed, split_batch
-from voxdiff.utils import VoxdiffError, flush_denormals, get_logger, seed_everything
+from voxdiff.utils import VoxdiffError, dir_lock, flush_denormals, get_logger, seed_everything
 
 
 class RunLogger:
@@ -129,11 +130,20 @@ def _norm(x: Any) -> Any:
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "log.csv", "log.png", "train.log")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool = True) -> None:
-    """Make a trainer's run directory safe to write: refuse one that holds a checkpoint unless the run resumes it or
-    `overwrite` says to replace it (then rank 0 removes the old run's files first, so no stale best.pt survives)."""
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool,
+                    stack: contextlib.ExitStack) -> None:
+    """Make a trainer's run directory safe to write, for as long as `stack` is open.
+
+    1. rank 0 takes the directory's lock (a second trainer on it stops with one line) and clears killed runs'
+       temporary files; 2. a directory that holds a checkpoint is refused unless the run resumes it, or `overwrite`
+       says to replace it (then the old run's files go first, so no stale best.pt survives); 3. a directory this run
+       creates is removed again if the run fails before writing its first checkpoint.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise VoxdiffError(f"--ckpt_path {run_dir} is a file, not a directory")
+    created = not run_dir.exists()
+    if is_main:
+        stack.enter_context(dir_lock(run_dir, "training run"))
     existing = [n for n in ("last.pt", "best.pt") if (run_dir / n).is_file()]
     if existing and not resume:
         if not overwrite:
@@ -141,8 +151,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool 
                                "--overwrite to replace it, or choose another --ckpt_path")
         for name in RUN_FILES if is_main else ():
             (run_dir / name).unlink(missing_ok=True)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def remove_if_failed_early(exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and created and is_main and not (run_dir / "last.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    stack.push(remove_if_failed_early)
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

@@ -12,6 +12,7 @@ uses its own generator, so evaluating never shifts the training stream.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -116,6 +117,11 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
     Under torchrun (voxdiff.distributed): cfg.batch_size is global, each rank trains on its shard with DDP, rank 0
     alone writes; the step and data position are global, so last.pt resumes under any world size.
     """
+    with contextlib.ExitStack() as stack:  # the run directory's lock, and its removal if the run fails at once
+        return _train_ldm(cfg, progress, stack)
+
+
+def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
     # ---- setup ------------------------------------------------------------------------------------------------
     run = common.start_run(cfg, KIND, _RESUME_FIXED)
     info, device, cap, amp, run_dir, resume_ckpt = run.info, run.device, run.cap, run.amp, run.run_dir, run.resume
@@ -141,7 +147,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
         raise VoxdiffError(f"latent side {latent_shape[1]} is not a multiple of the UNet's downsampling "
                            f"{cfg.model.downsample_factor}; use fewer ch_mult levels")
     cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else ae_file.parent / "latents"
-    common.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main)
+    common.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main, stack)
     log = get_logger("voxdiff.ldm", run_dir / "train.log" if info.is_main else None)
     if not info.is_main:
         barrier()  # rank 0 encodes (or finds) the latent cache first; the other ranks then read it

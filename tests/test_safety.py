@@ -1,0 +1,360 @@
+"""Never lose a user's data, never mislead: one test per failure a careful user found (numbered as in the report that
+listed them), and the outputs that misled. Every bad input ends in one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_AE, make_voxel_dir
+
+from voxdiff.cli import load_script
+from voxdiff.config import AETrainConfig, SampleConfig, pipeline_preset
+from voxdiff.data.partseg import COUNT_PRESETS, PROCEDURAL_MARKER, write_synthetic_partseg
+from voxdiff.pipeline import run
+from voxdiff.training.autoencoder import train_autoencoder
+from voxdiff.utils import VoxdiffError, dir_lock, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cli(capsys: pytest.CaptureFixture, script: str, argv: list[str]) -> tuple[int, str]:
+    """Run a script's main through run_cli in-process, as a user would: (exit status, stderr)."""
+    main = load_script(ROOT / script).main if script != "-m voxdiff" else __import__("voxdiff.__main__").__main__.main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, argv)
+    return int(exc.value.code), capsys.readouterr().err
+
+
+def _one_line(code: int, err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def _ae_cfg(data: Path, run_dir: Path, **kw: Any) -> AETrainConfig:
+    base = dict(dataset_path=str(data), ckpt_path=str(run_dir), batch_size=8, num_steps=2, ckpt_every=1, device="cpu",
+                holdout_fraction=0.25, log_every=1, model=TINY_AE)
+    return AETrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pipeline run up to the samples (no eval), with one thread as every test body."""
+    d = tmp_path_factory.mktemp("safety") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(d), device="cpu")
+        run(cfg, stages=("data", "ae", "ldm", "tune", "sample"), progress=False)
+    finally:
+        torch.set_num_threads(n)
+    return d
+
+
+# ---- 1. the pipeline never writes over a user's HDF5 files ----------------------------------------------------------
+
+
+def test_1_pipeline_and_load_data_never_overwrite_a_users_hdf5(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    theirs = tmp_path / "shapenet"
+    write_synthetic_partseg(theirs, COUNT_PRESETS["tiny"], seed=9)
+    (theirs / PROCEDURAL_MARKER).unlink()  # now it is somebody's ShapeNet copy
+    before = {p.name: _sha(p) for p in theirs.glob("*.h5")}
+    code, err = _cli(capsys, "load_data.py", ["--synthetic", "--dataset_path", str(theirs)])
+    _one_line(code, err, "did not generate", "choose another directory")
+    # the pipeline voxelizes the user's files beside them instead of generating procedural shapes over them
+    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "run"), dataset_path=str(theirs),
+                              device="cpu")
+    run(cfg, stages=("data",), progress=False)
+    assert {p.name: _sha(p) for p in theirs.glob("*.h5")} == before
+    assert (theirs / "chair_voxels_train.npy").is_file()
+    # a dataset_path that does not exist is refused, not created and filled
+    missing = dataclasses.replace(cfg, run_dir=str(tmp_path / "run2"), dataset_path=str(tmp_path / "nope"))
+    with pytest.raises(VoxdiffError, match="is not a directory"):
+        run(missing, progress=False)
+    assert not (tmp_path / "nope").exists() and not (tmp_path / "run2").exists()
+
+
+# ---- 2. a rerun without --resume does not destroy a finished run ----------------------------------------------------
+
+
+def test_2_rerun_without_resume_keeps_the_finished_run(tiny_voxel_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "ae"
+    train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir), progress=False)
+    files = {n: _sha(run_dir / n) for n in ("last.pt", "best.pt", "log.jsonl")}
+    argv = ["--dataset_path", str(tiny_voxel_dir), "--ckpt_path", str(run_dir), "--device", "cpu", "--num_steps", "1",
+            "--resolution", "32", "--channels", "4", "8", "8"]
+    code, err = _cli(capsys, "autoencoder.py", argv)
+    _one_line(code, err, "already holds a run", "--resume", "--overwrite")
+    assert {n: _sha(run_dir / n) for n in files} == files
+    # --overwrite replaces it on purpose: a new run of 1 step, no stale best.pt of the old one
+    train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir, num_steps=1, overwrite=True), progress=False)
+    assert torch.load(run_dir / "best.pt", weights_only=True)["step"] == 1
+
+
+# ---- 3. two writers in one directory --------------------------------------------------------------------------------
+
+
+def test_3_a_second_writer_is_refused(tiny_voxel_dir: Path, tmp_path: Path, ckpts: dict[str, Path]) -> None:
+    from voxdiff.sampling import sample_to_files
+
+    # as if another process were writing there
+    with dir_lock(tmp_path / "ae", "training run"), pytest.raises(VoxdiffError, match="in use by another training"):
+        train_autoencoder(_ae_cfg(tiny_voxel_dir, tmp_path / "ae"), progress=False)
+    with dir_lock(tmp_path / "s", "sampling job"), pytest.raises(VoxdiffError, match="in use by another sampling"):
+        sample_to_files(SampleConfig(ldm_ckpt_path=str(ckpts["ldm"]), ae_ckpt_path=str(ckpts["ae"]),
+                                     save_dir=str(tmp_path / "s"), num_samples=1, resolution=32, device="cpu"),
+                        progress=False)
+    with dir_lock(tmp_path / "p", "pipeline"), pytest.raises(VoxdiffError, match="in use by another pipeline"):
+        run(dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "p"), device="cpu"),
+            progress=False)
+    # once released, the directory is usable again
+    assert train_autoencoder(_ae_cfg(tiny_voxel_dir, tmp_path / "ae", num_steps=1), progress=False)["step"] == 1
+
+
+# ---- 4. a moved run directory, or its path spelled differently, resumes ---------------------------------------------
+
+
+def test_4_moved_or_respelled_run_dir_is_up_to_date(tiny_pipeline: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(tiny_pipeline, moved)
+    before = {f: _sha(moved / f) for f in ("ae/best.pt", "ldm/last.pt", "samples/chair.npy")}
+    old_log = len((moved / "pipeline.log").read_text())
+    stages = ("data", "ae", "ldm", "tune", "sample")
+    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(moved), device="cpu")
+    report = run(cfg, stages=stages, progress=False)
+    assert set(report["stages"]) >= set(stages)
+    assert {f: _sha(moved / f) for f in before} == before  # nothing retrained or resampled
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the same directory spelled relative
+    rel = dataclasses.replace(cfg, run_dir="run")
+    run(rel, stages=stages, progress=False)
+    assert {f: _sha(moved / f) for f in before} == before
+    log = (moved / "pipeline.log").read_text()[old_log:]  # what the two reruns logged
+    assert log.count("stage ae: up to date, skipped") == 2 and "running" not in log
+
+
+# ---- 5. NaN and degenerate numbers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("script", "argv", "needle"), [
+    ("diffusion/sample.py", ["--cfg_scale", "nan"], "finite"),
+    ("eval.py", ["chair", "x.npy", "--threshold", "nan"], "finite"),
+    ("visualize.py", ["x.npy", "--threshold", "nan"], "finite"),
+    ("autoencoder.py", ["--num_epochs", "0"], "num_epochs must be >= 1"),
+    ("diffusion/sample.py", ["--binarize", "topk", "--topk", "99999999", "--resolution", "32"], "fill more than half"),
+])
+def test_5_nan_and_degenerate_numbers_are_refused(script: str, argv: list[str], needle: str, ckpts: dict[str, Path],
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if script == "diffusion/sample.py":
+        argv = ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path", str(ckpts["ae"]), "--save_dir",
+                str(tmp_path / "s"), "--device", "cpu", *argv]
+    code, err = _cli(capsys, script, argv)
+    _one_line(code, err, needle)
+    assert not (tmp_path / "s").exists()
+
+
+def test_5_labels_outside_partseg_are_reported(tmp_path: Path) -> None:
+    import h5py
+
+    from voxdiff.data.voxelize import preprocess
+
+    d = tmp_path / "h5"
+    write_synthetic_partseg(d, {"train": {"chair": 3}}, seed=0)
+    with h5py.File(next(d.glob("ply_data_train*.h5")), "r+") as f:
+        lab = f["label"][()]
+        lab[0, 0] = 99  # not a PartSeg category at all
+        f["label"][...] = lab
+    summary = preprocess(d, d, resolution=8, splits=("train",), progress=False)
+    assert summary["skipped"]["train"]["invalid_labels"] == {99: 1}
+    assert "labels outside PartSeg's 0..15" in (d / "preprocess.log").read_text()
+
+
+# ---- 6. one line instead of a traceback -----------------------------------------------------------------------------
+
+
+def test_6_bad_files_and_paths_give_one_line(tiny_voxel_dir: Path, ckpts: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    _one_line(*_cli(capsys, "eval.py", ["chair", str(empty), "--dataset_path", str(tiny_voxel_dir)]), "empty.npy")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _one_line(*_cli(capsys, "autoencoder.py", ["--dataset_path", str(tiny_voxel_dir), "--ckpt_path", str(a_file),
+                                               "--device", "cpu"]), "is a file")
+    _one_line(*_cli(capsys, "diffusion/sample.py", ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
+                                                    str(ckpts["ae"]), "--save_dir", str(a_file), "--device", "cpu",
+                                                    "--resolution", "32"]), "is a file")
+    _one_line(*_cli(capsys, "-m voxdiff", ["--preset", "tiny", "--run_dir", str(a_file)]), "is a file")
+    _one_line(*_cli(capsys, "eval.py", ["chair", str(empty), "--json", str(tmp_path)]), "is a directory")
+    _one_line(*_cli(capsys, "autoencoder.py", ["--batch_size", "0"]), "batch_size must be >= 1")
+    _one_line(*_cli(capsys, "diffusion/train.py", ["--ckpt_every", "0"]), "ckpt_every must be >= 1")
+    cfg_file = tmp_path / "empty.json"
+    cfg_file.write_text("")
+    _one_line(*_cli(capsys, "-m voxdiff", ["--config", str(cfg_file)]), "empty.json")
+    no_config = torch.load(ckpts["ae"], weights_only=True)
+    no_config["model_config"] = {}
+    torch.save(no_config, tmp_path / "ae_empty.pt")
+    _one_line(*_cli(capsys, "diffusion/sample.py", ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
+                                                    str(tmp_path / "ae_empty.pt"), "--save_dir", str(tmp_path / "o"),
+                                                    "--device", "cpu"]), "ae_empty.pt")
+
+
+def test_6_full_disk_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from voxdiff import checkpoint
+    from voxdiff.utils import open_npy_memmap
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", no_space)
+    with pytest.raises(OSError) as err:
+        open_npy_memmap(tmp_path / "big.npy", (10, 32, 32, 32))
+    assert err.value.errno == errno.ENOSPC and "big.npy" in str(err.value)
+
+    def torch_save_fails(*a: Any, **k: Any) -> None:
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", torch_save_fails)
+
+    def main(argv: Any) -> None:
+        checkpoint.save_checkpoint(tmp_path / "last.pt", checkpoint.Checkpoint(
+            kind="autoencoder", model_config={"a": 1}, model={}, meta=checkpoint.AEMeta()))
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, [])
+    err_text = capsys.readouterr().err
+    _one_line(int(exc.value.code), err_text, "last.pt", "disk full")
+    assert not list(tmp_path.glob(".*.tmp"))  # the half-written file is gone
+
+    def full(argv: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npy"))
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(full, [])
+    assert exc.value.code == 28 and "no space left on the device" in capsys.readouterr().err
+
+
+def test_6_a_cut_log_line_does_not_block_resume(tiny_voxel_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "ae"
+    train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir), progress=False)
+    log = run_dir / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "lo')  # a kill in the middle of a write
+    res = train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir, num_steps=3, resume=True), progress=False)
+    assert res["step"] == 3
+    rows = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses again
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert "dropped a cut last line" in (run_dir / "train.log").read_text()
+
+
+# ---- 7. leftovers ---------------------------------------------------------------------------------------------------
+
+
+def test_7_leftovers_of_killed_runs_are_cleaned_and_failed_runs_leave_no_folder(
+        tiny_voxel_dir: Path, ckpts: dict[str, Path], tmp_path: Path) -> None:
+    from voxdiff.sampling import sample_to_files
+
+    run_dir = tmp_path / "ae"
+    train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir), progress=False)
+    (run_dir / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir, num_steps=3, resume=True), progress=False)
+    assert not list(run_dir.glob(".*.tmp"))
+    # failures before the first result leave nothing behind
+    with pytest.raises(VoxdiffError):
+        train_autoencoder(_ae_cfg(tmp_path / "no_data", tmp_path / "new_run"), progress=False)
+    with pytest.raises(VoxdiffError):
+        sample_to_files(SampleConfig(ldm_ckpt_path=str(ckpts["ldm"]), ae_ckpt_path=str(ckpts["ae64"]),
+                                     save_dir=str(tmp_path / "new_samples"), device="cpu"), progress=False)
+    bad = make_voxel_dir(tmp_path / "bad", n={"train": 1})  # one shape: none left after the held-out slice
+    with pytest.raises(VoxdiffError, match="need at least 2"):
+        train_autoencoder(_ae_cfg(bad, tmp_path / "new_run2"), progress=False)
+    assert not any((tmp_path / d).exists() for d in ("new_run", "new_samples", "new_run2"))
+
+
+# ---- what misled ----------------------------------------------------------------------------------------------------
+
+
+def test_cfg_scale_alone_turns_guidance_on(ckpts: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    main = load_script(ROOT / "diffusion" / "sample.py").main
+    main(["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path", str(ckpts["ae"]), "--save_dir",
+          str(tmp_path / "s"), "--cfg_scale", "3", "--num_samples", "1", "--steps", "2", "--resolution", "32",
+          "--category", "chair", "--device", "cpu"])
+    assert json.loads((tmp_path / "s" / "sample.json").read_text())["cfg_scale_effective"] == 3.0
+    help_text = load_script(ROOT / "diffusion" / "sample.py").build_parser()[0].format_help()
+    assert '"guidance scale" of 1 + w' in " ".join(help_text.split())
+
+
+def test_report_counts_empty_and_bloated_and_meets_no_goal(tmp_path: Path) -> None:
+    """A set with an empty and a bloated sample: both are counted, on the console and in report.md, and no goal is
+    marked met for it (though its other numbers equal the oracle's)."""
+    from voxdiff.report import goal_check, summary_lines, write_report
+    from voxdiff.scoring import References, score_sets
+
+    data = make_voxel_dir(tmp_path / "data", n={"train": 6, "val": 3, "test": 3})
+    refs = References.load(data, "chair")
+    oracle = np.concatenate([np.load(data / "chair_voxels_test.npy"), np.load(data / "chair_voxels_val.npy")])
+    model = oracle.copy()
+    model[0] = 0  # empty
+    model[1] = 1  # bloated: every voxel occupied
+    out = score_sets(refs, {"model": model, "oracle": oracle})
+    res = {"provenance": out["provenance"], **out["sets"]}
+    assert res["model"]["n_empty_samples"] == 1 and res["model"]["n_bloated_samples"] == 1
+    res["goal"] = goal_check(res)
+    assert not any(g["met"] for g in res["goal"].values())
+    report = {"eval": {"chair": res}, "machine": {"platform": "test", "torch": "-", "cuda": False, "cpus": 2},
+              "date": "today", "command": "test", "timings": {}, "notes": []}
+    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path))
+    write_report(cfg, report)
+    md = (tmp_path / "report.md").read_text()
+    assert "| model |" in md and "| 1/6 | 1/6 |" in md and ": met" not in md and "1 empty samples" in md
+    line = next(x for x in summary_lines(report, tmp_path) if "model" in x)
+    assert "empty 1/6" in line and "bloated 1/6" in line
+
+
+def test_trainer_preview_binarises_like_the_final_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline gives the LDM's preview the sampling threshold, and the preview goes through the same
+    LatentVoxelPipeline.to_grids as sample.py with that threshold."""
+    from voxdiff.pipeline import resolve
+    from voxdiff.sampling import LatentVoxelPipeline
+    from voxdiff.training import ldm
+
+    base = pipeline_preset("tiny")
+    cfg = resolve(dataclasses.replace(base, sample=dataclasses.replace(base.sample, threshold=0.37)))
+    assert cfg.ldm.preview_threshold == 0.37
+    seen: list[Any] = []
+    real = LatentVoxelPipeline.to_grids
+
+    def spy(self: Any, z: Any, labels: Any, binarization: Any, resolution: Any = None) -> Any:
+        seen.append(binarization)
+        return real(self, z, labels, binarization, resolution)
+
+    monkeypatch.setattr(LatentVoxelPipeline, "to_grids", spy)
+    monkeypatch.setattr("voxdiff.render.render_voxels", lambda *a, **k: None)
+    from conftest import make_ae_ckpt
+
+    from voxdiff.checkpoint import load_autoencoder
+    from voxdiff.models.unet3d import UNet3D
+
+    ae_path = make_ae_ckpt(Path(pytest.importorskip("tempfile").mkdtemp()) / "ae.pt")
+    ae, ck = load_autoencoder(ae_path)
+    unet = UNet3D(dataclasses.replace(cfg.ldm.model, num_classes=3))
+    ldm._render_preview(unet, ae, ck.meta, dataclasses.replace(cfg.ldm, preview_threshold=0.37), Path("."), 0,
+                        ldm.get_logger("test"))
+    assert seen and seen[0].threshold == 0.37 and seen[0].topk is None
