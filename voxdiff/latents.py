@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from voxdiff.data.dataset import VoxelDataset, voxel_path
-from voxdiff.utils import atomic_path
+from voxdiff.utils import Progress, atomic_path
 
 __all__ = ["file_sha256", "normalise", "denormalise", "encode_dataset", "cached_latents"]
 
@@ -55,10 +54,13 @@ def encode_dataset(
     ae = ae.eval().to(device)
     out: list[np.ndarray] = []
     n = len(dataset)
-    for s in tqdm(range(0, n, batch_size), desc="encode latents", disable=not progress, leave=False):
+    bar = Progress(n, "encode latents", unit="shape", enabled=progress)
+    for s in range(0, n, batch_size):
         grids = np.stack([dataset.grid(i) for i in range(s, min(n, s + batch_size))])
         x = torch.from_numpy(grids).to(device=device, dtype=torch.float32).unsqueeze(1)
         out.append(ae.encode(x).float().cpu().numpy())
+        bar.update(len(grids))
+    bar.close()
     return np.concatenate(out), dataset.class_indices()
 
 

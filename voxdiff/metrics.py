@@ -42,10 +42,9 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from voxdiff import metrics_backends as backends
-from voxdiff.utils import VoxdiffError
+from voxdiff.utils import Progress, VoxdiffError
 
 try:  # optional: seung-lab's multi-label EDT, exact and ~3-4x faster than scipy on these grids
     import edt as _edt
@@ -133,7 +132,7 @@ def extract_points(
     occupancy = np.zeros(vox, np.int64)
     parts: list[np.ndarray] = []
     counts: list[np.ndarray] = []
-    bar = tqdm(total=n_total, desc=f"reading {name}", unit="shape", disable=not progress, leave=False)
+    bar = Progress(n_total, f"reading {name}", unit="shape", enabled=progress)
     base = 0
     for a in arrays:
         step = max(1, (1 << 27) // (vox * a.dtype.itemsize))  # ≤ 128 MiB per chunk
@@ -266,7 +265,7 @@ def one_sided_sums(sources: VoxelPoints, targets: VoxelPoints, backend: Backend 
     engine = resolve_engine(backend.engine, backend.device)
     tg = backends.Targets.build(targets.indices, targets.offsets)
     src = [sources.shape_indices(i) for i in range(sources.n)]
-    bar = tqdm(total=sources.n, desc=f"chamfer ({engine})", unit="shape", disable=not backend.progress, leave=False)
+    bar = Progress(sources.n, f"chamfer ({engine})", unit="shape", enabled=backend.progress)
     try:
         if engine == "torch":
             return backends.sums_torch(src, tg, sources.resolution, backend.device, update=bar.update)

@@ -17,7 +17,7 @@ from voxdiff.config import CATEGORIES, SPLITS, category_index
 
 # Re-exported: file naming and opening live with the code that writes the grids (numpy only, so CLIs start fast).
 from voxdiff.data.voxelize import downsample_max, open_voxels, voxel_path  # noqa: F401
-from voxdiff.utils import VoxdiffError
+from voxdiff.utils import Progress, VoxdiffError
 
 
 class VoxelDataset(Dataset):
@@ -99,22 +99,21 @@ class VoxelDataset(Dataset):
         Training reads batches from this tensor instead of re-reading and pooling the files every epoch
         (8,451 shapes at 32³ are 277 MB; at 64³, 2.2 GB).
         """
-        from tqdm import tqdm
-
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
         r = self.resolution
         out = torch.empty((len(idx), r, r, r), dtype=torch.uint8)
         arr_of = np.searchsorted(self.offsets, idx, side="right") - 1
         chunk = 256
-        with tqdm(total=len(idx), desc="loading grids", unit="shape", disable=not progress, leave=False) as bar:
-            for s in range(0, len(idx), chunk):  # consecutive rows of one file are read in one slice
-                for a in np.unique(arr_of[s : s + chunk]):
-                    sel = np.nonzero(arr_of[s : s + chunk] == a)[0] + s
-                    rows = idx[sel] - self.offsets[a]
-                    grids = downsample_max(np.asarray(self.arrays[a][np.sort(rows)]) > 0, r)
-                    order = np.argsort(np.argsort(rows))  # back from sorted rows to the requested order
-                    out[torch.from_numpy(sel)] = torch.from_numpy(grids[order].astype(np.uint8))
-                bar.update(min(chunk, len(idx) - s))
+        bar = Progress(len(idx), "loading grids", unit="shape", enabled=progress)
+        for s in range(0, len(idx), chunk):  # consecutive rows of one file are read in one slice
+            for a in np.unique(arr_of[s : s + chunk]):
+                sel = np.nonzero(arr_of[s : s + chunk] == a)[0] + s
+                rows = idx[sel] - self.offsets[a]
+                grids = downsample_max(np.asarray(self.arrays[a][np.sort(rows)]) > 0, r)
+                order = np.argsort(np.argsort(rows))  # back from sorted rows to the requested order
+                out[torch.from_numpy(sel)] = torch.from_numpy(grids[order].astype(np.uint8))
+            bar.update(min(chunk, len(idx) - s))
+        bar.close()
         return out
 
     def class_indices(self) -> np.ndarray:

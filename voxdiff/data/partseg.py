@@ -24,7 +24,7 @@ import numpy as np
 
 from voxdiff.config import CATEGORIES, PARTSEG_LABELS, SPLITS
 from voxdiff.data.shapes import NUM_POINTS, generate_shape, shape_rng
-from voxdiff.utils import VoxdiffError, atomic_path, atomic_write_text
+from voxdiff.utils import Progress, VoxdiffError, atomic_path, atomic_write_text
 
 PARTSEG_URL = "https://shapenet.cs.stanford.edu/media/shapenet_part_seg_hdf5_data.zip"
 MAX_PER_FILE = 2048
@@ -42,11 +42,6 @@ COUNT_PRESETS: dict[str, dict[str, dict[str, int]]] = {
     "small": {s: dict.fromkeys(CATEGORIES, n) for s, n in zip(SPLITS, (64, 16, 16))},
     "tiny": {s: dict.fromkeys(CATEGORIES, n) for s, n in zip(SPLITS, (8, 4, 4))},
 }
-
-
-def _tqdm_disable(progress: bool | None) -> bool | None:
-    """tqdm's `disable`: None (auto: bars only on a terminal), or forced on/off."""
-    return None if progress is None else not progress
 
 
 def _import_h5py():  # noqa: ANN202 - lazy: keeps `import voxdiff.data` light
@@ -98,8 +93,6 @@ def write_synthetic_partseg(
     contents do not depend on `workers`. Every file is written under a temporary name and renamed when complete; a
     split's file list is written last.
     """
-    from tqdm import tqdm
-
     h5py = _import_h5py()
     out = Path(out_dir)
     check_may_generate(out)
@@ -121,7 +114,7 @@ def write_synthetic_partseg(
             order = np.random.default_rng([int(seed), SPLITS.index(split), 7919]).permutation(len(entries))
             entries = [entries[i] for i in order]
             names = []
-            bar = tqdm(total=len(entries), desc=f"generate {split}", unit="shape", disable=_tqdm_disable(progress))
+            bar = Progress(len(entries), f"generate {split}", unit="shape", enabled=progress is not False)
             for k, start in enumerate(range(0, max(len(entries), 1), MAX_PER_FILE)):
                 part = entries[start : start + MAX_PER_FILE]  # empty only for an empty split: one empty file
                 step = max(1, len(part) // (4 * workers) if pool else len(part))

@@ -22,12 +22,11 @@ import numpy as np
 from voxdiff.config import CATEGORIES, PARTSEG_LABELS, SPLITS
 from voxdiff.data.partseg import (
     PARTSEG_NUM_CATEGORIES,
-    _tqdm_disable,
     count_category,
     iter_category_points,
     label_counts,
 )
-from voxdiff.utils import VoxdiffError, atomic_memmap, atomic_save_npy, atomic_write_json, get_logger
+from voxdiff.utils import Progress, VoxdiffError, atomic_memmap, atomic_save_npy, atomic_write_json, get_logger
 
 
 def voxel_path(root: str | os.PathLike[str], category: str, split: str) -> Path:
@@ -168,8 +167,6 @@ def preprocess(
     3. write `preprocess.json` (counts, resolution, mean occupancy, seconds) and log to `preprocess.log` beside them.
     Returns the summary dict.
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     r = check_resolution(resolution)
     bad = [c for c in categories if c not in CATEGORIES]
@@ -210,7 +207,7 @@ def preprocess(
                 log.warning("%s %s: no shapes in %s; writing an empty (0,%d,%d,%d) array", c, s, hdf5_dir, r, r, r)
                 atomic_save_npy(path, np.zeros((0, r, r, r), np.uint8))
             else:
-                bar = tqdm(total=n, desc=f"voxelize {c} {s}", unit="shape", disable=_tqdm_disable(progress))
+                bar = Progress(n, f"voxelize {c} {s}", unit="shape", enabled=progress is not False)
                 with atomic_memmap(path, (n, r, r, r), np.uint8) as arr:
                     row = 0
                     for pts in iter_category_points(hdf5_dir, s, c, chunk):
