@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from voxdiff.config import CATEGORIES, SPLITS
-from voxdiff.data.partseg import iter_category_points, sha256_file, write_synthetic_partseg
+from voxdiff.data.partseg import iter_category_points, write_synthetic_partseg
 from voxdiff.data.voxelize import voxelize_points
-from voxdiff.utils import run_cli
+from voxdiff.utils import file_sha256, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -167,7 +167,7 @@ def _make_zip(h5_dir: Path, path: Path, extra: dict[str, bytes] | None = None) -
 def test_zip_extract_with_checksum(h5_dir: Path, tmp_path: Path, capsys) -> None:
     zp = _make_zip(h5_dir, tmp_path / "shapenet_part_seg_hdf5_data.zip")
     dest = tmp_path / "data" / "hdf5_data"
-    load_data.main(["--zip", str(zp), "--sha256", sha256_file(zp), "--dataset_path", str(dest), "--resolution", "8"])
+    load_data.main(["--zip", str(zp), "--sha256", file_sha256(zp), "--dataset_path", str(dest), "--resolution", "8"])
     assert np.load(dest / "chair_voxels_test.npy").shape == (2, 8, 8, 8)
     assert [p.name for p in dest.parent.iterdir()] == ["hdf5_data"]  # no temp dirs left
 

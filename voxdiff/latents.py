@@ -20,16 +20,7 @@ import torch
 from voxdiff.data.dataset import VoxelDataset, voxel_path
 from voxdiff.utils import Progress, atomic_path
 
-__all__ = ["file_sha256", "normalise", "denormalise", "encode_dataset", "cached_latents"]
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's content (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["normalise", "denormalise", "encode_dataset", "cached_latents"]
 
 
 def _per_channel(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

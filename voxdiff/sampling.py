@@ -31,7 +31,7 @@ from voxdiff.binarize import Binarization
 from voxdiff.checkpoint import AEMeta, LDMMeta, load_autoencoder, load_unet, resolve_checkpoint_file, unwrap
 from voxdiff.config import CATEGORIES, BinarizeMode, SampleConfig, SchedulerConfig, category_index, from_dict, to_dict
 from voxdiff.distributed import all_gather_object, barrier, broadcast_object, check_same_config, init_distributed
-from voxdiff.latents import denormalise, file_sha256
+from voxdiff.latents import denormalise
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, make_scheduler
 from voxdiff.utils import (
@@ -39,6 +39,7 @@ from voxdiff.utils import (
     VoxdiffError,
     atomic_write_json,
     dir_lock,
+    file_sha256,
     flush_denormals,
     get_logger,
     open_npy_memmap,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,15 @@ import numpy as np
 
 class VoxdiffError(Exception):
     """An error caused by the user's input (bad file, flag or checkpoint): the CLIs print it as one line and exit 2."""
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's content, streamed (checkpoint identities, download checks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _umask() -> int:

@@ -9,7 +9,6 @@ both that form and a bare file name work.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 
 from voxdiff.config import CATEGORIES, PARTSEG_LABELS, SPLITS
 from voxdiff.data.shapes import NUM_POINTS, generate_shape, shape_rng
-from voxdiff.utils import Progress, VoxdiffError, atomic_path, atomic_write_text
+from voxdiff.utils import Progress, VoxdiffError, atomic_path, atomic_write_text, file_sha256
 
 PARTSEG_URL = "https://shapenet.cs.stanford.edu/media/shapenet_part_seg_hdf5_data.zip"
 MAX_PER_FILE = 2048
@@ -255,15 +254,6 @@ def iter_category_points(
 # ----------------------------------------------------------------------------------------------------------------------
 # The real dataset: local zip (checked, safely extracted) or a best-effort download
 # ----------------------------------------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def extract_zip(zip_path: str | os.PathLike[str], dest: str | os.PathLike[str], sha256: str | None = None) -> Path:
     """Extract a ShapeNet PartSeg zip's h5 files and file lists into `dest` (flat); returns `dest`.
 
@@ -275,7 +265,7 @@ def extract_zip(zip_path: str | os.PathLike[str], dest: str | os.PathLike[str], 
     if not zp.is_file():
         raise VoxdiffError(f"zip file not found: {zp}")
     if sha256:
-        got = sha256_file(zp)
+        got = file_sha256(zp)
         if got.lower() != sha256.strip().lower():
             raise VoxdiffError(f"SHA-256 mismatch for {zp}: expected {sha256.strip()}, got {got}")
     try:

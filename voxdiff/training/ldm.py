@@ -40,11 +40,11 @@ from voxdiff.distributed import (
     share_device_rng,
     wrap_ddp,
 )
-from voxdiff.latents import cached_latents, file_sha256, normalise
+from voxdiff.latents import cached_latents, normalise
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training import common
-from voxdiff.utils import Progress, VoxdiffError, get_logger
+from voxdiff.utils import Progress, VoxdiffError, file_sha256, get_logger
 
 __all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "KIND"]
 
