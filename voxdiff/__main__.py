@@ -28,7 +28,7 @@ from voxdiff.pipeline import STAGES, run
 from voxdiff.utils import VoxdiffError, run_cli
 
 _STAGE_PATHS = ("dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "device", "seed", "resume",
-                "overwrite", "resolution")  # set by the pipeline itself (resolve())
+                "overwrite", "resolution", "render")  # set by the pipeline itself (resolve())
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list]:

@@ -276,3 +276,24 @@ def _load_state(model: torch.nn.Module, state: dict[str, Any], ckpt: Checkpoint)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise VoxdiffError(f"{ckpt.file}: weights do not fit the {ckpt.kind} config it records ({first})") from None
+
+
+def export_model(ae_path: str | os.PathLike[str], ldm_path: str | os.PathLike[str],
+                 out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write a trained AE + LDM as a compact pair for sampling: `{out_dir}/ae.pt` and `{out_dir}/ldm.pt`.
+
+    Weights, model configs, training configs and metadata are kept; optimizer and RNG states go, and the LDM keeps
+    its EMA weights as its only weights. The LDM's link to its AE is re-pointed to the exported AE's content hash,
+    so the pair loads together without a mismatch warning. Not resumable (nothing to resume with).
+    """
+    from voxdiff.utils import file_sha256
+
+    out = Path(out_dir)
+    ae = load_checkpoint(ae_path, kind="autoencoder")
+    ldm = load_checkpoint(ldm_path, kind="ldm")
+    ae_out, ldm_out = out / "ae.pt", out / "ldm.pt"
+    save_checkpoint(ae_out, dataclasses.replace(ae, optimizer=None, rng=None, ema=None))
+    meta = dataclasses.replace(ldm.meta, ae_sha256=file_sha256(ae_out), ae_file=ae_out.name)
+    weights = ldm.ema if ldm.ema is not None else ldm.model
+    save_checkpoint(ldm_out, dataclasses.replace(ldm, model=weights, ema=None, optimizer=None, rng=None, meta=meta))
+    return ae_out, ldm_out

@@ -329,10 +329,12 @@ class SampleConfig(GenerateConfig):
     sampler: SamplerName = "ddim"
     steps: int | None = None  # denoising steps; none: all T for ddpm, 50 for ddim
     eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 ~ DDPM)
+    render: int | None = 16  # PNG of the first N shapes of each category ({category}.png); none: no PNG
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_literal(self.sampler, SamplerName, "sampler")
+        check_range("render", self.render, lo=1, optional=True)
         check_range("steps", self.steps, lo=1, optional=True)
         check_range("eta", self.eta, lo=0.0, hi=1.0)
 

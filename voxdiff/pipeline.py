@@ -50,7 +50,7 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
     ae = dataclasses.replace(cfg.ae, dataset_path=data, ckpt_path=str(run / "ae"), device=cfg.device, seed=cfg.seed)
     sample = dataclasses.replace(cfg.sample, ldm_ckpt_path=str(run / "ldm"), ae_ckpt_path=str(run / "ae"),
                                  save_dir=str(run / "samples"), resolution=cfg.resolution, device=cfg.device,
-                                 seed=cfg.seed, use_cfg=cfg.ldm.use_cfg and cfg.sample.use_cfg)
+                                 seed=cfg.seed, use_cfg=cfg.ldm.use_cfg and cfg.sample.use_cfg, render=None)
     ldm = dataclasses.replace(cfg.ldm, dataset_path=data, ae_ckpt_path=str(run / "ae"), ckpt_path=str(run / "ldm"),
                               device=cfg.device, seed=cfg.seed,
                               preview_threshold=sample.threshold if sample.binarize == "threshold" else 0.5)

@@ -383,7 +383,20 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
         if info.is_main:  # every rank's rows were flushed before the last gather: rank 0 publishes the file
             os.replace(partial, final)
             atomic_write_json(prog_file, prog)
+            if cfg.render:
+                _render_first(final, cfg.render, cat)
         log.info("%s: wrote %s %s, %.1fs, %s", cat, final, (cfg.num_samples, R, R, R), seconds, stats)
     else:
         log.info("%s: stopped after %d new batches (%d/%d done); rerun to continue", cat, new, len(prog["done"]), nb)
     return {**stats, "file": str(final) if done else None}, new
+
+
+def _render_first(path: Path, n: int, category: str) -> Path:
+    """`{category}.png` beside the samples: the first n shapes, exactly as saved (what eval.py scores)."""
+    from voxdiff.render import Style, render_voxels
+
+    arr = np.load(path, mmap_mode="r")
+    k = min(n, len(arr))
+    occ = np.asarray(arr[:k]).reshape(k, -1).mean(1)
+    titles = [f"{category} #{i}  {100 * o:.2g}%" for i, o in enumerate(occ)]
+    return render_voxels(arr[:k], path.with_suffix(".png"), titles, style=Style(ncols=min(k, 8), panel_px=200))
