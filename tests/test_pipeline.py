@@ -53,6 +53,10 @@ def test_tiny_pipeline_artefacts(tiny_run: tuple[Path, dict]) -> None:
             assert res[name]["n_refs"] == 8 and res[name]["n_bloated_samples"] is not None
         # The oracle is a real draw of the same family: it must beat occupancy-matched noise on MMD.
         assert res["oracle"]["mmd"] < res["baseline_noise"]["mmd"]
+        # the copying check catches the baseline that copies training shapes: distance 0 to its nearest one
+        mem = res["memorization"]
+        assert mem["baseline_train"]["samples_median"] == 0 and mem["baseline_train"]["ratio"] == 0
+        assert mem["model"]["heldout_median"] > 0 and mem["model"]["n_train"] == 8
         png = run_dir / report["renders"][cat]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for f in ("ae/best.pt", "ae/last.pt", "ldm/last.pt", "ae/log.png", "ldm/log.png", "config.json", "report.md"):

@@ -65,7 +65,7 @@ def stage_key(stage: str, cfg: PipelineConfig, external_data: str | None) -> str
 
     what: Any = {"data": lambda: [external_data, cfg.data_preset, cfg.resolution, cfg.seed],
                  "ae": lambda: strip(cfg.ae), "ldm": lambda: strip(cfg.ldm), "tune": lambda: strip(cfg.tune),
-                 "sample": lambda: strip(cfg.sample), "eval": lambda: [cfg.oracle, list(cfg.baselines), "scorer-2"],
+                 "sample": lambda: strip(cfg.sample), "eval": lambda: [cfg.oracle, list(cfg.baselines), "scorer-3"],
                  "render": lambda: [cfg.render_n]}[stage]()
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -195,7 +195,8 @@ def _eval_device(device: str) -> str:
 
 def stage_eval(cfg: PipelineConfig, log: Any) -> dict[str, Any]:
     """Score samples, oracle and baselines per category against test+val with the one scorer eval.py uses."""
-    from voxdiff.scoring import References, open_samples, score_sets
+    from voxdiff.data.voxelize import open_voxels, voxel_path
+    from voxdiff.scoring import References, copying_check, open_samples, score_sets
 
     run = Path(cfg.run_dir)
     results: dict[str, Any] = {}
@@ -211,6 +212,9 @@ def stage_eval(cfg: PipelineConfig, log: Any) -> dict[str, Any]:
             sets[f"baseline_{name}"] = path
         out = score_sets(refs, sets, device=_eval_device(cfg.device), seed=cfg.seed)
         results[cat] = {"provenance": {**out["provenance"], "reference_dir": Path(cfg.dataset_path).name}}
+        train, test = (open_voxels(voxel_path(cfg.dataset_path, cat, s)) for s in ("train", "test"))
+        results[cat]["memorization"] = {name: copying_check(open_samples(sets[name]), train, test, seed=cfg.seed)
+                                        for name in ("model", "baseline_train") if name in sets}
         for name, res in out["sets"].items():
             res["file"] = str(sets[name].relative_to(run)) if sets[name].is_relative_to(run) else str(sets[name])
             results[cat][name] = res

@@ -114,12 +114,13 @@ def write_report(cfg: PipelineConfig, report: dict[str, Any]) -> None:
             lines += ["", "Goals: " + "; ".join(parts) + "."]
             if any("why" in v for v in goal.values()):
                 lines.append(f"No goal counts as met: {next(v['why'] for v in goal.values() if 'why' in v)}.")
-        mem = res.get("memorization")
-        if mem:
-            lines += ["", f"Copying check: median Chamfer distance to the nearest training shape is "
-                          f"{mem['samples_median']:.6f} for samples and {mem['heldout_median']:.6f} for held-out "
-                          f"test shapes (ratio {mem['ratio']:.2f}; near 1: no copying, ≪ 1: training shapes "
-                          "reproduced)."]
+        mem = res.get("memorization") or {}
+        if "model" in mem:
+            m, copies = mem["model"], mem.get("baseline_train")
+            lines += ["", f"Copying check: the median Chamfer distance from a sample to its nearest training shape is "
+                          f"{m['samples_median']:.6f}, against {m['heldout_median']:.6f} for held-out test shapes "
+                          f"(ratio {m['ratio']:.2f}; near 1: no copying, far below 1: training shapes reproduced"
+                          + (f"; copied training shapes score {copies['ratio']:.2f})." if copies else ").")]
         if cat in report.get("renders", {}):
             lines += ["", f"![{cat}]({report['renders'][cat]})"]
         lines.append("")
