@@ -30,7 +30,7 @@ from voxdiff.config import pipeline_preset
 from voxdiff.losses import reconstruction_loss
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
-from voxdiff.training.common import cpu_has_bf16
+from voxdiff.precision import cpu_has_bf16
 from voxdiff.utils import flush_denormals
 
 

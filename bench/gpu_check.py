@@ -33,8 +33,8 @@ from voxdiff.losses import reconstruction_loss
 from voxdiff.metrics import Backend, chamfer_blocks
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
+from voxdiff.precision import autocast, resolve_precision
 from voxdiff.sampling import LatentVoxelPipeline
-from voxdiff.training.common import autocast, resolve_precision
 from voxdiff.utils import atomic_write_json, flush_denormals, resolve_device
 
 

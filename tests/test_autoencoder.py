@@ -293,8 +293,8 @@ def test_tiny_ae_overfits_a_handful_of_shapes(tmp_path: Path) -> None:
     for c in ("airplane", "chair", "table"):
         shapes = np.load(data / f"{c}_voxels_val.npy")
         np.save(data / f"{c}_voxels_train.npy", np.concatenate([shapes] * 8))  # 8 copies: one epoch = 6 steps
-    cfg = tiny_cfg(data, tmp_path / "run", batch_size=12, lr=5e-3, num_epochs=4, holdout_fraction=0.1,
-                   model=AEConfig(resolution=32, channels=(8, 16, 16)))
+    cfg = tiny_cfg(data, tmp_path / "run", batch_size=12, lr=5e-3, num_epochs=6, holdout_fraction=0.1,
+                   model=AEConfig(resolution=32, channels=(8, 16)))
     # the untrained model, initialised exactly as the trainer does (same seed), scored the same way
     seed_everything(cfg.seed)
     start_model = VoxelAutoencoder(cfg.model)

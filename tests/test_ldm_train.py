@@ -139,5 +139,5 @@ def test_train_cli(tiny_voxel_dir: Path, ae_dir: Path, tmp_path: Path, python: s
     ck = load_checkpoint(tmp_path / "run")
     cfg = ck.train_config
     assert cfg["use_cfg"] and cfg["cfg_dropout"] == 0.1 and ck.step == 2
-    assert ck.model_config["ch"] == 16 and tuple(ck.model_config["ch_mult"]) == (1, 2)  # small preset, ch changed
+    assert ck.model_config["ch"] == 16 and tuple(ck.model_config["ch_mult"]) == (1, 2, 2)  # small, ch changed
     assert ck.meta.scheduler["beta_schedule"] == "cosine"

@@ -160,7 +160,8 @@ class UNetConfig:
 # for CPU runs and tests.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
-    "small": {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_levels": (1,), "num_groups": 8, "num_heads": 2},
+    "small": {"ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "attn_levels": (2,), "num_groups": 8,
+              "num_heads": 2},
 }
 
 
@@ -241,7 +242,7 @@ class AETrainConfig(TrainConfig):
     """Autoencoder training run (`autoencoder.py`, `voxdiff.training.train_autoencoder`)."""
 
     ckpt_path: str = "checkpoints/ae"  # run directory: last.pt, best.pt, train.log, log.csv/png
-    loss: AELoss = "weighted_bce"  # reconstruction loss (voxdiff/losses.py)
+    loss: AELoss = "bce"  # reconstruction loss (voxdiff/losses.py); bce gives the data's thickness at p > 0.5
     pos_weight: float | None = None  # weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data
     holdout_fraction: float = 0.05  # per category, held out of TRAIN for best.pt and threshold calibration
     holdout_max: int = 100  # at most this many held-out shapes per category
@@ -307,11 +308,13 @@ class GenerateConfig:
     topk: int | None = None  # voxels kept per shape at --resolution (with --binarize topk);
     # none: the category's mean training count
     use_ema: bool = True  # the EMA weights of the LDM
+    precision: Precision = "auto"  # autocast dtype of the U-Net's forward; auto: bf16 where the hardware has it
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_literal(self.binarize, BinarizeMode, "binarize")
+        check_literal(self.precision, Precision, "precision")
         for c in self.categories:
             category_index(c)
         check_range("num_samples", self.num_samples, lo=1)
@@ -430,7 +433,7 @@ def _preset_tiny() -> PipelineConfig:
     """Seconds on a CPU: the test-sized pipeline, so the real pipeline cannot rot."""
     return PipelineConfig(
         name="tiny", run_dir="runs/tiny", data_preset="tiny", resolution=32, render_n=4,
-        ae=AETrainConfig(model=AEConfig(resolution=32, channels=(4, 8, 8)), batch_size=8, num_steps=3, lr=1e-3,
+        ae=AETrainConfig(model=AEConfig(resolution=32, channels=(4, 8)), batch_size=8, num_steps=3, lr=1e-3,
                          log_every=1, ckpt_every=2, holdout_fraction=0.25),
         ldm=LDMTrainConfig(model=unet_preset("small", ch=16, num_groups=4), batch_size=8, num_steps=4,
                            warmup_steps=1, ckpt_every=2, log_every=1),
@@ -439,46 +442,53 @@ def _preset_tiny() -> PipelineConfig:
     )
 
 
+# The CPU presets' networks: 32³ grids -> a (16, 8, 8, 8) latent (two stride-2 stages), the seed's BatchNorm and
+# transposed convolutions, plain BCE (docs/BENCHMARKS.md, "autoencoder recipes"); the U-Net "small" at 8³.
+_CPU_AE = AEConfig(resolution=32, channels=(24, 48))
+
+
 def _preset_demo() -> PipelineConfig:
-    """The README's main job on 2 CPU cores in under ten minutes: 64 train shapes per category at 32³.
+    """The README's main job on 2 CPU cores in under ten minutes: 256 train shapes per category at 32³.
 
     Training lengths are steps (the same command gives the same model on a busy machine); `max_minutes` is only a
     safety cap that the report flags when it bites.
     """
     return PipelineConfig(
         name="demo", run_dir="runs/demo", data_preset="small", resolution=32, render_n=8,
-        ae=AETrainConfig(model=AEConfig(resolution=32), batch_size=16, num_steps=1000, max_minutes=6.0, lr=2e-3,
-                         log_every=10, ckpt_every=250),
-        ldm=LDMTrainConfig(model=unet_preset("small", ch=32), batch_size=32, num_steps=1500, max_minutes=6.0,
-                           lr=1e-3, warmup_steps=100, ckpt_every=250, ema_decay=0.995),
+        ae=AETrainConfig(model=_CPU_AE, batch_size=16, num_steps=1200, max_minutes=8.0, lr=2e-3, log_every=10,
+                         ckpt_every=400),
+        ldm=LDMTrainConfig(model=unet_preset("small"), batch_size=32, num_steps=1000, max_minutes=8.0, lr=1e-3,
+                           warmup_steps=100, ckpt_every=250, ema_decay=0.995),
         sample=SampleConfig(num_samples=100, batch_size=100, sampler="ddim", steps=50, resolution=32),
     )
 
 
 def _preset_medium() -> PipelineConfig:
-    """The CPU quality run: about an hour on 2 CPU cores, 1,000 samples per category.
+    """The CPU quality run: about an hour on 2 CPU cores, ShapeNet-sized training splits, 1,000 samples per category.
 
-    The CPU preset uses 32³ grids: a 3D conv AE trains several times faster there than at 64³. The `full` preset is
-    the 64³ / 128³ configuration for a GPU.
+    The guidance scale and the threshold of the final sampling are picked by the tune stage on held-out training
+    shapes. The `full` preset is the 64³ / 128³ configuration for a GPU.
     """
     return PipelineConfig(
         name="medium", run_dir="runs/medium", data_preset="medium", resolution=32, render_n=16,
-        ae=AETrainConfig(model=AEConfig(resolution=32), batch_size=16, num_steps=10000, max_minutes=60, lr=2e-3,
-                         log_every=20, ckpt_every=1000),
-        ldm=LDMTrainConfig(model=unet_preset("small", ch=32), batch_size=32, num_steps=15000, max_minutes=60,
-                           lr=1e-3, warmup_steps=200, ckpt_every=1000, ema_decay=0.998, log_every=20),
-        sample=SampleConfig(num_samples=1000, batch_size=250, sampler="ddim", steps=50, resolution=32, cfg_scale=3.0,
-                            threshold=0.5),
+        ae=AETrainConfig(model=_CPU_AE, batch_size=16, num_steps=8000, max_minutes=40, lr=2e-3, log_every=20,
+                         ckpt_every=1000),
+        ldm=LDMTrainConfig(model=unet_preset("small"), batch_size=32, num_steps=7000, max_minutes=40, lr=1e-3,
+                           warmup_steps=200, ckpt_every=500, ema_decay=0.998, log_every=20),
+        tune=TuneConfig(enabled=True, cfg_scales=(0.0, 1.0, 2.0, 4.0), num_samples=100, steps=50),
+        sample=SampleConfig(num_samples=1000, batch_size=250, sampler="ddim", steps=50, resolution=32),
     )
 
 
 def _preset_full() -> PipelineConfig:
-    """A GPU server: the ShapeNet-sized procedural set at 128³, the seed's U-Net, 1,000 samples per category."""
+    """A GPU server: the ShapeNet-sized procedural set at 128³, the seed's AE at 64³ and U-Net, 1,000 samples per
+    category."""
     return PipelineConfig(
         name="full", run_dir="runs/full", data_preset="full", resolution=128, render_n=16,
         ae=AETrainConfig(model=AEConfig(resolution=64), batch_size=64, num_epochs=100, lr=1e-3, ckpt_every=1000),
         ldm=LDMTrainConfig(model=unet_preset("seed"), batch_size=64, num_steps=100000, lr=2e-4, warmup_steps=1000,
                            ckpt_every=2000, ema_decay=0.9999),
+        tune=TuneConfig(enabled=True),
         sample=SampleConfig(num_samples=1000, batch_size=500, sampler="ddim", steps=50, resolution=128),
     )
 

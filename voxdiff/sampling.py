@@ -29,10 +29,20 @@ import torch
 from voxdiff import __version__
 from voxdiff.binarize import Binarization
 from voxdiff.checkpoint import AEMeta, LDMMeta, load_autoencoder, load_unet, resolve_checkpoint_file, unwrap
-from voxdiff.config import CATEGORIES, BinarizeMode, SampleConfig, SchedulerConfig, category_index, from_dict, to_dict
+from voxdiff.config import (
+    CATEGORIES,
+    BinarizeMode,
+    Precision,
+    SampleConfig,
+    SchedulerConfig,
+    category_index,
+    from_dict,
+    to_dict,
+)
 from voxdiff.distributed import all_gather_object, barrier, broadcast_object, check_same_config, init_distributed
 from voxdiff.latents import denormalise
 from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.precision import autocast, resolve_precision
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, make_scheduler
 from voxdiff.utils import (
     Progress,
@@ -132,6 +142,7 @@ class LatentVoxelPipeline:
     ldm_file: Path | None = None
     ldm_step: int = 0
     ae_matches: bool = True  # the AE file is the one the LDM was trained with
+    amp: torch.dtype | None = None  # autocast dtype of the U-Net's forward (None: fp32)
 
     def __post_init__(self) -> None:
         if self.ae_meta.latent_mean is None or self.ae_meta.latent_std is None:
@@ -144,7 +155,8 @@ class LatentVoxelPipeline:
 
     @classmethod
     def from_checkpoints(cls, ae_ckpt_path: str | os.PathLike[str], ldm_ckpt_path: str | os.PathLike[str], *,
-                         device: Any = "cpu", use_ema: bool = True) -> LatentVoxelPipeline:
+                         device: Any = "cpu", use_ema: bool = True, precision: Precision = "fp32"
+                         ) -> LatentVoxelPipeline:
         """Load and cross-check the AE and LDM checkpoints (files or run directories); user errors raise VoxdiffError
         before anything is written."""
         ldm_file, ae_file = resolve_checkpoint_file(ldm_ckpt_path), resolve_checkpoint_file(ae_ckpt_path)
@@ -160,7 +172,7 @@ class LatentVoxelPipeline:
         matches = not meta.ae_sha256 or meta.ae_sha256 == file_sha256(ae_file)
         return cls(unet=unet.to(device), ae=ae.to(device), scheduler_config=from_dict(SchedulerConfig, meta.scheduler),
                    ae_meta=ae_ckpt.meta, ldm_meta=meta, ae_file=ae_file, ldm_file=ldm_file, ldm_step=ldm_ckpt.step,
-                   ae_matches=matches)  # type: ignore[arg-type]
+                   ae_matches=matches, amp=resolve_precision(precision, torch.device(device)))  # type: ignore[arg-type]
 
     @property
     def device(self) -> torch.device:
@@ -199,9 +211,11 @@ class LatentVoxelPipeline:
 
     def sample_latents(self, labels: torch.Tensor, scheduler: DDPMScheduler | DDIMScheduler, cfg_scale: float,
                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised latents (B, *latent_shape) of the classes `labels`, by the reverse process of `scheduler`."""
-        return sample_latents(self.unet, scheduler, labels.to(self.device), generator, cfg_scale,
-                              latent_shape=self.latent_shape, noise=noise)
+        """Normalised latents (B, *latent_shape) of the classes `labels`, by the reverse process of `scheduler`
+        (the U-Net's forward in `amp`, the scheduler's arithmetic in fp32)."""
+        with autocast(self.device, self.amp):
+            return sample_latents(self.unet, scheduler, labels.to(self.device), generator, cfg_scale,
+                                  latent_shape=self.latent_shape, noise=noise)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -270,7 +284,7 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
     flush_denormals(device)
     check_same_config(to_dict(cfg), "sampling config")
     pipe = LatentVoxelPipeline.from_checkpoints(cfg.ae_ckpt_path, cfg.ldm_ckpt_path, device=device,
-                                                use_ema=cfg.use_ema)
+                                                use_ema=cfg.use_ema, precision=cfg.precision)
     pipe.check_categories(cfg.categories)
     scale = pipe.guidance(cfg.use_cfg, cfg.cfg_scale)
     scheduler = pipe.scheduler(cfg.sampler, cfg.steps, cfg.eta)

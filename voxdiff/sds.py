@@ -28,6 +28,7 @@ import torch
 from voxdiff import __version__
 from voxdiff.binarize import Binarization
 from voxdiff.config import CATEGORIES, SDSConfig, category_index, to_dict
+from voxdiff.precision import autocast
 from voxdiff.sampling import LatentVoxelPipeline, batch_seed, guided_eps
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, expand_as_sample
 from voxdiff.utils import (
@@ -132,7 +133,7 @@ def run_sds(cfg: SDSConfig, progress: bool = True) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     flush_denormals(device)
     pipe = LatentVoxelPipeline.from_checkpoints(cfg.ae_ckpt_path, cfg.ldm_ckpt_path, device=device,
-                                                use_ema=cfg.use_ema)
+                                                use_ema=cfg.use_ema, precision=cfg.precision)
     pipe.check_categories(cfg.categories)
     pipe.unet.requires_grad_(False)
     pipe.ae.requires_grad_(False)
@@ -200,7 +201,8 @@ def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scal
                 t = torch.randint(lo, hi + 1, (e - s,), generator=gen, device=device)
                 noise = torch.randn(z.shape, generator=gen, device=device)
                 opt.zero_grad(set_to_none=True)
-                grad = sds_grad(pipe.unet, noise_sched, z, labels, t, noise, scale, cfg.weighting)
+                with autocast(device, pipe.amp):
+                    grad = sds_grad(pipe.unet, noise_sched, z, labels, t, noise, scale, cfg.weighting).float()
                 if not torch.isfinite(grad).all():
                     raise VoxdiffError(f"non-finite SDS gradient at step {i} of batch {b}; check the checkpoints")
                 sds_surrogate(z, grad).backward()

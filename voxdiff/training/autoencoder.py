@@ -37,6 +37,7 @@ from voxdiff.distributed import check_in_sync, mean_over_ranks, wrap_ddp
 from voxdiff.losses import pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.metrics import chamfer_matrix
 from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.precision import autocast
 from voxdiff.training import common
 from voxdiff.utils import Progress, VoxdiffError, get_logger
 
@@ -253,7 +254,7 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
             break
         x = _to_device(grids[fit_idx[order.batch(step).numpy()]], device)
         t0 = time.perf_counter()
-        with common.autocast(device, amp):
+        with autocast(device, amp):
             logits = net(x)
         loss = reconstruction_loss(logits, x, cfg.loss, pos_weight)
         loss_all = mean_over_ranks(loss.detach())  # the global batch's loss; every rank stops together on NaN

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from voxdiff.checkpoint import Checkpoint, Kind, check_resumable, load_checkpoint
-from voxdiff.config import Precision, TrainConfig, check_literal, to_dict
+from voxdiff.config import TrainConfig, to_dict
 from voxdiff.distributed import DistInfo, any_rank, check_same_config, epoch_sampler, init_distributed, split_batch
+from voxdiff.precision import resolve_precision
 from voxdiff.utils import VoxdiffError, dir_lock, flush_denormals, get_logger, seed_everything
 
 
@@ -173,39 +174,6 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return base_lr
     return base_lr * min(1.0, (step + 1) / warmup_steps)
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16), where oneDNN runs bf16
-    convolutions faster than fp32; without them bf16 is emulated and slower."""
-    try:
-        caps = torch._C._cpu._get_cpu_capability()
-    except (AttributeError, RuntimeError):  # pragma: no cover - older torch builds
-        return False
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a `precision` setting: None (fp32) or torch.bfloat16.
-
-    "auto" is bf16 on CUDA devices that support it and on CPUs with native bf16 (see `cpu_has_bf16`), fp32 elsewhere.
-    bf16 needs no loss scaling (unlike fp16): its exponent range is fp32's.
-    """
-    check_literal(precision, Precision, "precision")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Mixed-precision context for forward passes: `dtype` autocast on `device`, a no-op when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def holdout_rows(counts: dict[str, int], fraction: float, max_per_category: int, seed: int) -> dict[str, list[int]]:

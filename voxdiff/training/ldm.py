@@ -42,6 +42,7 @@ from voxdiff.distributed import (
 )
 from voxdiff.latents import cached_latents, normalise
 from voxdiff.models.unet3d import UNet3D
+from voxdiff.precision import autocast
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training import common
 from voxdiff.utils import Progress, VoxdiffError, file_sha256, get_logger
@@ -82,7 +83,7 @@ def diffusion_loss(
 
     `amp`: autocast dtype of the network's forward (None: fp32)."""
     zt = scheduler.add_noise(z0, noise, t)
-    with common.autocast(z0.device, amp):
+    with autocast(z0.device, amp):
         eps = model(zt, t, y)
     return F.mse_loss(eps.float(), noise)
 
