@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the shipped model's sampling settings, picked by its tune stage on held-out training shapes (docs/MODEL_CARD.md)
+MEDIUM_CFG_SCALE := PENDING_W
+MEDIUM_THRESHOLD := PENDING_T
 
-.PHONY: demo test lint bench clean
+.PHONY: demo sample test lint bench clean
 
 $(STAMP): pyproject.toml requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +18,13 @@ $(STAMP): pyproject.toml requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m voxdiff.pipeline --preset demo --run_dir runs/demo
+	$(PY) -m voxdiff --preset demo --run_dir runs/demo
+
+# 16 shapes per category from the shipped model (docs/MODEL_CARD.md), no training: samples/medium/{category}.npy/.png
+sample: $(STAMP)
+	$(PY) diffusion/sample.py --ldm_ckpt_path models/medium/ldm.pt --ae_ckpt_path models/medium/ae.pt \
+		--save_dir samples/medium --category all --num_samples 16 --batch_size 16 --resolution 32 \
+		--cfg_scale $(MEDIUM_CFG_SCALE) --threshold $(MEDIUM_THRESHOLD)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -29,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_ae.py
 	$(PY) bench/bench_sample.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -26,7 +26,8 @@ from voxdiff.utils import run_cli
 def build_parser(preset: str = "seed") -> tuple[argparse.ArgumentParser, list]:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--unet_preset", default=preset, choices=list(UNET_PRESETS),
-                   help="named U-Net size: seed (the seed's network) or small (CPU runs) (default: %(default)s)")
+                   help="named U-Net size: seed (the course starter code's network) or small (CPU runs) "
+                        "(default: %(default)s)")
     defaults = dataclasses.replace(LDMTrainConfig(), model=unet_preset(preset))
     return p, add_config_arguments(p, LDMTrainConfig, defaults)
 

@@ -208,3 +208,15 @@ def test_exported_pair_samples_like_the_training_checkpoints(ckpts: dict[str, Pa
                              categories=("chair",), num_samples=2, threshold=0.52), progress=False)
     assert np.array_equal(np.load(tmp_path / "orig" / "chair.npy"), np.load(tmp_path / "release" / "chair.npy"))
     assert (tmp_path / "release" / "chair.png").is_file()  # the first shapes rendered beside the file
+
+
+def test_guidance_rescale_matches_its_formula() -> None:
+    """φ = 0 is plain guidance; φ = 1 gives the guided ε̂ the per-sample std of the conditional ε (Lin et al. 2024)."""
+    spy, x, y = Spy(), torch.randn(3, 16, 2, 2, 2), torch.tensor([0, 1, 2])
+    plain = guided_eps(spy, x, 5, y, 3.0)
+    assert torch.equal(guided_eps(spy, x, 5, y, 3.0, rescale=0.0), plain)
+    eps_c = spy(x, torch.full((3,), 5), y)
+    full = guided_eps(spy, x, 5, y, 3.0, rescale=1.0)
+    torch.testing.assert_close(full.std(dim=(1, 2, 3, 4)), eps_c.std(dim=(1, 2, 3, 4)))
+    half = guided_eps(spy, x, 5, y, 3.0, rescale=0.5)
+    torch.testing.assert_close(half, 0.5 * full + 0.5 * plain)

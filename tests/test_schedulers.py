@@ -195,3 +195,21 @@ def test_oracle_eps_recovers_x0_exactly(sampler: str, steps: int, eta: float) ->
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         x = sched.step(eps, int(t), x, g).prev_sample
     assert float((x - x0).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_clipped_x0_stays_in_range_and_a_wide_clip_changes_nothing(sampler: str) -> None:
+    """set_clip bounds every predicted x̂_0 per channel (DDIM re-derives ε from the clipped x̂_0, as diffusers); a
+    bound no prediction reaches leaves the loop bit-identical."""
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 3, 4, 4, 4, generator=g), 3 * torch.randn(2, 3, 4, 4, 4, generator=g)
+    sched = make_scheduler(sampler, SchedulerConfig(), 10)
+    t = int(sched.timesteps[3])
+    free = sched.step(eps, t, x, torch.Generator().manual_seed(1))
+    sched.set_clip(torch.tensor([0.5, 1.0, 2.0]))
+    out = sched.step(eps, t, x, torch.Generator().manual_seed(1))
+    bound = torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1, 1, 1)
+    assert (out.pred_original_sample.abs() <= bound + 1e-6).all() and not torch.equal(out.prev_sample, free.prev_sample)
+    sched.set_clip(torch.full((3,), 1e6))
+    wide = sched.step(eps, t, x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(wide.prev_sample, free.prev_sample, rtol=1e-6, atol=1e-6)

@@ -23,8 +23,10 @@ from voxdiff.config import (
     SampleConfig,
     TuneConfig,
     from_dict,
+    pipeline_preset,
 )
 from voxdiff.pipeline import STAGES, run
+from voxdiff.report import summary_lines
 from voxdiff.utils import VoxdiffError, run_cli
 
 _STAGE_PATHS = ("dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "device", "seed", "resume",
@@ -53,9 +55,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, list]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from voxdiff.config import pipeline_preset
-    from voxdiff.report import summary_lines
-
     parser, flags = build_parser()
     args = parser.parse_args(argv)
     if args.config:

@@ -27,7 +27,7 @@ from voxdiff import __version__
 from voxdiff.config import CATEGORIES, AEConfig, SchedulerConfig, UNetConfig, from_dict, to_dict
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
-from voxdiff.utils import VoxdiffError, atomic_path
+from voxdiff.utils import VoxdiffError, atomic_path, file_sha256
 
 FORMAT = 2
 Kind = Literal["autoencoder", "ldm"]
@@ -44,6 +44,7 @@ class AEMeta:
     max_voxels: dict[str, dict[str, int]] = field(default_factory=dict)  # resolution -> category -> largest count
     latent_mean: list[float] | None = None  # per channel, over the training shapes
     latent_std: list[float] | None = None  # per channel (population std)
+    latent_absmax: list[float] | None = None  # per channel: the largest |z − mean| / std over the training shapes
     holdout: dict[str, list[int]] = field(default_factory=dict)  # category -> held-out TRAIN rows
     pos_weight: float | None = None
     best_iou: float = -1.0
@@ -286,8 +287,6 @@ def export_model(ae_path: str | os.PathLike[str], ldm_path: str | os.PathLike[st
     its EMA weights as its only weights. The LDM's link to its AE is re-pointed to the exported AE's content hash,
     so the pair loads together without a mismatch warning. Not resumable (nothing to resume with).
     """
-    from voxdiff.utils import file_sha256
-
     out = Path(out_dir)
     ae = load_checkpoint(ae_path, kind="autoencoder")
     ldm = load_checkpoint(ldm_path, kind="ldm")

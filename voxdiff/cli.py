@@ -15,6 +15,7 @@ import argparse
 import ast
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import math
 import sys
@@ -233,8 +234,6 @@ def config_from_args(cls: type, args: argparse.Namespace, flags: list[Flag], bas
 
 def load_script(path: str | Path) -> Any:
     """Import a top-level script (e.g. diffusion/train.py) as a module, for tests and tools that inspect its parser."""
-    import importlib.util
-
     path = Path(path)
     spec = importlib.util.spec_from_file_location(f"_voxdiff_script_{path.stem}_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)

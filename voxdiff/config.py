@@ -91,16 +91,17 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 class AEConfig:
     """3D conv autoencoder: (B,1,R,R,R) -> (B,latent_channels,r,r,r), r = R / 2^len(channels) -> back.
 
-    The defaults are the seed's network (three stride-2 stages at 64³ -> 16×8³, BatchNorm, transposed convolutions).
+    The defaults are the network of the course's starter code ("seed": three stride-2 stages at 64³ -> 16×8³,
+    BatchNorm, transposed convolutions).
     """
 
     resolution: int = 64  # input grid side (a power of two)
     channels: tuple[int, ...] = (12, 24, 48)  # width of each stride-2 stage; their number sets the latent side
     latent_channels: int = 16
     negative_slope: float = 0.2  # LeakyReLU slope
-    block: AEBlock = "seed"  # seed: the seed's conv stack; resnet: a residual block at every resolution
-    norm: AENorm = "batch"  # batch: BatchNorm3d (the seed); group: GroupNorm (batch-size independent)
-    upsample: AEUpsample = "transpose"  # transpose: ConvTranspose3d (the seed); nearest: nearest upsample + conv
+    block: AEBlock = "seed"  # seed: the starter code's conv stack; resnet: a residual block at every resolution
+    norm: AENorm = "batch"  # batch: BatchNorm3d (starter code); group: GroupNorm (batch-size independent)
+    upsample: AEUpsample = "transpose"  # transpose: ConvTranspose3d (starter code); nearest: nearest upsample + conv
 
     def __post_init__(self) -> None:
         check_literal(self.block, AEBlock, "block")
@@ -122,7 +123,8 @@ class AEConfig:
 
 @dataclass
 class UNetConfig:
-    """UNet3D over the latent. Defaults are the seed's size (ch 192, mult 1,2,2, attention at level 1, 3 res blocks)."""
+    """UNet3D over the latent. Defaults are the starter code's size (ch 192, mult 1,2,2, attention at level 1, 3 res
+    blocks): the "seed" preset."""
 
     in_channels: int = 16  # latent channels (set from the AE)
     ch: int = 192  # base width
@@ -156,8 +158,8 @@ class UNetConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-# Named UNet sizes (habit 8: a dict that doubles as argparse `choices`). "seed" is the seed's network; "small" is
-# for CPU runs and tests.
+# Named U-Net sizes (the dict doubles as argparse `choices`). "seed" is the network of the course's starter code (the
+# "seed" this project grew from); "small" is for CPU runs and tests.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
     "small": {"ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "attn_levels": (2,), "num_groups": 8,
@@ -244,6 +246,7 @@ class AETrainConfig(TrainConfig):
     ckpt_path: str = "checkpoints/ae"  # run directory: last.pt, best.pt, train.log, log.csv/png
     loss: AELoss = "bce"  # reconstruction loss (voxdiff/losses.py); bce gives the data's thickness at p > 0.5
     pos_weight: float | None = None  # weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data
+    latent_noise: float = 0.0  # σ: decode latents + σ·(batch std)·ε in training, a decoder robust to imperfect latents
     holdout_fraction: float = 0.05  # per category, held out of TRAIN for best.pt and threshold calibration
     holdout_max: int = 100  # at most this many held-out shapes per category
     sync_bn: bool = False  # under torchrun: SyncBatchNorm (full-global-batch statistics; CUDA only)
@@ -253,6 +256,7 @@ class AETrainConfig(TrainConfig):
         super().__post_init__()
         check_literal(self.loss, AELoss, "loss")
         check_range("pos_weight", self.pos_weight, lo=0.0, lo_open=True, optional=True)
+        check_range("latent_noise", self.latent_noise, lo=0.0, hi=10.0)
         check_range("holdout_fraction", self.holdout_fraction, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         check_range("holdout_max", self.holdout_max, lo=1)
 
@@ -307,6 +311,8 @@ class GenerateConfig:
     threshold: float = 0.5  # occupied = probability > threshold (with --binarize threshold)
     topk: int | None = None  # voxels kept per shape at --resolution (with --binarize topk);
     # none: the category's mean training count
+    guidance_rescale: float = 0.0  # φ of Lin et al. 2024: pull the guided ε̂ back to the conditional one's scale
+    clamp_latents: bool = True  # clip each predicted latent to the range of the training latents (per channel)
     use_ema: bool = True  # the EMA weights of the LDM
     precision: Precision = "auto"  # autocast dtype of the U-Net's forward; auto: bf16 where the hardware has it
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
@@ -320,6 +326,7 @@ class GenerateConfig:
         check_range("num_samples", self.num_samples, lo=1)
         check_range("batch_size", self.batch_size, lo=1)
         check_range("cfg_scale", self.cfg_scale, lo=-1.0, hi=100.0)
+        check_range("guidance_rescale", self.guidance_rescale, lo=0.0, hi=1.0)
         check_range("threshold", self.threshold, lo=0.0, hi=1.0, hi_open=True)
         check_range("topk", self.topk, lo=1, optional=True)
         check_range("resolution", self.resolution, lo=8)
@@ -347,6 +354,7 @@ ACTS_ONLY_WITH: dict[str, tuple[str, Any]] = {
     "threshold": ("binarize", "threshold"),
     "topk": ("binarize", "topk"),
     "cfg_scale": ("use_cfg", True),
+    "guidance_rescale": ("use_cfg", True),
 }
 
 
@@ -393,6 +401,8 @@ class TuneConfig:
 
     enabled: bool = False  # run the tune stage; its pick replaces the sample stage's cfg_scale and threshold
     cfg_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)  # guidance scales w tried
+    rescales: tuple[float, ...] = (0.0,)  # guidance rescale φ tried with every w > 0
+    clamp_latents: bool = True  # clip predicted latents to the training latents' range (as the sampling does)
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # thresholds tried (with the AE's calibrated one)
     num_samples: int = 100  # samples per category and scale, scored against the category's held-out shapes
     steps: int = 50  # DDIM steps
@@ -405,6 +415,8 @@ class TuneConfig:
             check_range("cfg_scales", w, lo=-1.0, hi=100.0)
         for t in self.thresholds:
             check_range("thresholds", t, lo=0.0, hi=1.0, hi_open=True)
+        for r in self.rescales:
+            check_range("rescales", r, lo=0.0, hi=1.0)
         check_range("num_samples", self.num_samples, lo=2)
         check_range("steps", self.steps, lo=1)
 
@@ -442,7 +454,7 @@ def _preset_tiny() -> PipelineConfig:
     )
 
 
-# The CPU presets' networks: 32³ grids -> a (16, 8, 8, 8) latent (two stride-2 stages), the seed's BatchNorm and
+# The CPU presets' networks: 32³ grids -> a (16, 8, 8, 8) latent (two stride-2 stages), the starter code's BatchNorm and
 # transposed convolutions, plain BCE (docs/BENCHMARKS.md, "autoencoder recipes"); the U-Net "small" at 8³.
 _CPU_AE = AEConfig(resolution=32, channels=(24, 48))
 
@@ -481,8 +493,8 @@ def _preset_medium() -> PipelineConfig:
 
 
 def _preset_full() -> PipelineConfig:
-    """A GPU server: the ShapeNet-sized procedural set at 128³, the seed's AE at 64³ and U-Net, 1,000 samples per
-    category."""
+    """A GPU server: the ShapeNet-sized procedural set at 128³, the starter code's AE at 64³ and U-Net, 1,000
+    samples per category."""
     return PipelineConfig(
         name="full", run_dir="runs/full", data_preset="full", resolution=128, render_n=16,
         ae=AETrainConfig(model=AEConfig(resolution=64), batch_size=64, num_epochs=100, lr=1e-3, ckpt_every=1000),

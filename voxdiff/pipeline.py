@@ -31,11 +31,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from voxdiff import __version__
 from voxdiff.config import CATEGORIES, SPLITS, PipelineConfig, to_dict
+from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
+from voxdiff.data.shapes import generate_split
+from voxdiff.data.voxelize import open_voxels, preprocess, voxel_path, voxelize_points
+from voxdiff.render import render_samples_sheet
 from voxdiff.report import goal_check, machine_info, write_report
-from voxdiff.utils import Progress, VoxdiffError, atomic_memmap, atomic_write_json, dir_lock, get_logger
+from voxdiff.sampling import LatentVoxelPipeline, sample_to_files
+from voxdiff.scoring import References, copying_check, open_samples, score_sets
+from voxdiff.training.autoencoder import train_autoencoder
+from voxdiff.training.ldm import train_ldm
+from voxdiff.tuning import tune_sampling
+from voxdiff.utils import (
+    Progress,
+    VoxdiffError,
+    atomic_memmap,
+    atomic_write_json,
+    dir_lock,
+    get_logger,
+    resolve_device,
+)
 
 STAGES: tuple[str, ...] = ("data", "ae", "ldm", "tune", "sample", "eval", "render", "report")
 ORACLE_SEED_OFFSET = 1_000_003  # the oracle's shapes come from another seed than the data's, same generator
@@ -74,9 +92,10 @@ def apply_tune(cfg: PipelineConfig, result: dict[str, Any] | None) -> PipelineCo
     """The sampling settings the tune stage picked (guidance scale, threshold), when it ran."""
     if not result or "pick" not in result:
         return cfg
-    w, t = result["pick"]["cfg_scale"], result["pick"]["threshold"]
-    sample = dataclasses.replace(cfg.sample, cfg_scale=w, use_cfg=cfg.sample.use_cfg, binarize="threshold",
-                                 threshold=t)
+    p = result["pick"]
+    sample = dataclasses.replace(cfg.sample, cfg_scale=p["cfg_scale"], guidance_rescale=p.get("guidance_rescale", 0.0),
+                                 binarize="threshold", threshold=p["threshold"], clamp_latents=result.get(
+                                     "clamp_latents", cfg.sample.clamp_latents))
     return dataclasses.replace(cfg, sample=sample)
 
 
@@ -115,7 +134,6 @@ class _Stages:
 
 
 def _has_voxels(data: Path) -> bool:
-    from voxdiff.data.voxelize import voxel_path
 
     return all(voxel_path(data, c, s).is_file() for c in CATEGORIES for s in SPLITS)
 
@@ -123,8 +141,6 @@ def _has_voxels(data: Path) -> bool:
 def stage_data(cfg: PipelineConfig, external: bool) -> dict[str, Any]:
     """Voxel grids for the run. Given a dataset (`external`): use its grids, or voxelize its PartSeg HDF5 files into
     it; never write procedural shapes there. Otherwise generate the procedural set into {run_dir}/data and voxelize."""
-    from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
-    from voxdiff.data.voxelize import open_voxels, preprocess, voxel_path
 
     data = Path(cfg.dataset_path)
     if external:
@@ -150,8 +166,6 @@ def stage_data(cfg: PipelineConfig, external: bool) -> dict[str, Any]:
 
 def make_oracle(cfg: PipelineConfig, category: str, n: int, path: Path) -> Path:
     """A fresh procedural draw of `n` shapes (another seed), voxelized like the data: the best a model could do."""
-    from voxdiff.data.shapes import generate_split
-    from voxdiff.data.voxelize import voxelize_points
 
     chunk = 64
     with atomic_memmap(path, (n, cfg.resolution, cfg.resolution, cfg.resolution)) as out:
@@ -164,7 +178,6 @@ def make_oracle(cfg: PipelineConfig, category: str, n: int, path: Path) -> Path:
 
 def make_baselines(cfg: PipelineConfig, category: str, n: int, out_dir: Path) -> dict[str, Path]:
     """Trivial baselines scored like samples: copies of training shapes, and i.i.d. noise of the training occupancy."""
-    from voxdiff.data.voxelize import open_voxels, voxel_path
 
     train = open_voxels(voxel_path(cfg.dataset_path, category, "train"))
     paths: dict[str, Path] = {}
@@ -186,7 +199,6 @@ def make_baselines(cfg: PipelineConfig, category: str, n: int, out_dir: Path) ->
 
 
 def _eval_device(device: str) -> str:
-    import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,8 +207,6 @@ def _eval_device(device: str) -> str:
 
 def stage_eval(cfg: PipelineConfig, log: Any) -> dict[str, Any]:
     """Score samples, oracle and baselines per category against test+val with the one scorer eval.py uses."""
-    from voxdiff.data.voxelize import open_voxels, voxel_path
-    from voxdiff.scoring import References, copying_check, open_samples, score_sets
 
     run = Path(cfg.run_dir)
     results: dict[str, Any] = {}
@@ -228,8 +238,6 @@ def stage_eval(cfg: PipelineConfig, log: Any) -> dict[str, Any]:
 
 def stage_render(cfg: PipelineConfig) -> dict[str, str]:
     """PNG sheets per category (data / samples / oracle) and a teaser of samples of every category."""
-    from voxdiff.data.voxelize import open_voxels, voxel_path
-    from voxdiff.render import render_samples_sheet
 
     run = Path(cfg.run_dir)
     out: dict[str, str] = {}
@@ -250,9 +258,6 @@ def stage_tune(cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     """Pick the guidance scale and threshold on the held-out training shapes (voxdiff.tuning); skipped unless on."""
     if not cfg.tune.enabled:
         return {"skipped": "tune.enabled is off"}
-    from voxdiff.sampling import LatentVoxelPipeline
-    from voxdiff.tuning import tune_sampling
-    from voxdiff.utils import resolve_device
 
     pipe = LatentVoxelPipeline.from_checkpoints(cfg.sample.ae_ckpt_path, cfg.sample.ldm_ckpt_path,
                                                 device=resolve_device(cfg.device))
@@ -287,9 +292,6 @@ def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = Fal
 
 def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str, progress: bool) -> dict:
     """The body of `run`, with the run directory locked."""
-    from voxdiff.sampling import sample_to_files
-    from voxdiff.training.autoencoder import train_autoencoder
-    from voxdiff.training.ldm import train_ldm
 
     external = cfg.dataset_path
     cfg = resolve(cfg)

@@ -13,6 +13,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from voxdiff import __version__
 from voxdiff.config import PipelineConfig
 from voxdiff.utils import atomic_write_json, atomic_write_text
@@ -25,8 +27,6 @@ SET_KEYS = ("provenance", "goal", "memorization")  # per-category entries that a
 
 def machine_info() -> dict[str, Any]:
     """Platform, Python, torch, CPU count and GPU: printed in every report."""
-    import torch
-
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():

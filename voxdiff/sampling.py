@@ -14,6 +14,7 @@ rerun writes exactly the arrays an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from voxdiff.distributed import all_gather_object, barrier, broadcast_object, ch
 from voxdiff.latents import denormalise
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.precision import autocast, resolve_precision
+from voxdiff.render import Style, render_voxels
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, make_scheduler
 from voxdiff.utils import (
     Progress,
@@ -59,11 +61,16 @@ __all__ = ["guided_eps", "sample_latents", "upsample_nearest", "batch_seed", "La
 
 
 def guided_eps(
-    model: torch.nn.Module, x: torch.Tensor, t: int | torch.Tensor, y: torch.Tensor, scale: float
+    model: torch.nn.Module, x: torch.Tensor, t: int | torch.Tensor, y: torch.Tensor, scale: float,
+    rescale: float = 0.0,
 ) -> torch.Tensor:
     """Classifier-free guided noise prediction (Ho & Salimans 2022), both branches in ONE batched forward.
 
         ε̂ = (1 + w) · ε_θ(x, t, y) − w · ε_θ(x, t, ∅)
+
+    `rescale` φ (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", eq. 15-16):
+    ε̂ ← φ · ε̂ · std(ε_c) / std(ε̂) + (1 − φ) · ε̂, per sample: large w inflates ε̂'s scale (over-saturated, bloated
+    shapes); rescaling brings it back to the conditional prediction's. φ = 0 is plain guidance.
 
     Scale convention: w = 0 is exactly the plain conditional prediction (the unconditional branch is then skipped,
     not just weighted by zero), w = −1 is the unconditional model, w > 0 strengthens the condition. In the other
@@ -76,7 +83,12 @@ def guided_eps(
     null = torch.full_like(y, unwrap(model).null_class)
     eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
     eps_c, eps_u = eps.chunk(2)
-    return (1 + scale) * eps_c - scale * eps_u
+    guided = (1 + scale) * eps_c - scale * eps_u
+    if rescale > 0:
+        dims = tuple(range(1, guided.ndim))
+        ratio = eps_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+        guided = rescale * guided * ratio + (1 - rescale) * guided
+    return guided
 
 
 @torch.no_grad()
@@ -90,6 +102,7 @@ def sample_latents(
     *,
     latent_shape: Sequence[int] | None = None,
     noise: torch.Tensor | None = None,
+    rescale: float = 0.0,
 ) -> torch.Tensor:
     """Run the reverse process from x_T ~ N(0, I) to (normalised) latents z_0 of shape (B, *latent_shape).
 
@@ -106,7 +119,7 @@ def sample_latents(
     if num_steps is not None:
         scheduler.set_timesteps(num_steps)
     for t in scheduler.timesteps:
-        eps = guided_eps(model, x, int(t), labels, cfg_scale)
+        eps = guided_eps(model, x, int(t), labels, cfg_scale, rescale)
         x = scheduler.step(eps.float(), int(t), x, generator).prev_sample
     return x
 
@@ -186,13 +199,17 @@ class LatentVoxelPipeline:
     def ae_resolution(self) -> int:
         return self.ae.cfg.resolution
 
-    def scheduler(self, sampler: str = "ddim", steps: int | None = None,
-                  eta: float = 0.0) -> DDPMScheduler | DDIMScheduler:
-        """A fresh scheduler of this LDM's noise process (None steps: all T for DDPM, 50 for DDIM)."""
+    def scheduler(self, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
+                  clamp: bool = False) -> DDPMScheduler | DDIMScheduler:
+        """A fresh scheduler of this LDM's noise process (None steps: all T for DDPM, 50 for DDIM). With `clamp`, every
+        predicted latent is clipped to the training latents' range (the AE's `latent_absmax`, normalised units)."""
         T = self.scheduler_config.num_train_timesteps
         if steps is not None and steps > T:
             raise VoxdiffError(f"--steps {steps} exceeds the {T} training steps")
-        return make_scheduler(sampler, self.scheduler_config, steps, eta)
+        sched = make_scheduler(sampler, self.scheduler_config, steps, eta)
+        if clamp and self.ae_meta.latent_absmax is not None:
+            sched.set_clip(torch.as_tensor(self.ae_meta.latent_absmax))
+        return sched
 
     def guidance(self, use_cfg: bool, cfg_scale: float) -> float:
         """The guidance scale w to sample with: `cfg_scale` with use_cfg, else 0 (plain conditional). Refuses guidance
@@ -210,12 +227,13 @@ class LatentVoxelPipeline:
             raise VoxdiffError(f"LDM was not trained on {untrained} (trained on {list(trained)})")
 
     def sample_latents(self, labels: torch.Tensor, scheduler: DDPMScheduler | DDIMScheduler, cfg_scale: float,
-                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                       rescale: float = 0.0) -> torch.Tensor:
         """Normalised latents (B, *latent_shape) of the classes `labels`, by the reverse process of `scheduler`
-        (the U-Net's forward in `amp`, the scheduler's arithmetic in fp32)."""
+        (the U-Net's forward in `amp`, the scheduler's arithmetic in fp32); `rescale`: see `guided_eps`."""
         with autocast(self.device, self.amp):
             return sample_latents(self.unet, scheduler, labels.to(self.device), generator, cfg_scale,
-                                  latent_shape=self.latent_shape, noise=noise)
+                                  latent_shape=self.latent_shape, noise=noise, rescale=rescale)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -262,8 +280,6 @@ class LatentVoxelPipeline:
 def _progress_key(cfg: SampleConfig, category: str, pipe: LatentVoxelPipeline) -> str:
     """What a partial file depends on: the settings that change samples, and the checkpoints' content (so a moved
     or renamed run directory resumes, and a retrained model never does)."""
-    import hashlib
-
     src = {k: v for k, v in to_dict(cfg).items() if k not in ("ldm_ckpt_path", "ae_ckpt_path", "save_dir", "device")}
     src.update(categories=[category], ldm=file_sha256(pipe.ldm_file), ae=file_sha256(pipe.ae_file))
     return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
@@ -287,7 +303,7 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
                                                 use_ema=cfg.use_ema, precision=cfg.precision)
     pipe.check_categories(cfg.categories)
     scale = pipe.guidance(cfg.use_cfg, cfg.cfg_scale)
-    scheduler = pipe.scheduler(cfg.sampler, cfg.steps, cfg.eta)
+    scheduler = pipe.scheduler(cfg.sampler, cfg.steps, cfg.eta, clamp=cfg.clamp_latents)
     binarization = pipe.binarization(cfg.binarize, cfg.threshold, cfg.topk, cfg.resolution)
     R = cfg.resolution
     if pipe.ae_resolution > R or R % pipe.ae_resolution:
@@ -370,7 +386,7 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
             s, e = b * cfg.batch_size, min(cfg.num_samples, (b + 1) * cfg.batch_size)
             gen = torch.Generator(device=pipe.device).manual_seed(batch_seed(cfg.seed, c, b))
             labels = torch.full((e - s,), c, dtype=torch.long, device=pipe.device)
-            z = pipe.sample_latents(labels, scheduler, scale, gen)
+            z = pipe.sample_latents(labels, scheduler, scale, gen, rescale=cfg.guidance_rescale if scale else 0.0)
             grids = pipe.to_grids(z, labels, binarization, R)
             arr[s:e] = grids
             arr.flush()
@@ -407,8 +423,6 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
 
 def _render_first(path: Path, n: int, category: str) -> Path:
     """`{category}.png` beside the samples: the first n shapes, exactly as saved (what eval.py scores)."""
-    from voxdiff.render import Style, render_voxels
-
     arr = np.load(path, mmap_mode="r")
     k = min(n, len(arr))
     occ = np.asarray(arr[:k]).reshape(k, -1).mean(1)

@@ -1,6 +1,7 @@
 """DDPM and DDIM noise schedulers (diffusers-style small classes; torch only, a leaf module).
 
-A scheduler knows the noise process and nothing of networks (habit 2 of ARCHITECTURE.md). A sampling loop reads
+A scheduler knows the noise process and nothing of networks (the network is the sampler's argument). A sampling loop
+reads
 
     scheduler.set_timesteps(n)
     for t in scheduler.timesteps:
@@ -70,6 +71,19 @@ class _Scheduler:
         # ᾱ before the first step: 1 (x_{-1} := x_0), so the last reverse step returns the x_0 estimate.
         self.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
         self.set_timesteps(config.num_train_timesteps)
+        # per-channel bound on the predicted x_0 (None: no clipping); see `set_clip`
+        self.clip: torch.Tensor | None = None
+
+    def set_clip(self, bound: torch.Tensor | None) -> None:
+        """Clip every predicted x̂_0 to [−bound, bound] per channel (axis 1), e.g. the range of the training latents:
+        large guidance scales can push x̂_0 outside anything the decoder saw (diffusers' `clip_sample`)."""
+        self.clip = None if bound is None else torch.as_tensor(bound, dtype=torch.float64).reshape(-1)
+
+    def _clipped(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.clip is None:
+            return x0
+        b = self.clip.to(x0.device, x0.dtype).reshape(1, -1, *([1] * (x0.ndim - 2)))
+        return torch.maximum(torch.minimum(x0, b), -b)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Use `num_inference_steps` evenly spaced timesteps ("leading" spacing: T−k, ..., k, 0 with k = T // n)."""
@@ -134,8 +148,8 @@ class DDPMScheduler(_Scheduler):
         a_t, a_prev = self._alpha_cumprod_pair(timestep)
         beta_t = 1 - a_t / a_prev
         alpha_t = 1 - beta_t
-        # 2. predicted x_0 from ε (eq. 15)
-        x0 = self._pred_x0(model_output, sample, a_t)
+        # 2. predicted x_0 from ε (eq. 15), clipped to `clip` when set
+        x0 = self._clipped(self._pred_x0(model_output, sample, a_t))
         # 3. posterior mean coefficients of q(x_{t-1} | x_t, x_0) (eq. 7)
         c_x0 = a_prev.sqrt() * beta_t / (1 - a_t)
         c_xt = alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)
@@ -160,8 +174,12 @@ class DDIMScheduler(_Scheduler):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # 1. ᾱ_t and ᾱ_{t_prev}
         a_t, a_prev = self._alpha_cumprod_pair(timestep)
-        # 2. "predicted x_0" (eq. 12, first term)
+        # 2. "predicted x_0" (eq. 12, first term); when clipped, ε is re-derived from the clipped x̂_0 (as diffusers)
         x0 = self._pred_x0(model_output, sample, a_t)
+        if self.clip is not None:
+            x0 = self._clipped(x0)
+            model_output = (sample - expand_as_sample(a_t.sqrt(), sample) * x0) / expand_as_sample((1 - a_t).sqrt(),
+                                                                                                sample)
         # 3. σ_t(η) = η √((1 − ᾱ_{t_prev}) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_{t_prev}) (eq. 16)
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         sigma = self.eta * var.clamp(min=0).sqrt()

@@ -29,6 +29,7 @@ from voxdiff import __version__
 from voxdiff.binarize import Binarization
 from voxdiff.config import CATEGORIES, SDSConfig, category_index, to_dict
 from voxdiff.precision import autocast
+from voxdiff.render import render_voxels
 from voxdiff.sampling import LatentVoxelPipeline, batch_seed, guided_eps
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, expand_as_sample
 from voxdiff.utils import (
@@ -103,8 +104,6 @@ def timestep_range(cfg: SDSConfig, num_train_timesteps: int, step: int = 0) -> t
 
 
 def _render(grids: np.ndarray, path: Path, title: str) -> None:
-    from voxdiff.render import render_voxels
-
     render_voxels(grids, path, titles=[f"{title} #{i}" for i in range(len(grids))])
 
 
@@ -142,7 +141,7 @@ def run_sds(cfg: SDSConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.resolution < pipe.ae_resolution or cfg.resolution % pipe.ae_resolution:
         raise VoxdiffError(f"--resolution {cfg.resolution} is impossible: it must be a multiple of the AE's "
                            f"{pipe.ae_resolution}")
-    init_sched = pipe.scheduler("ddim", cfg.steps, eta=0.0) if cfg.init == "ddim" else None
+    init_sched = pipe.scheduler("ddim", cfg.steps, eta=0.0, clamp=cfg.clamp_latents) if cfg.init == "ddim" else None
     save_dir = Path(cfg.save_dir)
     with dir_lock(save_dir, "SDS job"):  # one writer per directory; leftovers of killed jobs are cleared
         log = get_logger("voxdiff.sds", save_dir / "sds.log")
@@ -177,7 +176,7 @@ def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scal
             # 1. initial latents: N(0, I), or DDIM (η = 0) samples drawn exactly as sample_to_files draws them
             t0 = time.perf_counter()
             if init_sched is not None:
-                z0 = pipe.sample_latents(labels, init_sched, scale, gen)
+                z0 = pipe.sample_latents(labels, init_sched, scale, gen, rescale=cfg.guidance_rescale if scale else 0.0)
             else:
                 z0 = torch.randn((e - s, *pipe.latent_shape), generator=gen, device=device)
             z = z0.detach().clone().requires_grad_(True)

@@ -39,15 +39,19 @@ def _badness(row: dict[str, Any], key: str) -> float:
     return row[key]
 
 
-def pick(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(cfg_scale, threshold) with the lowest rank sum over CRITERIA and categories (ties: the first setting)."""
-    settings = list(dict.fromkeys((r["cfg_scale"], r["threshold"]) for r in rows))
+def _setting(row: dict[str, Any]) -> tuple[float, float, float]:
+    return row["cfg_scale"], row["rescale"], row["threshold"]
+
+
+def pick(rows: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """(cfg_scale, rescale, threshold) with the lowest rank sum over CRITERIA and categories (ties: the first)."""
+    settings = list(dict.fromkeys(_setting(r) for r in rows))
     score = dict.fromkeys(settings, 0.0)
     for cat in dict.fromkeys(r["category"] for r in rows):
         sub = [r for r in rows if r["category"] == cat]
         for key in CRITERIA:
             for rank, r in enumerate(sorted(sub, key=lambda r: _badness(r, key))):
-                score[(r["cfg_scale"], r["threshold"])] += rank
+                score[_setting(r)] += rank
     return min(settings, key=lambda s: score[s])
 
 
@@ -64,29 +68,31 @@ def tune_sampling(pipe: LatentVoxelPipeline, dataset_path: str, categories: tupl
                   resolution: int, progress: bool = True, log: Any = None) -> dict[str, Any]:
     """Score every (cfg_scale, threshold) on held-out training shapes; returns {"rows", "pick", ...} (JSON-able)."""
     thresholds = sorted({*cfg.thresholds, round(pipe.ae_meta.threshold, 3)})
-    scheduler = pipe.scheduler("ddim", cfg.steps)
+    scheduler = pipe.scheduler("ddim", cfg.steps, clamp=cfg.clamp_latents)
+    guidance = [(w, r) for w in cfg.cfg_scales for r in (cfg.rescales if w else (0.0,))]
     rows: list[dict[str, Any]] = []
-    bar = Progress(len(categories) * len(cfg.cfg_scales), "tune", unit="setting", enabled=progress, log=log)
+    bar = Progress(len(categories) * len(guidance), "tune", unit="setting", enabled=progress, log=log)
     for cat in categories:
         refs = heldout_shapes(dataset_path, cat, pipe)
         if refs.shape[-1] != resolution:
             raise VoxdiffError(f"held-out shapes are {refs.shape[-1]}³ but sampling runs at {resolution}³")
         c = category_index(cat)
         labels = torch.full((cfg.num_samples,), c, dtype=torch.long)
-        for w in cfg.cfg_scales:
+        for w, rescale in guidance:
             t0 = time.perf_counter()
             gen = torch.Generator(device=pipe.device).manual_seed(batch_seed(cfg.seed, c, 0))
-            z = pipe.sample_latents(labels, scheduler, pipe.guidance(True, w), gen)
+            z = pipe.sample_latents(labels, scheduler, pipe.guidance(True, w), gen, rescale=rescale)
             for t in thresholds:
                 grids = pipe.to_grids(z, labels, Binarization(threshold=t), resolution)
                 res = evaluate(grids, refs, progress=False)
-                rows.append({"category": cat, "cfg_scale": w, "threshold": t,
+                rows.append({"category": cat, "cfg_scale": w, "rescale": rescale, "threshold": t,
                              **{k: res[k] for k in ("jsd", "mmd", "cov", "nna", "nna_balanced", "n_empty_samples",
                                                     "sample_mean_voxels", "ref_mean_voxels")},
                              "seconds": time.perf_counter() - t0})
             bar.update(1)
     bar.close()
-    w, t = pick(rows)
-    return {"rows": rows, "pick": {"cfg_scale": w, "threshold": t}, "criteria": list(CRITERIA),
+    w, rescale, t = pick(rows)
+    return {"rows": rows, "pick": {"cfg_scale": w, "guidance_rescale": rescale, "threshold": t},
+            "criteria": list(CRITERIA), "clamp_latents": cfg.clamp_latents,
             "num_samples": cfg.num_samples, "steps": cfg.steps, "seed": cfg.seed,
             "heldout": {c: len(pipe.ae_meta.holdout.get(c, [])) for c in categories}}

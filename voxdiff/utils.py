@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 
 class VoxdiffError(Exception):
@@ -111,7 +115,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def resolve_device(name: str | None = "auto") -> Any:
     """torch.device from a flag: 'auto'/None -> cuda when available, else cpu; refuses cuda when there is none."""
-    import torch
+    import torch  # lazily, like every torch import here: eval.py and visualize.py start without torch
 
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +130,7 @@ def resolve_device(name: str | None = "auto") -> Any:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices) global generators."""
-    import torch
+    import torch  # lazily: see resolve_device
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -197,9 +201,6 @@ def dir_lock(directory: str | os.PathLike[str], what: str = "run",
     leftovers of a killed run and are removed. The lock is released when the block ends or the process dies. With
     `remove_created_on_error`, a directory this call created is removed again when the block fails.
     """
-    import fcntl
-    import shutil
-
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise VoxdiffError(f"{d} is a file, not a directory")
@@ -239,10 +240,6 @@ class Progress:
     def __init__(self, total: int | None, desc: str, *, unit: str = "step", initial: int = 0,
                  time_cap_s: float | None = None, enabled: bool = True, every_s: float = 30.0,
                  log: logging.Logger | None = None, stream: Any = None) -> None:
-        import time
-
-        from tqdm import tqdm
-
         self._time = time.monotonic
         self.total, self.desc, self.unit, self.n, self.initial = total, desc, unit, initial, initial
         self.cap, self.every_s, self.log, self.enabled = time_cap_s, every_s, log, enabled
@@ -266,9 +263,10 @@ class Progress:
         rate = (self.n - self.initial) / dt if dt > 0 else 0.0
         total = self.shown_total()
         left = (total - self.n) / rate if total is not None and rate > 0 else None
-        parts = [f"{self.desc}: {self.n}" + (f"/{total} {self.unit}s ({100 * self.n / max(1, total):.0f}%)"
-                                             if total else f" {self.unit}s"),
-                 f"{rate:.2f} {self.unit}s/s", f"elapsed {_hms(dt)}"]
+        units = self.unit[:-1] + "ies" if self.unit.endswith("y") else self.unit + "s"
+        parts = [f"{self.desc}: {self.n}" + (f"/{total} {units} ({100 * self.n / max(1, total):.0f}%)"
+                                             if total else f" {units}"),
+                 f"{rate:.2f} {units}/s", f"elapsed {_hms(dt)}"]
         if left is not None:
             parts.append(f"eta {_hms(left)}" + (" (time cap)" if total != self.total else ""))
         if self.postfix:
@@ -319,7 +317,7 @@ def flush_denormals(device: Any) -> None:
     slower: measured here, an AE training run fell from 5.5 steps/s to under 1 after about 200 steps without this.
     Deterministic; the values it changes are below 1.2e-38. A no-op for other devices.
     """
-    import torch
+    import torch  # lazily: see resolve_device
 
     if torch.device(device).type == "cpu":
         torch.set_flush_denormal(True)

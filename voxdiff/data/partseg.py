@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from voxdiff.config import CATEGORIES, PARTSEG_LABELS, SPLITS
@@ -43,12 +44,6 @@ COUNT_PRESETS: dict[str, dict[str, dict[str, int]]] = {
     "small": {s: dict.fromkeys(CATEGORIES, n) for s, n in zip(SPLITS, (256, 16, 16))},
     "tiny": {s: dict.fromkeys(CATEGORIES, n) for s, n in zip(SPLITS, (8, 4, 4))},
 }
-
-
-def _import_h5py():  # noqa: ANN202 - lazy: keeps `import voxdiff.data` light
-    import h5py
-
-    return h5py
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,7 +89,6 @@ def write_synthetic_partseg(
     contents do not depend on `workers`. Every file is written under a temporary name and renamed when complete; a
     split's file list is written last.
     """
-    h5py = _import_h5py()
     out = Path(out_dir)
     check_may_generate(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +164,6 @@ def read_file_list(hdf5_dir: str | os.PathLike[str], split: str) -> list[Path]:
 
 def _open_checked(path: Path):  # noqa: ANN202
     """Open an h5 file and check its `data`/`label` keys and shapes; a clear VoxdiffError otherwise."""
-    h5py = _import_h5py()
     try:
         f = h5py.File(path, "r")
     except OSError as e:

@@ -126,6 +126,11 @@ class VoxelAutoencoder(nn.Module):
             p = F.interpolate(p, scale_factor=resolution // p.shape[-1], mode="nearest")
         return p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction logits of x."""
-        return self.decode_logits(self.encode(x))
+    def forward(self, x: torch.Tensor, latent_noise: float = 0.0) -> torch.Tensor:
+        """Reconstruction logits of x. With `latent_noise` σ > 0, Gaussian noise of σ times each latent channel's
+        batch std is added before decoding, so the decoder learns to map a neighbourhood of a latent to one clean shape
+        (what a diffusion model's imperfect latents need; a fixed-variance VAE does the same)."""
+        z = self.encode(x)
+        if latent_noise > 0:
+            z = z + latent_noise * z.detach().std(dim=(0, 2, 3, 4), keepdim=True) * torch.randn_like(z)
+        return self.decode_logits(z)

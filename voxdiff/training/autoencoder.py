@@ -151,21 +151,19 @@ def evaluate(
 
 
 @torch.no_grad()
-def latent_stats(model: torch.nn.Module, grids: torch.Tensor, device: torch.device) -> tuple[list[float], list[float]]:
-    """Per-channel mean and population std of the latents of `grids` (float64 sums over shapes and space)."""
+def latent_stats(model: torch.nn.Module, grids: torch.Tensor,
+                 device: torch.device) -> tuple[list[float], list[float], list[float]]:
+    """Per-channel mean, population std and largest normalised magnitude max |z − mean| / std of the latents of
+    `grids` (float64; two passes over the encodings)."""
     model.eval()
     enc = unwrap(model)
-    s = s2 = None
-    n = 0
-    for i in range(0, len(grids), EVAL_BATCH):
-        z = enc.encode(_to_device(grids[i : i + EVAL_BATCH], device)).double()
-        zs = z.transpose(0, 1).reshape(z.shape[1], -1)
-        s = zs.sum(1) if s is None else s + zs.sum(1)
-        s2 = (zs**2).sum(1) if s2 is None else s2 + (zs**2).sum(1)
-        n += zs.shape[1]
-    mean = s / n
-    std = (s2 / n - mean**2).clamp_min(0).sqrt().clamp_min(1e-8)
-    return mean.cpu().tolist(), std.cpu().tolist()
+    zs = torch.cat([enc.encode(_to_device(grids[i : i + EVAL_BATCH], device)).double().cpu()
+                    for i in range(0, len(grids), EVAL_BATCH)])
+    flat = zs.transpose(0, 1).reshape(zs.shape[1], -1)
+    mean = flat.mean(1)
+    std = (flat - mean[:, None]).pow(2).mean(1).sqrt().clamp_min(1e-8)
+    absmax = ((flat - mean[:, None]).abs().amax(1) / std)
+    return mean.tolist(), std.tolist(), absmax.tolist()
 
 
 def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -255,7 +253,7 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
         x = _to_device(grids[fit_idx[order.batch(step).numpy()]], device)
         t0 = time.perf_counter()
         with autocast(device, amp):
-            logits = net(x)
+            logits = net(x, latent_noise=cfg.latent_noise)
         loss = reconstruction_loss(logits, x, cfg.loss, pos_weight)
         loss_all = mean_over_ranks(loss.detach())  # the global batch's loss; every rank stops together on NaN
         common.check_finite(loss_all, step)
@@ -291,7 +289,7 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
             ck = load_checkpoint(file, kind=KIND, map_location="cpu")
             probe = VoxelAutoencoder(cfg.model).to(device)
             probe.load_state_dict(ck.model)
-            ck.meta.latent_mean, ck.meta.latent_std = latent_stats(probe, stats_grids, device)
+            ck.meta.latent_mean, ck.meta.latent_std, ck.meta.latent_absmax = latent_stats(probe, stats_grids, device)
             ck.meta.final = final if name == "last.pt" else ck.meta.final
             save_checkpoint(file, ck)
         runlog.flush(("loss",))

@@ -19,6 +19,7 @@ from voxdiff.checkpoint import Checkpoint, Kind, check_resumable, load_checkpoin
 from voxdiff.config import TrainConfig, to_dict
 from voxdiff.distributed import DistInfo, any_rank, check_same_config, epoch_sampler, init_distributed, split_batch
 from voxdiff.precision import resolve_precision
+from voxdiff.render import plot_curves
 from voxdiff.utils import VoxdiffError, dir_lock, flush_denormals, get_logger, seed_everything
 
 
@@ -74,8 +75,6 @@ class RunLogger:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
-        from voxdiff.render import plot_curves
-
         plot_curves(self.rows, curves, self.png)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
+from voxdiff.binarize import Binarization
 from voxdiff.checkpoint import (
     Checkpoint,
     LDMMeta,
@@ -30,7 +31,7 @@ from voxdiff.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from voxdiff.config import LDMTrainConfig, to_dict
+from voxdiff.config import LDMTrainConfig, category_index, to_dict
 from voxdiff.data.dataset import VoxelDataset, voxel_path
 from voxdiff.distributed import (
     barrier,
@@ -43,6 +44,8 @@ from voxdiff.distributed import (
 from voxdiff.latents import cached_latents, normalise
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import autocast
+from voxdiff.render import Style, render_voxels
+from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training import common
 from voxdiff.utils import Progress, VoxdiffError, file_sha256, get_logger
@@ -299,18 +302,13 @@ def _render_preview(model: torch.nn.Module, ae: torch.nn.Module, ae_meta: Any, c
     with label dropout, binarised as p > cfg.preview_threshold (what the pipeline's sampling uses), through the same
     LatentVoxelPipeline as the final samples. A private generator: rendering never shifts the training RNG streams.
     """
-    from voxdiff.binarize import Binarization
-    from voxdiff.config import category_index
-    from voxdiff.render import Style, render_voxels
-    from voxdiff.sampling import LatentVoxelPipeline
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     pipe = LatentVoxelPipeline(unet=model, ae=ae, scheduler_config=cfg.scheduler, ae_meta=ae_meta)
     labels = torch.tensor([category_index(c) for c in cfg.categories for _ in range(2)], device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    z = pipe.sample_latents(labels, pipe.scheduler("ddim", min(50, cfg.scheduler.num_train_timesteps)),
+    z = pipe.sample_latents(labels, pipe.scheduler("ddim", min(50, cfg.scheduler.num_train_timesteps), clamp=True),
                             1.0 if cfg.use_cfg else 0.0, gen)
     model.train(was_training)
     grids = pipe.to_grids(z, labels, Binarization(threshold=cfg.preview_threshold))
