@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # the shipped model's sampling settings, picked by its tune stage on held-out training shapes (docs/MODEL_CARD.md)
 MEDIUM_CFG_SCALE := PENDING_W
+MEDIUM_RESCALE := PENDING_PHI
 MEDIUM_THRESHOLD := PENDING_T
 
 .PHONY: demo sample test lint bench clean
@@ -24,7 +25,7 @@ demo: $(STAMP)
 sample: $(STAMP)
 	$(PY) diffusion/sample.py --ldm_ckpt_path models/medium/ldm.pt --ae_ckpt_path models/medium/ae.pt \
 		--save_dir samples/medium --category all --num_samples 16 --batch_size 16 --resolution 32 \
-		--cfg_scale $(MEDIUM_CFG_SCALE) --threshold $(MEDIUM_THRESHOLD)
+		--cfg_scale $(MEDIUM_CFG_SCALE) --guidance_rescale $(MEDIUM_RESCALE) --threshold $(MEDIUM_THRESHOLD)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

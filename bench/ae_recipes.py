@@ -18,6 +18,9 @@ from typing import Any
 
 from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
 from voxdiff.config import AEConfig, AETrainConfig
+from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
+from voxdiff.data.voxelize import preprocess
+from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.training.autoencoder import train_autoencoder
 
 # name -> (model config, loss): the seed's network at 4³ and 8³ latents, then changes one at a time from "bce_8"
@@ -43,9 +46,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         data = a.dataset_path
         if data is None:
-            from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
-            from voxdiff.data.voxelize import preprocess
-
             data = str(Path(tmp) / "data")
             write_synthetic_partseg(data, COUNT_PRESETS["medium"], seed=0, progress=False)
             preprocess(data, data, resolution=32, progress=False)
@@ -57,8 +57,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                 batch_size=a.batch_size, num_steps=a.steps, lr=2e-3, ckpt_every=a.steps, device="cpu")
             t0 = time.perf_counter()
             r = train_autoencoder(dataclasses.replace(cfg), progress=False)
-            from voxdiff.models.autoencoder import VoxelAutoencoder
-
             net = VoxelAutoencoder(model)
             row = {"recipe": name, "latent": "×".join(map(str, net.latent_shape)),
                    "params": sum(q.numel() for q in net.parameters()), "iou_cal": r["best_iou_cal"],

@@ -44,7 +44,8 @@ def _timed(step: Any, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def ae_step_fn(model_cfg: Any, batch: int, bf16: bool, channels_last: bool, compile_: bool = False) -> Any:
+def ae_step_fn(model_cfg: Any, batch: int, bf16: bool, channels_last: bool, compile_: bool = False,
+               loss_kind: str = "bce") -> Any:
     torch.manual_seed(0)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     model = VoxelAutoencoder(model_cfg).to(memory_format=fmt)
@@ -57,7 +58,7 @@ def ae_step_fn(model_cfg: Any, batch: int, bf16: bool, channels_last: bool, comp
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             logits = fwd(x)
-        loss = reconstruction_loss(logits, x, "weighted_bce", pos_weight=24.0)
+        loss = reconstruction_loss(logits, x, loss_kind, pos_weight=24.0)  # type: ignore[arg-type]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -99,7 +100,7 @@ def pure_steps(name: str, a: argparse.Namespace) -> None:
     for net in ("AE", "U-Net"):
         base = None
         for label, bf16, cl in variants:
-            fn = ae_step_fn(cfg.ae.model, ae_bs, bf16, cl) if net == "AE" else \
+            fn = ae_step_fn(cfg.ae.model, ae_bs, bf16, cl, loss_kind=cfg.ae.loss) if net == "AE" else \
                 unet_step_fn(cfg.ldm.model, latent, ldm_bs, bf16, cl)
             s = _timed(fn, a.steps, a.warmup)
             base = base or s
@@ -108,8 +109,10 @@ def pure_steps(name: str, a: argparse.Namespace) -> None:
                   flush=True)
         if a.compile:
             t0 = time.perf_counter()
-            fn = ae_step_fn(cfg.ae.model, ae_bs, True, False, compile_=True) if net == "AE" else \
-                unet_step_fn(cfg.ldm.model, latent, ldm_bs, True, False, compile_=True)
+            if net == "AE":
+                fn = ae_step_fn(cfg.ae.model, ae_bs, True, False, compile_=True, loss_kind=cfg.ae.loss)
+            else:
+                fn = unet_step_fn(cfg.ldm.model, latent, ldm_bs, True, False, compile_=True)
             fn()
             compile_s = time.perf_counter() - t0
             s = _timed(fn, a.steps, 1)

@@ -13,6 +13,7 @@ from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import LDMTrainConfig, SchedulerConfig, UNetConfig, to_dict
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDPMScheduler
+from voxdiff.training.common import warmup_lr
 from voxdiff.training.ldm import diffusion_loss, ema_multi_avg_fn, train_ldm
 from voxdiff.utils import VoxdiffError
 
@@ -141,3 +142,14 @@ def test_train_cli(tiny_voxel_dir: Path, ae_dir: Path, tmp_path: Path, python: s
     assert cfg["use_cfg"] and cfg["cfg_dropout"] == 0.1 and ck.step == 2
     assert ck.model_config["ch"] == 16 and tuple(ck.model_config["ch_mult"]) == (1, 2, 2)  # small, ch changed
     assert ck.meta.scheduler["beta_schedule"] == "cosine"
+
+
+def test_cosine_lr_decays_to_a_tenth_after_warmup() -> None:
+    """The LR schedule: linear warmup, then constant, or (lr_schedule cosine) a cosine decay that ends at lr/10."""
+    lrs = [warmup_lr(s, 1e-3, 10, 111) for s in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-4) and lrs[60] == pytest.approx(5.5e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert [warmup_lr(s, 1e-3, 10) for s in (10, 500)] == [1e-3, 1e-3]
+    with pytest.raises(ValueError):
+        LDMTrainConfig(lr_schedule="linear")  # type: ignore[arg-type]

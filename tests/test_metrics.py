@@ -331,3 +331,28 @@ def test_scoring_bad_input_is_one_line(tiny_voxel_dir, tmp_path):
         scoring.References.load(tiny_voxel_dir, "sofa")
     with pytest.raises(VoxdiffError, match="voxel file not found"):
         scoring.References.load(tmp_path, "chair")
+
+
+def _boxes(n: int, seed: int, r: int = 16) -> np.ndarray:
+    """n random boxes in an r³ grid (a family of shapes: new draws are new shapes)."""
+    rng = np.random.default_rng(seed)
+    g = np.zeros((n, r, r, r), np.uint8)
+    for i in range(n):
+        lo = rng.integers(0, r // 2, 3)
+        hi = lo + rng.integers(2, r // 2, 3)
+        g[i, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1
+    return g
+
+
+def test_copying_check_catches_copies_anywhere_in_the_training_set():
+    """Copies of training shapes are at distance 0 from the training set (ratio 0), whichever rows they came from;
+    fresh draws of the same family are as far as held-out shapes (ratio near 1)."""
+    train, heldout, fresh = _boxes(300, 0), _boxes(40, 1), _boxes(40, 2)
+    copies = train[-40:]  # the last rows: a subset of the first rows would miss them
+    res = scoring.copying_check(copies, train, heldout)
+    assert res["samples_median"] == 0.0 and res["ratio"] == 0.0 and res["n_train"] == 300
+    assert res["n_samples"] == 40 and res["heldout_median"] > 0
+    fair = scoring.copying_check(fresh, train, heldout)
+    assert 0.5 < fair["ratio"] < 2.0
+    sub = scoring.copying_check(copies, train, heldout, max_train=30, seed=0)  # a bounded pool can miss copies
+    assert sub["n_train"] == 30 and sub["ratio"] > res["ratio"]

@@ -76,6 +76,24 @@ def test_rerun_skips_completed_stages(tiny_run: tuple[Path, dict]) -> None:
     assert again["eval"]["table"]["model"] == first["eval"]["table"]["model"]
 
 
+def test_rerun_from_eval_keeps_the_models_and_rescores(tiny_run: tuple[Path, dict]) -> None:
+    """--rerun_from eval redoes eval, render and report only: the checkpoints and samples are not touched."""
+    run_dir, first = tiny_run
+    kept = [run_dir / "ae" / "last.pt", run_dir / "ldm" / "last.pt", run_dir / "samples" / "chair.npy"]
+    mtimes = [p.stat().st_mtime_ns for p in kept]
+    eval_json = run_dir / "stages.json"
+    before = json.loads(eval_json.read_text())["eval"]["seconds"]
+    again = main(["--config", str(run_dir / "config.json"), "--rerun_from", "eval", "--device", "cpu"])
+    assert [p.stat().st_mtime_ns for p in kept] == mtimes
+    assert json.loads(eval_json.read_text())["eval"]["seconds"] != before  # eval ran again
+    numbers = ("jsd", "mmd", "cov", "nna", "nna_balanced", "n_empty_samples", "n_bloated_samples")
+    assert {k: again["eval"]["table"]["model"][k] for k in numbers} == \
+        {k: first["eval"]["table"]["model"][k] for k in numbers}
+    assert again["timings"]["ae"] == first["timings"]["ae"]  # the earlier stages' records are kept
+    with pytest.raises(VoxdiffError, match="rerun_from must be one of"):
+        run(from_dict(PipelineConfig, json.loads((run_dir / "config.json").read_text())), rerun_from="ae")
+
+
 def test_cli_rejects_bad_stage(tmp_path: Path) -> None:
     with pytest.raises(VoxdiffError, match="unknown stage"):
         main(["--preset", "tiny", "--run_dir", str(tmp_path / "x"), "--stages", "data,oops"])

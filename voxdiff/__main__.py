@@ -25,7 +25,7 @@ from voxdiff.config import (
     from_dict,
     pipeline_preset,
 )
-from voxdiff.pipeline import STAGES, run
+from voxdiff.pipeline import RERUNNABLE, STAGES, run
 from voxdiff.report import summary_lines
 from voxdiff.utils import VoxdiffError, run_cli
 
@@ -41,6 +41,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list]:
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated subset of the stages (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rerun every stage, replacing earlier results")
+    p.add_argument("--rerun_from", choices=RERUNNABLE, default=None,
+                   help="redo this stage and the later ones, keeping the data and the trained models (default: none)")
     note = "default: the preset's"
     flags = add_config_arguments(p, PipelineConfig, skip=("ae", "ldm", "tune", "sample", "name"), default_note=note)
     flags += add_config_arguments(p.add_argument_group("AE training (autoencoder.py)"), AETrainConfig,
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bad:
         raise VoxdiffError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
     command = "python -m voxdiff " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = run(cfg, stages, force=args.force, command=command.strip())
+    report = run(cfg, stages, force=args.force, command=command.strip(), rerun_from=args.rerun_from)
     for line in summary_lines(report, Path(cfg.run_dir)):
         print(line)
     return report

@@ -27,6 +27,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 BinarizeMode = Literal["threshold", "calibrated", "topk"]
 SDSWeighting = Literal["sds", "uniform"]
 SDSInit = Literal["noise", "ddim"]
+LRSchedule = Literal["constant", "cosine"]
 
 
 def check_literal(value: Any, lit: Any, name: str) -> None:
@@ -274,6 +275,7 @@ class LDMTrainConfig(TrainConfig):
     use_cfg: bool = True  # train with label dropout, so classifier-free guidance can be used when sampling
     cfg_dropout: float = 0.1  # label dropout probability (with use_cfg)
     warmup_steps: int = 500  # linear LR warmup
+    lr_schedule: LRSchedule = "constant"  # after warmup: constant, or cosine decay to lr/10
     ema_decay: float = 0.999
     preview: bool = True  # render 2 samples per category at the end (and every preview_every steps)
     preview_every: int | None = None  # steps between preview renders; none: only at the end
@@ -286,6 +288,7 @@ class LDMTrainConfig(TrainConfig):
         super().__post_init__()
         check_range("cfg_dropout", self.cfg_dropout, lo=0.0, hi=1.0, hi_open=True)
         check_range("warmup_steps", self.warmup_steps, lo=0)
+        check_literal(self.lr_schedule, LRSchedule, "lr_schedule")
         check_range("ema_decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
         check_range("preview_every", self.preview_every, lo=1, optional=True)
         check_range("preview_threshold", self.preview_threshold, lo=0.0, hi=1.0, hi_open=True)
@@ -483,11 +486,11 @@ def _preset_medium() -> PipelineConfig:
     """
     return PipelineConfig(
         name="medium", run_dir="runs/medium", data_preset="medium", resolution=32, render_n=16,
-        ae=AETrainConfig(model=_CPU_AE, batch_size=16, num_steps=8000, max_minutes=40, lr=2e-3, log_every=20,
-                         ckpt_every=1000),
-        ldm=LDMTrainConfig(model=unet_preset("small"), batch_size=32, num_steps=7000, max_minutes=40, lr=1e-3,
-                           warmup_steps=200, ckpt_every=500, ema_decay=0.998, log_every=20),
-        tune=TuneConfig(enabled=True, cfg_scales=(0.0, 1.0, 2.0, 4.0), num_samples=100, steps=50),
+        ae=AETrainConfig(model=_CPU_AE, batch_size=16, num_steps=4500, max_minutes=30, lr=2e-3, log_every=20,
+                         ckpt_every=500),
+        ldm=LDMTrainConfig(model=unet_preset("small"), batch_size=32, num_steps=8500, max_minutes=50, lr=1e-3,
+                           warmup_steps=200, lr_schedule="cosine", ckpt_every=500, ema_decay=0.998, log_every=20),
+        tune=TuneConfig(enabled=True, cfg_scales=(2.0, 4.0), rescales=(0.0, 0.7), num_samples=100, steps=50),
         sample=SampleConfig(num_samples=1000, batch_size=250, sampler="ddim", steps=50, resolution=32),
     )
 

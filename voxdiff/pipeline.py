@@ -271,9 +271,18 @@ def _train_stage(train: Any, stage_cfg: Any, run_dir: Path, force: bool) -> dict
     return train(dataclasses.replace(stage_cfg, resume=resume, overwrite=force))
 
 
+RERUNNABLE = ("tune", "sample", "eval", "render")  # stages computed from the trained models, cheap to redo
+
+
 def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = False, command: str = "",
-        progress: bool = True) -> dict:
-    """Run the pipeline stages in order; returns the report dict (also written to report.json / report.md)."""
+        progress: bool = True, rerun_from: str | None = None) -> dict:
+    """Run the pipeline stages in order; returns the report dict (also written to report.json / report.md).
+
+    `rerun_from` (one of RERUNNABLE) redoes that stage and every later one even when their records are up to date
+    (e.g. to rescore a finished run with a newer scorer), keeping the data and the trained models."""
+    if rerun_from is not None and rerun_from not in RERUNNABLE:
+        raise VoxdiffError(f"--rerun_from must be one of {', '.join(RERUNNABLE)} (the trained models are kept; "
+                           f"--force retrains everything); got {rerun_from!r}")
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise VoxdiffError(f"--run_dir {run_dir} is a file, not a directory")
@@ -283,23 +292,27 @@ def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = Fal
     created = not run_dir.exists()
     try:
         with dir_lock(run_dir, "pipeline"):  # one pipeline per run directory
-            return _run(cfg, stages, force, command, progress)
+            return _run(cfg, stages, force, command, progress, rerun_from)
     except BaseException:
         if created and not (run_dir / "stages.json").exists():  # failed before any stage finished: leave nothing
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str, progress: bool) -> dict:
+def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str, progress: bool,
+         rerun_from: str | None) -> dict:
     """The body of `run`, with the run directory locked."""
 
     external = cfg.dataset_path
+    if external is not None and Path(external).resolve() == (Path(cfg.run_dir) / "data").resolve():
+        external = None  # the run's own procedural data (a config.json written by this run names it)
     cfg = resolve(cfg)
     run_dir = Path(cfg.run_dir)
     for sub in ("data", "oracle", "baselines", "renders"):  # the lock is held: temp files here are a killed run's
         for tmp in (run_dir / sub).glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-    atomic_write_json(run_dir / "config.json", to_dict(cfg))
+    # the run's own data is not written as a --dataset_path: `--config` reruns regenerate nothing and move with the run
+    atomic_write_json(run_dir / "config.json", to_dict(dataclasses.replace(cfg, dataset_path=external)))
     log = get_logger("voxdiff.pipeline", run_dir / "pipeline.log")
     log.info("pipeline %s stages %s", cfg.name, stages)
     done = _Stages(run_dir, force)
@@ -317,6 +330,8 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
         "render": lambda c: stage_render(c),
     }
     order = [s for s in STAGES if s != "report"]
+    if rerun_from is not None:
+        done.forget(order[order.index(rerun_from) :])
     wanted = [s for s in order if s in stages]
     # a stage trained for other settings is refused, not silently replaced: its outputs are someone's results
     changed = [s for s in wanted if s in ("ae", "ldm") and done.changed(s, stage_key(s, cfg, ext))]

@@ -117,8 +117,9 @@ def write_report(cfg: PipelineConfig, report: dict[str, Any]) -> None:
         mem = res.get("memorization") or {}
         if "model" in mem:
             m, copies = mem["model"], mem.get("baseline_train")
-            lines += ["", f"Copying check: the median Chamfer distance from a sample to its nearest training shape is "
-                          f"{m['samples_median']:.6f}, against {m['heldout_median']:.6f} for held-out test shapes "
+            lines += ["", f"Copying check: the median Chamfer distance from a sample to its nearest training shape "
+                          f"(of {m['n_train']}) is {m['samples_median']:.6f} over {m['n_samples']} samples, against "
+                          f"{m['heldout_median']:.6f} for {m['n_heldout']} held-out test shapes "
                           f"(ratio {m['ratio']:.2f}; near 1: no copying, far below 1: training shapes reproduced"
                           + (f"; copied training shapes score {copies['ratio']:.2f})." if copies else ").")]
         if cat in report.get("renders", {}):

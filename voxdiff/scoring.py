@@ -174,19 +174,22 @@ def score_sets(
     return {"provenance": prov, "sets": results}
 
 
-def copying_check(samples: GridSet, train: GridSet, heldout: GridSet, *, max_train: int = 1000,
-                  max_samples: int = 200, seed: int = 0, workers: int = 1) -> dict[str, Any]:
+def copying_check(samples: GridSet, train: GridSet, heldout: GridSet, *, max_train: int | None = None,
+                  max_samples: int = 100, seed: int = 0, workers: int = 1) -> dict[str, Any]:
     """Is the generator reproducing its training shapes? Median Chamfer distance from each sample to its nearest
     training shape, next to the same figure for held-out shapes (test) that the model never saw.
 
     A ratio near 1 means samples are as far from the training set as new shapes of the family are; a ratio far below 1
-    means training shapes are being reproduced. At most `max_train` training shapes (a seeded subset, the same for
-    both figures) and the first `max_samples` samples and held-out shapes are used, to bound the cost.
+    means training shapes are being reproduced (a copied training shape is at distance 0). Every training shape is a
+    candidate by default, so no copy can hide in a part of the training set that was left out; `max_train` bounds the
+    cost with a seeded subset (the same for both figures). The first `max_samples` samples and held-out shapes are used.
     """
-    rng = np.random.default_rng(seed)
     n_train = len(_as_array(train))
-    keep = np.sort(rng.choice(n_train, min(max_train, n_train), replace=False))
-    train_grids = _subset(train, keep)
+    if max_train is not None and max_train < n_train:
+        keep = np.sort(np.random.default_rng(seed).choice(n_train, max_train, replace=False))
+        train_grids = _subset(train, keep)
+    else:
+        keep, train_grids = np.arange(n_train), train
     backend = metrics.Backend(workers=workers)
 
     def nearest(grids: GridSet) -> np.ndarray:

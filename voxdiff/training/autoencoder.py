@@ -217,8 +217,9 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
         set_rng_state(resume_ckpt.rng)
         log.info("resumed from %s at step %d", last_file, step)
     topk_by_class = {CATEGORIES.index(c): int(round(k)) for c, k in occupancy[str(res)].items()}
-    log.info("train %d (fit %d, held out %d); occupancy %.5f -> pos_weight %.1f; %d steps; autocast %s",
-             len(train_set), len(fit_idx), len(held_idx), mean_frac, pos_weight, total_steps, amp)
+    loss_desc = f"{cfg.loss} (pos_weight {pos_weight:.1f})" if cfg.loss == "weighted_bce" else cfg.loss
+    log.info("train %d (fit %d, held out %d); occupancy %.5f; loss %s; %d steps; autocast %s",
+             len(train_set), len(fit_idx), len(held_idx), mean_frac, loss_desc, total_steps, amp)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, evaluation and checkpoints use `model`
     runlog = common.RunLogger(run_dir, "log", resume=cfg.resume, log=log) if info.is_main else None
     if runlog is not None and cfg.resume:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import shutil
 import time
@@ -168,11 +169,16 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         )
 
 
-def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warmup from 0 to base_lr over `warmup_steps`, constant afterwards."""
-    if warmup_steps <= 0:
+def warmup_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int | None = None,
+              final_ratio: float = 0.1) -> float:
+    """Linear warmup from 0 to base_lr over `warmup_steps`; then constant, or, with `total_steps`, a cosine decay
+    to `final_ratio` · base_lr at the last step (a lower LR at the end settles the weights the checkpoint keeps)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if total_steps is None or total_steps <= warmup_steps:
         return base_lr
-    return base_lr * min(1.0, (step + 1) / warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    return base_lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def holdout_rows(counts: dict[str, int], fraction: float, max_per_category: int, seed: int) -> dict[str, list[int]]:

@@ -242,7 +242,7 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
         idx = order.batch(step).to(device)
         z0, y = z_train[idx], y_train[idx]
         t0 = time.perf_counter()
-        lr = common.warmup_lr(step, cfg.lr, cfg.warmup_steps)
+        lr = common.warmup_lr(step, cfg.lr, cfg.warmup_steps, total_steps if cfg.lr_schedule == "cosine" else None)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # t and noise are drawn for the whole global batch (same stream on every rank) and each rank takes the rows

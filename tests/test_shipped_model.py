@@ -1,0 +1,61 @@
+"""The model shipped in models/medium: it loads, and `make sample`'s own command samples from it (2 shapes per category
+here instead of 16) without training anything."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from voxdiff.checkpoint import load_checkpoint
+from voxdiff.config import CATEGORIES
+from voxdiff.sampling import LatentVoxelPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "medium"
+sys.path.insert(0, str(ROOT / "diffusion"))
+
+
+def make_sample_argv() -> list[str]:
+    """The arguments of sample.py in the Makefile's `sample` target, its variables substituted."""
+    text = (ROOT / "Makefile").read_text()
+    variables = dict(re.findall(r"^([A-Z_]+) := (.*)$", text, flags=re.M))
+    recipe = re.search(r"^sample:.*\n((?:\t.*\n)+)", text, flags=re.M)
+    assert recipe, "the Makefile has no sample target"
+    command = recipe.group(1).replace("\\\n", " ")
+    command = re.sub(r"\$\(([A-Z_]+)\)", lambda m: variables.get(m.group(1), m.group(0)), command)
+    argv = shlex.split(command)
+    return argv[argv.index("diffusion/sample.py") + 1 :]
+
+
+def test_shipped_checkpoints_are_compact_and_load() -> None:
+    ae, ldm = MODEL / "ae.pt", MODEL / "ldm.pt"
+    assert ae.stat().st_size + ldm.stat().st_size <= 20 * 2**20
+    pipe = LatentVoxelPipeline.from_checkpoints(ae, ldm)
+    assert pipe.ae_matches and pipe.latent_shape == (16, 8, 8, 8)
+    assert pipe.ldm_meta is not None and list(pipe.ldm_meta.categories) == list(CATEGORIES)
+    ck = load_checkpoint(ldm, kind="ldm")
+    assert ck.optimizer is None and ck.ema is None  # exported: sampling weights only
+
+
+def test_make_sample_command_samples_two_per_category(tmp_path: Path) -> None:
+    import sample  # diffusion/sample.py
+
+    argv = make_sample_argv()
+    assert not any("PENDING" in a for a in argv), "the Makefile's sampling settings were never filled in"
+    assert argv[argv.index("--ldm_ckpt_path") + 1] == "models/medium/ldm.pt"
+    assert argv[argv.index("--num_samples") + 1] == "16"
+    argv[argv.index("--save_dir") + 1] = str(tmp_path)
+    argv[argv.index("--num_samples") + 1] = "2"
+    argv[argv.index("--ldm_ckpt_path") + 1] = str(MODEL / "ldm.pt")
+    argv[argv.index("--ae_ckpt_path") + 1] = str(MODEL / "ae.pt")
+    sample.main(argv + ["--device", "cpu"])
+    for cat in CATEGORIES:
+        grids = np.load(tmp_path / f"{cat}.npy")
+        assert grids.shape == (2, 32, 32, 32) and grids.dtype == np.uint8
+        assert set(np.unique(grids)) <= {0, 1}
+        assert (grids.reshape(2, -1).sum(1) > 0).all(), f"empty {cat} sample from the shipped model"
+        assert (tmp_path / f"{cat}.png").stat().st_size > 0
