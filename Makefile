@@ -5,9 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # the shipped model's sampling settings, picked by its tune stage on held-out training shapes (docs/MODEL_CARD.md)
-MEDIUM_CFG_SCALE := PENDING_W
-MEDIUM_RESCALE := PENDING_PHI
-MEDIUM_THRESHOLD := PENDING_T
+MEDIUM_CFG_SCALE := 2.0
+MEDIUM_RESCALE := 0.0
+MEDIUM_THRESHOLD := 0.58
 
 .PHONY: demo sample test lint bench clean
 

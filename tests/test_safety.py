@@ -7,7 +7,9 @@ import dataclasses
 import errno
 import hashlib
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,21 @@ def test_3_a_second_writer_is_refused(tiny_voxel_dir: Path, tmp_path: Path, ckpt
             progress=False)
     # once released, the directory is usable again
     assert train_autoencoder(_ae_cfg(tiny_voxel_dir, tmp_path / "ae", num_steps=1), progress=False)["step"] == 1
+
+
+def test_3_a_killed_owners_lock_is_taken_over_with_a_notice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / ".lock").write_text("4242 on elsewhere")  # its owner was killed: the entry stayed, the kernel lock did not
+    with dir_lock(d, "training run"):
+        assert (d / ".lock").read_text() == f"{os.getpid()} on {socket.gethostname()}"
+        owner = f"pid {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(VoxdiffError, match=owner), dir_lock(d, "training run"):  # a second writer
+            pass
+    assert "taking over" in capsys.readouterr().err and "4242 on elsewhere" not in (d / ".lock").read_text()
+    with dir_lock(d, "training run"):  # released cleanly: no notice this time
+        pass
+    assert "taking over" not in capsys.readouterr().err
 
 
 # ---- 4. a moved run directory, or its path spelled differently, resumes ---------------------------------------------
@@ -328,7 +345,7 @@ def test_report_counts_empty_and_bloated_and_meets_no_goal(tmp_path: Path) -> No
     assert "empty 1/6" in line and "bloated 1/6" in line
 
 
-def test_trainer_preview_binarises_like_the_final_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trainer_preview_binarises_like_the_final_sampling(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The pipeline gives the LDM's preview the sampling threshold, and the preview goes through the same
     LatentVoxelPipeline.to_grids as sample.py with that threshold."""
     from voxdiff.pipeline import resolve
@@ -346,15 +363,15 @@ def test_trainer_preview_binarises_like_the_final_sampling(monkeypatch: pytest.M
         return real(self, z, labels, binarization, resolution)
 
     monkeypatch.setattr(LatentVoxelPipeline, "to_grids", spy)
-    monkeypatch.setattr("voxdiff.render.render_voxels", lambda *a, **k: None)
     from conftest import make_ae_ckpt
 
     from voxdiff.checkpoint import load_autoencoder
     from voxdiff.models.unet3d import UNet3D
 
-    ae_path = make_ae_ckpt(Path(pytest.importorskip("tempfile").mkdtemp()) / "ae.pt")
+    ae_path = make_ae_ckpt(tmp_path / "ae.pt")
     ae, ck = load_autoencoder(ae_path)
     unet = UNet3D(dataclasses.replace(cfg.ldm.model, num_classes=3))
-    ldm._render_preview(unet, ae, ck.meta, dataclasses.replace(cfg.ldm, preview_threshold=0.37), Path("."), 0,
+    ldm._render_preview(unet, ae, ck.meta, dataclasses.replace(cfg.ldm, preview_threshold=0.37), tmp_path, 0,
                         ldm.get_logger("test"))
     assert seen and seen[0].threshold == 0.37 and seen[0].topk is None
+    assert (tmp_path / "samples_000000.png").is_file()  # in the run directory it was given, nowhere else

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -211,11 +212,15 @@ def dir_lock(directory: str | os.PathLike[str], what: str = "run",
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            other = os.pread(fd, 256, 0).decode(errors="replace").strip() or "?"
             raise VoxdiffError(f"{d} is in use by another {what} (pid {other}); wait for it to finish or choose "
                                "another directory") from None
+        stale = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        if stale:  # an owner that ended without releasing: killed (the kernel dropped its lock)
+            print(f"notice: taking over {d / '.lock'} from pid {stale}, which stopped without releasing it",
+                  file=sys.stderr)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}".encode(), 0)
         for tmp in d.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         try:
@@ -224,6 +229,8 @@ def dir_lock(directory: str | os.PathLike[str], what: str = "run",
             if remove_created_on_error and created:
                 shutil.rmtree(created[-1], ignore_errors=True)  # the outermost directory this call made
             raise
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: the next owner sees no stale entry
     finally:
         os.close(fd)
 
