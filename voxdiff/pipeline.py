@@ -93,9 +93,9 @@ def apply_tune(cfg: PipelineConfig, result: dict[str, Any] | None) -> PipelineCo
     if not result or "pick" not in result:
         return cfg
     p = result["pick"]
+    clamp = result.get("clamp_latents", cfg.sample.clamp_latents)
     sample = dataclasses.replace(cfg.sample, cfg_scale=p["cfg_scale"], guidance_rescale=p.get("guidance_rescale", 0.0),
-                                 binarize="threshold", threshold=p["threshold"], clamp_latents=result.get(
-                                     "clamp_latents", cfg.sample.clamp_latents))
+                                 binarize="threshold", threshold=p["threshold"], clamp_latents=clamp)
     return dataclasses.replace(cfg, sample=sample)
 
 
@@ -134,14 +134,12 @@ class _Stages:
 
 
 def _has_voxels(data: Path) -> bool:
-
     return all(voxel_path(data, c, s).is_file() for c in CATEGORIES for s in SPLITS)
 
 
 def stage_data(cfg: PipelineConfig, external: bool) -> dict[str, Any]:
     """Voxel grids for the run. Given a dataset (`external`): use its grids, or voxelize its PartSeg HDF5 files into
     it; never write procedural shapes there. Otherwise generate the procedural set into {run_dir}/data and voxelize."""
-
     data = Path(cfg.dataset_path)
     if external:
         if not data.is_dir():
@@ -166,7 +164,6 @@ def stage_data(cfg: PipelineConfig, external: bool) -> dict[str, Any]:
 
 def make_oracle(cfg: PipelineConfig, category: str, n: int, path: Path) -> Path:
     """A fresh procedural draw of `n` shapes (another seed), voxelized like the data: the best a model could do."""
-
     chunk = 64
     with atomic_memmap(path, (n, cfg.resolution, cfg.resolution, cfg.resolution)) as out:
         for i in range(0, n, chunk):
@@ -178,7 +175,6 @@ def make_oracle(cfg: PipelineConfig, category: str, n: int, path: Path) -> Path:
 
 def make_baselines(cfg: PipelineConfig, category: str, n: int, out_dir: Path) -> dict[str, Path]:
     """Trivial baselines scored like samples: copies of training shapes, and i.i.d. noise of the training occupancy."""
-
     train = open_voxels(voxel_path(cfg.dataset_path, category, "train"))
     paths: dict[str, Path] = {}
     if "train" in cfg.baselines:
@@ -199,7 +195,6 @@ def make_baselines(cfg: PipelineConfig, category: str, n: int, out_dir: Path) ->
 
 
 def _eval_device(device: str) -> str:
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -207,7 +202,6 @@ def _eval_device(device: str) -> str:
 
 def stage_eval(cfg: PipelineConfig, log: Any) -> dict[str, Any]:
     """Score samples, oracle and baselines per category against test+val with the one scorer eval.py uses."""
-
     run = Path(cfg.run_dir)
     results: dict[str, Any] = {}
     bar = Progress(len(cfg.sample.categories), "eval", unit="category", log=log)
@@ -238,7 +232,6 @@ def stage_eval(cfg: PipelineConfig, log: Any) -> dict[str, Any]:
 
 def stage_render(cfg: PipelineConfig) -> dict[str, str]:
     """PNG sheets per category (data / samples / oracle) and a teaser of samples of every category."""
-
     run = Path(cfg.run_dir)
     out: dict[str, str] = {}
     for cat in cfg.sample.categories:
@@ -258,7 +251,6 @@ def stage_tune(cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     """Pick the guidance scale and threshold on the held-out training shapes (voxdiff.tuning); skipped unless on."""
     if not cfg.tune.enabled:
         return {"skipped": "tune.enabled is off"}
-
     pipe = LatentVoxelPipeline.from_checkpoints(cfg.sample.ae_ckpt_path, cfg.sample.ldm_ckpt_path,
                                                 device=resolve_device(cfg.device))
     log = get_logger("voxdiff.tune", Path(cfg.run_dir) / "tune.log")
@@ -302,7 +294,6 @@ def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = Fal
 def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str, progress: bool,
          rerun_from: str | None) -> dict:
     """The body of `run`, with the run directory locked."""
-
     external = cfg.dataset_path
     if external is not None and Path(external).resolve() == (Path(cfg.run_dir) / "data").resolve():
         external = None  # the run's own procedural data (a config.json written by this run names it)

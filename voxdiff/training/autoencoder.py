@@ -154,16 +154,24 @@ def evaluate(
 def latent_stats(model: torch.nn.Module, grids: torch.Tensor,
                  device: torch.device) -> tuple[list[float], list[float], list[float]]:
     """Per-channel mean, population std and largest normalised magnitude max |z − mean| / std of the latents of
-    `grids` (float64; two passes over the encodings)."""
+    `grids`, in one streaming pass (float64 sums, and per-channel extremes: max |z − mean| is at one of them)."""
     model.eval()
     enc = unwrap(model)
-    zs = torch.cat([enc.encode(_to_device(grids[i : i + EVAL_BATCH], device)).double().cpu()
-                    for i in range(0, len(grids), EVAL_BATCH)])
-    flat = zs.transpose(0, 1).reshape(zs.shape[1], -1)
-    mean = flat.mean(1)
-    std = (flat - mean[:, None]).pow(2).mean(1).sqrt().clamp_min(1e-8)
-    absmax = ((flat - mean[:, None]).abs().amax(1) / std)
-    return mean.tolist(), std.tolist(), absmax.tolist()
+    s = s2 = lo = hi = None
+    n = 0
+    for i in range(0, len(grids), EVAL_BATCH):
+        z = enc.encode(_to_device(grids[i : i + EVAL_BATCH], device)).double()
+        zs = z.transpose(0, 1).reshape(z.shape[1], -1)
+        if s is None:
+            s, s2, lo, hi = zs.sum(1), (zs**2).sum(1), zs.amin(1), zs.amax(1)
+        else:
+            s, s2 = s + zs.sum(1), s2 + (zs**2).sum(1)
+            lo, hi = torch.minimum(lo, zs.amin(1)), torch.maximum(hi, zs.amax(1))
+        n += zs.shape[1]
+    mean = s / n
+    std = (s2 / n - mean**2).clamp_min(0).sqrt().clamp_min(1e-8)
+    absmax = torch.maximum(hi - mean, mean - lo) / std
+    return mean.cpu().tolist(), std.cpu().tolist(), absmax.cpu().tolist()
 
 
 def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, Any]:
