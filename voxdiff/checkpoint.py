@@ -50,6 +50,7 @@ class AEMeta:
     best_iou: float = -1.0
     heldout: dict[str, float] = field(default_factory=dict)  # the latest held-out validation
     final: dict[str, float] = field(default_factory=dict)  # held-out metrics at the end (Chamfer, top-k)
+    runtime: dict[str, Any] = field(default_factory=dict)  # precision, threads and skipped steps of the run (and why)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class LDMMeta:
     best_heldout_loss: float = float("inf")
     holdout: dict[str, list[int]] = field(default_factory=dict)
     num_train: int = 0
+    runtime: dict[str, Any] = field(default_factory=dict)  # precision, threads and skipped steps of the run (and why)
 
 
 @dataclass
