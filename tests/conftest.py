@@ -17,6 +17,10 @@ from voxdiff.models.unet3d import UNet3D
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One intra-op thread for everything the tests run (here and in subprocesses): the cores are shared, and "auto" thread
+# choices then have one candidate, so runs that are compared bit for bit use the same count. Tests of the choice
+# itself pass their own core counts.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def _toy_grid(category: str, r: int, rng: np.random.Generator) -> np.ndarray:

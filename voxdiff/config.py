@@ -37,6 +37,12 @@ def check_literal(value: Any, lit: Any, name: str) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(str, valid))}; got {value!r}")
 
 
+def check_threads(value: Any) -> None:
+    """Raise ValueError unless `value` is "auto" or a whole number >= 1 (as text, the way flags and JSON carry it)."""
+    if value != "auto" and not (isinstance(value, str) and value.isdigit() and int(value) >= 1):
+        raise ValueError(f"threads must be auto or a whole number >= 1; got {value!r}")
+
+
 def category_index(name: str) -> int:
     """Model class index of a category name, with a clear error for unknown names."""
     if name not in CATEGORIES:
@@ -209,7 +215,11 @@ class TrainConfig:
     max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); none: no cap
     grad_clip: float = 1.0  # max gradient norm (0: off)
     weight_decay: float = 0.0
-    precision: Precision = "auto"  # autocast dtype of training forwards; auto: bf16 where the hardware has it
+    precision: Precision = "auto"  # autocast dtype of training forwards; auto: bf16 only where a start-up check of
+    # this network's forward and backward against fp32 passes on this machine, else fp32
+    threads: str = "auto"  # CPU intra-op threads; auto: timed at start-up on this network (1, 2, 4 ... cores)
+    max_bad_steps: int = 10  # steps in a row with a non-finite or absurd loss or gradient before the run stops
+    # (each such step is skipped: parameters, optimizer and EMA unchanged)
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
     seed: int = 0
     resume: bool = False  # continue exactly from {ckpt_path}/last.pt
@@ -221,6 +231,8 @@ class TrainConfig:
         for c in self.categories:
             category_index(c)
         check_literal(self.precision, Precision, "precision")
+        check_threads(self.threads)
+        check_range("max_bad_steps", self.max_bad_steps, lo=1)
         check_range("batch_size", self.batch_size, lo=1)
         check_range("lr", self.lr, lo=0.0, lo_open=True)
         check_range("num_steps", self.num_steps, lo=1, optional=True)
@@ -317,13 +329,16 @@ class GenerateConfig:
     guidance_rescale: float = 0.0  # φ of Lin et al. 2024: pull the guided ε̂ back to the conditional one's scale
     clamp_latents: bool = True  # clip each predicted latent to the range of the training latents (per channel)
     use_ema: bool = True  # the EMA weights of the LDM
-    precision: Precision = "auto"  # autocast dtype of the U-Net's forward; auto: bf16 where the hardware has it
+    precision: Precision = "auto"  # autocast dtype of the U-Net's forward; auto: bf16 only where a start-up check
+    # against fp32 passes on this machine, else fp32
+    threads: str = "auto"  # CPU intra-op threads; auto: timed at start-up on the U-Net (1, 2, 4 ... cores)
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_literal(self.binarize, BinarizeMode, "binarize")
         check_literal(self.precision, Precision, "precision")
+        check_threads(self.threads)
         for c in self.categories:
             category_index(c)
         check_range("num_samples", self.num_samples, lo=1)

@@ -43,9 +43,10 @@ from voxdiff.config import (
 from voxdiff.distributed import all_gather_object, barrier, broadcast_object, check_same_config, init_distributed
 from voxdiff.latents import denormalise
 from voxdiff.models.autoencoder import VoxelAutoencoder
-from voxdiff.precision import autocast, resolve_precision
+from voxdiff.precision import PrecisionChoice, autocast, choose_precision, forward_probe
 from voxdiff.render import Style, render_voxels
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, make_scheduler
+from voxdiff.threads import BusyWatch, ThreadChoice, choose_threads
 from voxdiff.utils import (
     Progress,
     VoxdiffError,
@@ -156,8 +157,13 @@ class LatentVoxelPipeline:
     ldm_step: int = 0
     ae_matches: bool = True  # the AE file is the one the LDM was trained with
     amp: torch.dtype | None = None  # autocast dtype of the U-Net's forward (None: fp32)
+    precision: PrecisionChoice | None = None  # how `amp` was chosen (from_checkpoints), for the run's records
 
     def __post_init__(self) -> None:
+        devices = {p.device for p in (*self.unet.parameters(), *self.ae.parameters())}
+        if len(devices) > 1:  # a module left behind fails here, not at the first decode of a long run
+            raise VoxdiffError(f"the U-Net and the AE are on different devices ({', '.join(map(str, devices))}); "
+                               "move both to one device")
         if self.ae_meta.latent_mean is None or self.ae_meta.latent_std is None:
             raise VoxdiffError(f"AE checkpoint {self.ae_file or ''} has no latent statistics (its training did not "
                                "finish); rerun autoencoder.py with --resume")
@@ -168,10 +174,11 @@ class LatentVoxelPipeline:
 
     @classmethod
     def from_checkpoints(cls, ae_ckpt_path: str | os.PathLike[str], ldm_ckpt_path: str | os.PathLike[str], *,
-                         device: Any = "cpu", use_ema: bool = True, precision: Precision = "fp32"
-                         ) -> LatentVoxelPipeline:
+                         device: Any = "cpu", use_ema: bool = True, precision: Precision = "fp32",
+                         probe_batch: int = 8) -> LatentVoxelPipeline:
         """Load and cross-check the AE and LDM checkpoints (files or run directories); user errors raise VoxdiffError
-        before anything is written."""
+        before anything is written. `precision` "auto" (or "bf16") is checked on this machine: the U-Net's forward at
+        `probe_batch` latents in bf16 against fp32 (voxdiff.precision.choose_precision)."""
         ldm_file, ae_file = resolve_checkpoint_file(ldm_ckpt_path), resolve_checkpoint_file(ae_ckpt_path)
         unet, ldm_ckpt = load_unet(ldm_file, use_ema=use_ema)
         ae, ae_ckpt = load_autoencoder(ae_file)
@@ -183,9 +190,15 @@ class LatentVoxelPipeline:
             raise VoxdiffError(f"LDM latent shape {tuple(meta.latent_shape)} does not match the AE's "
                                f"{tuple(ae.latent_shape)}: wrong --ae_ckpt_path?")
         matches = not meta.ae_sha256 or meta.ae_sha256 == file_sha256(ae_file)
-        return cls(unet=unet.to(device), ae=ae.to(device), scheduler_config=from_dict(SchedulerConfig, meta.scheduler),
+        device = torch.device(device)
+        unet, ae = unet.to(device), ae.to(device)
+        try:
+            choice = choose_precision(precision, device, _unet_probe(unet, tuple(ae.latent_shape), probe_batch))
+        except ValueError as e:
+            raise VoxdiffError(str(e)) from None
+        return cls(unet=unet, ae=ae, scheduler_config=from_dict(SchedulerConfig, meta.scheduler),
                    ae_meta=ae_ckpt.meta, ldm_meta=meta, ae_file=ae_file, ldm_file=ldm_file, ldm_step=ldm_ckpt.step,
-                   ae_matches=matches, amp=resolve_precision(precision, torch.device(device)))  # type: ignore[arg-type]
+                   ae_matches=matches, amp=choice.dtype, precision=choice)
 
     @property
     def device(self) -> torch.device:
@@ -277,11 +290,27 @@ class LatentVoxelPipeline:
         return upsample_nearest(grids.to(torch.uint8), resolution // r).cpu().numpy()
 
 
+def _unet_probe(unet: torch.nn.Module, latent_shape: tuple[int, ...], batch: int) -> Any:
+    """A forward of `unet` on `batch` fixed latents (a private generator), guided-batch style: conditional and null
+    labels, the shapes the reverse loop runs."""
+    g = torch.Generator().manual_seed(0)
+    device = next(unet.parameters()).device
+    z = torch.randn((batch, *latent_shape), generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    y = torch.arange(batch, device=device) % (getattr(unet, "num_classes", 1) + 1)
+    return forward_probe(unet, lambda m: m(z, t, y))
+
+
 def _progress_key(cfg: SampleConfig, category: str, pipe: LatentVoxelPipeline) -> str:
-    """What a partial file depends on: the settings that change samples, and the checkpoints' content (so a moved
-    or renamed run directory resumes, and a retrained model never does)."""
-    src = {k: v for k, v in to_dict(cfg).items() if k not in ("ldm_ckpt_path", "ae_ckpt_path", "save_dir", "device")}
-    src.update(categories=[category], ldm=file_sha256(pipe.ldm_file), ae=file_sha256(pipe.ae_file))
+    """What a partial file depends on: the settings that change samples, the checkpoints' content (so a moved
+    or renamed run directory resumes, and a retrained model never does), and the device kind and precision the
+    batches are computed in (another device draws other noise: a partial file never mixes the two)."""
+    src = {k: v for k, v in to_dict(cfg).items()
+           if k not in ("ldm_ckpt_path", "ae_ckpt_path", "save_dir", "device", "threads")}
+    src.update(categories=[category], ldm=file_sha256(pipe.ldm_file), ae=file_sha256(pipe.ae_file),
+               device=pipe.device.type, amp=str(pipe.amp))
+    if pipe.device.type == "cuda":
+        src["gpu"] = torch.cuda.get_device_name(pipe.device)
     return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -309,18 +338,25 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
     if pipe.ae_resolution > R or R % pipe.ae_resolution:
         raise VoxdiffError(f"--resolution {R} is impossible: it must be a multiple of the AE's {pipe.ae_resolution}")
     save_dir = Path(cfg.save_dir)
+    probe = _unet_probe(pipe.unet, pipe.latent_shape, cfg.batch_size * (1 + (scale != 0)))  # a guided batch
+    threads = choose_threads(cfg.threads, lambda: probe(pipe.amp), device)
     with contextlib.ExitStack() as stack:
         if info.is_main:  # one sampling job per directory; leftovers of killed jobs are cleared
             stack.enter_context(dir_lock(save_dir, "sampling job"))
         barrier()
-        return _sample_all(cfg, pipe, scheduler, scale, binarization, info, progress, max_batches)
+        return _sample_all(cfg, pipe, scheduler, scale, binarization, info, progress, max_batches, threads)
 
 
 def _sample_all(cfg: SampleConfig, pipe: LatentVoxelPipeline, scheduler: Any, scale: float,
-                binarization: Binarization, info: Any, progress: bool, max_batches: int | None) -> dict[str, Any]:
+                binarization: Binarization, info: Any, progress: bool, max_batches: int | None,
+                threads: ThreadChoice) -> dict[str, Any]:
     """The body of `sample_to_files`, with the save directory locked."""
     save_dir, device = Path(cfg.save_dir), pipe.device
     log = get_logger("voxdiff.sample", save_dir / "sample.log" if info.is_main else None)
+    precision = pipe.precision or PrecisionChoice(cfg.precision, pipe.amp, "set by the caller")
+    log.info("precision %s: %s", precision.name, precision.reason)
+    log.info("threads %d: %s", threads.threads, threads.reason)
+    watch = BusyWatch(threads, "sampling", steps_per_probe_step=len(scheduler.timesteps))
     if not pipe.ae_matches:
         log.warning("AE checkpoint %s differs from the one the LDM was trained with (%s)", pipe.ae_file,
                     pipe.ldm_meta.ae_file if pipe.ldm_meta else "?")
@@ -328,12 +364,14 @@ def _sample_all(cfg: SampleConfig, pipe: LatentVoxelPipeline, scheduler: Any, sc
     summary: dict[str, Any] = {"config": to_dict(cfg), "version": __version__, "device": str(device),
                                "ldm_ckpt": str(pipe.ldm_file), "ldm_step": pipe.ldm_step, "ae_ckpt": str(pipe.ae_file),
                                "cfg_scale_effective": scale, "binarization": binarization.describe(),
-                               "timesteps": len(scheduler.timesteps), "categories": {}, "complete": True}
+                               "timesteps": len(scheduler.timesteps), "categories": {}, "complete": True,
+                               "runtime": {"precision": precision.record(), "threads": threads.record()}}
     if info.distributed:
         summary["world_size"] = info.world_size
     budget = max_batches
     for cat in cfg.categories:
-        result = _sample_category(cfg, cat, pipe, scheduler, scale, binarization, info, log, progress, nb, budget)
+        result = _sample_category(cfg, cat, pipe, scheduler, scale, binarization, info, log, progress, nb, budget,
+                                  watch)
         if result is None:
             summary["complete"] = False
             break
@@ -342,6 +380,7 @@ def _sample_all(cfg: SampleConfig, pipe: LatentVoxelPipeline, scheduler: Any, sc
             budget -= new
         summary["categories"][cat] = stats
         summary["complete"] &= stats.get("file") is not None
+    summary["runtime"]["busy"] = watch.note
     if info.is_main:
         atomic_write_json(save_dir / "sample.json", summary)
     barrier()  # every rank returns once the files exist
@@ -350,17 +389,19 @@ def _sample_all(cfg: SampleConfig, pipe: LatentVoxelPipeline, scheduler: Any, sc
 
 def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, scheduler: Any, scale: float,
                      binarization: Binarization, info: Any, log: logging.Logger, progress: bool, nb: int,
-                     budget: int | None) -> tuple[dict[str, Any], int] | None:
+                     budget: int | None, watch: BusyWatch) -> tuple[dict[str, Any], int] | None:
     """One category of `sample_to_files`; None when the batch budget is already spent."""
     save_dir, R, c = Path(cfg.save_dir), cfg.resolution, category_index(cat)
     final, partial = save_dir / f"{cat}.npy", save_dir / f".{cat}.partial.npy"
     prog_file = save_dir / f".{cat}.progress.json"
     key = _progress_key(cfg, cat, pipe)
-    prog = json.loads(prog_file.read_text()) if prog_file.is_file() else {}
+    prog = _read_progress(prog_file, log) if info.is_main else {}
     if prog.get("key") != key:
         prog = {"key": key, "done": {}, "complete": False}
     prog = broadcast_object(prog)  # rank 0's reading of the progress file decides for every rank
     if prog["complete"] and final.is_file():
+        if cfg.render and info.is_main and not final.with_suffix(".png").is_file():
+            _render_first(final, cfg.render, cat)  # an output lost after the samples were complete
         log.info("%s: complete from an earlier run, skipped", cat)
         return {**prog["stats"], "skipped": True, "file": str(final)}, 0
     if budget is not None and budget <= 0:
@@ -390,6 +431,9 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
             grids = pipe.to_grids(z, labels, binarization, R)
             arr[s:e] = grids
             arr.flush()
+            note = watch.update(len(scheduler.timesteps))
+            if note is not None:
+                log.warning(note)
             occ = grids.reshape(len(grids), -1).sum(1)
             record[str(b)] = {"n": e - s, "occ_sum": float(occ.sum()), "empty": int((occ == 0).sum())}
         for rec in all_gather_object(record):  # every rank learns the round's finished batches, in batch order
@@ -411,20 +455,35 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
     if done:
         prog.update(complete=True, stats=stats)
         if info.is_main:  # every rank's rows were flushed before the last gather: rank 0 publishes the file
+            if cfg.render:  # every output exists before the category is recorded complete
+                _render_first(partial, cfg.render, cat, final.with_suffix(".png"))
             os.replace(partial, final)
             atomic_write_json(prog_file, prog)
-            if cfg.render:
-                _render_first(final, cfg.render, cat)
         log.info("%s: wrote %s %s, %.1fs, %s", cat, final, (cfg.num_samples, R, R, R), seconds, stats)
     else:
         log.info("%s: stopped after %d new batches (%d/%d done); rerun to continue", cat, new, len(prog["done"]), nb)
     return {**stats, "file": str(final) if done else None}, new
 
 
-def _render_first(path: Path, n: int, category: str) -> Path:
+def _read_progress(path: Path, log: logging.Logger) -> dict[str, Any]:
+    """A category's progress record; one that cannot be read (a cut or corrupted file) starts the category afresh,
+    with one line saying so, instead of failing every rerun the same way."""
+    if not path.is_file():
+        return {}
+    try:
+        prog = json.loads(path.read_text())
+        if not isinstance(prog, dict) or not isinstance(prog.get("done", {}), dict):
+            raise ValueError("not a progress record")
+        return prog
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        log.warning("%s is unreadable (%s); sampling this category afresh", path, e)
+        return {}
+
+
+def _render_first(path: Path, n: int, category: str, png: Path | None = None) -> Path:
     """`{category}.png` beside the samples: the first n shapes, exactly as saved (what eval.py scores)."""
     arr = np.load(path, mmap_mode="r")
     k = min(n, len(arr))
     occ = np.asarray(arr[:k]).reshape(k, -1).mean(1)
     titles = [f"{category} #{i}  {100 * o:.2g}%" for i, o in enumerate(occ)]
-    return render_voxels(arr[:k], path.with_suffix(".png"), titles, style=Style(ncols=min(k, 8), panel_px=200))
+    return render_voxels(arr[:k], png or path.with_suffix(".png"), titles, style=Style(ncols=min(k, 8), panel_px=200))

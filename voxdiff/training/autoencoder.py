@@ -15,6 +15,7 @@ last.pt.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any
 
@@ -183,7 +184,7 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
 def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------------------------
     run = common.start_run(cfg, KIND, _RESUME_FIXED)
-    info, device, cap, amp, run_dir, resume_ckpt = run.info, run.device, run.cap, run.amp, run.run_dir, run.resume
+    info, device, cap, run_dir, resume_ckpt = run.info, run.device, run.cap, run.run_dir, run.resume
     if cfg.sync_bn and info.distributed and device.type != "cuda":
         raise VoxdiffError("--sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
     last_file = run_dir / "last.pt"
@@ -224,16 +225,21 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
         meta = resume_ckpt.meta
         set_rng_state(resume_ckpt.rng)
         log.info("resumed from %s at step %d", last_file, step)
+    probe_x = _to_device(grids[fit_idx[: order.per_rank]], device)  # the start-up checks' batch: real shapes
+    runtime = common.choose_runtime(
+        cfg, info, unwrap(model), lambda m: reconstruction_loss(m(probe_x), probe_x, cfg.loss, pos_weight),
+        "AE training", resume_ckpt.meta.runtime if resume_ckpt else None, log)
     topk_by_class = {CATEGORIES.index(c): int(round(k)) for c, k in occupancy[str(res)].items()}
     loss_desc = f"{cfg.loss} (pos_weight {pos_weight:.1f})" if cfg.loss == "weighted_bce" else cfg.loss
-    log.info("train %d (fit %d, held out %d); occupancy %.5f; loss %s; %d steps; autocast %s",
-             len(train_set), len(fit_idx), len(held_idx), mean_frac, loss_desc, total_steps, amp)
+    log.info("train %d (fit %d, held out %d); occupancy %.5f; loss %s; %d steps",
+             len(train_set), len(fit_idx), len(held_idx), mean_frac, loss_desc, total_steps)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, evaluation and checkpoints use `model`
     runlog = common.RunLogger(run_dir, "log", resume=cfg.resume, log=log) if info.is_main else None
     if runlog is not None and cfg.resume:
         runlog.truncate_after(step)
 
     def save(name: str) -> None:
+        meta.runtime = runtime.record(with_history=True)
         save_checkpoint(run_dir / name, Checkpoint(
             kind=KIND, model_config=to_dict(cfg.model), train_config=to_dict(cfg), model=unwrap(model).state_dict(),
             optimizer=opt.state_dict(), step=step, rng=get_rng_state(), meta=meta))
@@ -261,18 +267,21 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
             break
         x = _to_device(grids[fit_idx[order.batch(step).numpy()]], device)
         t0 = time.perf_counter()
-        with autocast(device, amp):
+        with autocast(device, runtime.amp):
             logits = net(x, latent_noise=cfg.latent_noise)
         loss = reconstruction_loss(logits, x, cfg.loss, pos_weight)
-        loss_all = mean_over_ranks(loss.detach())  # the global batch's loss; every rank stops together on NaN
-        common.check_finite(loss_all, step)
+        loss_all = mean_over_ranks(loss.detach())  # the global batch's loss: every rank decides the same below
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        skipped = runtime.guard.check(step, float(loss_all), float(grad_norm))  # norm of the all-reduced gradient
+        if skipped is None:
+            opt.step()
+        else:
+            log.warning(skipped)
         step += 1
         train_seconds += time.perf_counter() - t0
+        runtime.after_step(log)
         if step % cfg.log_every == 0:
             lv = float(loss_all)
             bar.update(1, loss=f"{lv:.4g}")
@@ -309,7 +318,7 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
               "seconds": seconds, "train_seconds": train_seconds,
               "overhead_fraction": 1.0 - train_seconds / seconds if seconds > 0 else None,
               "samples_per_s": (step - start_step) * cfg.batch_size / train_seconds if train_seconds > 0 else None,
-              **{f"heldout_{k}": v for k, v in final.items()}}
+              **{f"heldout_{k}": v for k, v in final.items()}, "runtime": runtime.record()}
     if stopped == "time_cap":
         result["note"] = common.cap_message("AE", step, total_steps)
     if info.distributed:  # DDP's invariant, checked once (also a barrier: rank 0 has finished the checkpoints)

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ import torch
 from voxdiff.checkpoint import Checkpoint, Kind, check_resumable, load_checkpoint
 from voxdiff.config import TrainConfig, to_dict
 from voxdiff.distributed import DistInfo, any_rank, check_same_config, epoch_sampler, init_distributed, split_batch
-from voxdiff.precision import resolve_precision
+from voxdiff.precision import PrecisionChoice, choose_precision, gradient_probe
 from voxdiff.render import plot_curves
+from voxdiff.threads import BusyWatch, ThreadChoice, choose_threads, time_steps
 from voxdiff.utils import VoxdiffError, dir_lock, flush_denormals, get_logger, seed_everything
 
 
@@ -85,7 +87,6 @@ class RunStart:
 
     info: DistInfo  # rank, world size, device
     cap: TimeCap  # the safety cap on wall time
-    amp: torch.dtype | None  # autocast dtype of training forwards
     run_dir: Path
     resume: Checkpoint | None  # last.pt to continue from, when cfg.resume
 
@@ -96,13 +97,12 @@ class RunStart:
 
 def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...]) -> RunStart:
     """The setup both trainers share: torchrun's environment, the time cap, the same config on every rank, the batch
-    split, the precision, flushed denormals, the seeds, and the checkpoint to resume, refused when one of the
+    split, flushed denormals, the seeds, and the checkpoint to resume, refused when one of the
     `fixed` settings (the network, the data order) differs from the run's."""
     info = init_distributed(cfg.device)  # under torchrun: batch_size is global, rank 0 alone writes (distributed.py)
     cap = TimeCap(cfg.max_minutes, info.device)
     check_same_config(to_dict(cfg), f"{kind} training config")
     split_batch(cfg.batch_size, info.world_size)
-    amp = resolve_precision(cfg.precision, info.device)
     flush_denormals(info.device)
     seed_everything(cfg.seed)
     run_dir = Path(cfg.ckpt_path)
@@ -118,7 +118,7 @@ def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...]) -> RunStart:
         if diff:
             parts = [f"{k}: checkpoint {resume.train_config.get(k)} vs now {now.get(k)}" for k in diff]
             raise VoxdiffError(f"cannot resume from {last}: config mismatch ({'; '.join(parts)})")
-    return RunStart(info, cap, amp, run_dir, resume)
+    return RunStart(info, cap, run_dir, resume)
 
 
 def _norm(x: Any) -> Any:
@@ -160,13 +160,123 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool,
     stack.push(remove_if_failed_early)
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    """Stop with a clear message on a NaN/inf loss instead of training on garbage for hours."""
-    if not torch.isfinite(loss).all():
-        raise VoxdiffError(
-            f"non-finite loss ({float(loss)}) at step {step}; lower --lr, keep gradient clipping on, "
-            "or resume from the last good checkpoint"
-        )
+class StepGuard:
+    """Skips a training step whose loss or gradient norm is non-finite or absurd against the run's recent history,
+    as torch.amp.GradScaler skips a step with inf gradients: the caller leaves parameters, optimizer and EMA untouched.
+
+    "Absurd" is more than `factor` times the median of the last `window` accepted values, once `warmup` values are in:
+    a kernel that returns garbage (1e30) or a corrupted batch, never the ordinary spread of a loss. Clipping alone would
+    rescale garbage into a unit-norm step, and AdamW's second moments would absorb it: the run would learn less and
+    nobody would know. `max_in_row` skipped steps in a row stop the run with one line. The state (counts, history) is
+    JSON-able and saved in checkpoints, so a resumed run decides exactly as an uninterrupted one.
+    """
+
+    def __init__(self, max_in_row: int = 10, factor: float = 100.0, window: int = 100, warmup: int = 20,
+                 state: dict[str, Any] | None = None) -> None:
+        self.max_in_row, self.factor, self.window, self.warmup = max_in_row, factor, window, warmup
+        state = state or {}
+        self.skipped = int(state.get("skipped_steps", 0))
+        self.in_row = int(state.get("in_row", 0))
+        self.events: list[dict[str, Any]] = list(state.get("skipped", []))
+        self.history: dict[str, list[float]] = {k: list(v) for k, v in state.get("history", {}).items()}
+
+    def _absurd(self, name: str, value: float) -> bool:
+        past = self.history.get(name, [])
+        return len(past) >= self.warmup and value > self.factor * float(np.median(past))
+
+    def check(self, step: int, loss: float, grad_norm: float) -> str | None:
+        """None when the step may be applied; else why it is skipped (for the log). Raises VoxdiffError when
+        `max_in_row` steps in a row were skipped."""
+        values = {"loss": loss, "grad_norm": grad_norm}
+        reason = None
+        for name, v in values.items():
+            if not math.isfinite(v):
+                reason = f"non-finite {name} ({v})"
+                break
+            if self._absurd(name, v):
+                reason = f"{name} {v:.3g} is over {self.factor:g}x the recent median"
+                break
+        if reason is None:
+            self.in_row = 0
+            for name, v in values.items():
+                self.history[name] = (self.history.get(name, []) + [v])[-self.window :]
+            return None
+        self.skipped += 1
+        self.in_row += 1
+        self.events = (self.events + [{"step": step, "reason": reason}])[-20:]
+        if self.in_row >= self.max_in_row:
+            raise VoxdiffError(
+                f"{self.in_row} training steps in a row were skipped (last at step {step}: {reason}); try "
+                "--precision fp32 (bench/numerics_check.py tests this machine), a lower --lr, or --resume from the "
+                "last good checkpoint")
+        return f"step {step} skipped: {reason} (parameters, optimizer and EMA unchanged; {self.skipped} so far)"
+
+    def state(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped, "in_row": self.in_row, "skipped": self.events,
+                "history": self.history}
+
+
+@dataclass
+class Runtime:
+    """How a trainer runs on this machine: the verified precision, the thread count, the step guard and the busy
+    watch. `record()` goes into the checkpoint metadata, the result (stages.json) and the report."""
+
+    precision: PrecisionChoice
+    threads: ThreadChoice
+    guard: StepGuard
+    watch: BusyWatch
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        return self.precision.dtype
+
+    def after_step(self, log: Any) -> None:
+        """Per finished step: the busy watch (one warning line, once)."""
+        note = self.watch.update()
+        if note is not None:
+            log.warning(note)
+
+    def record(self, with_history: bool = False) -> dict[str, Any]:
+        """JSON-able: precision and threads (with their reasons and timings), skipped steps, the busy note; with
+        `with_history` also the guard's full state (what a checkpoint needs to resume it exactly)."""
+        guard = self.guard.state()
+        out = {"precision": self.precision.record(), "threads": self.threads.record(),
+               "skipped_steps": self.guard.skipped, "skipped": guard["skipped"], "busy": self.watch.note}
+        if with_history:
+            out["guard"] = guard
+        return out
+
+
+def choose_runtime(cfg: TrainConfig, info: DistInfo, model: torch.nn.Module,
+                   loss_fn: Callable[[torch.nn.Module], torch.Tensor], what: str,
+                   resumed: dict[str, Any] | None, log: Any) -> Runtime:
+    """Decide precision and threads where the run is, with the run's own network and batch (`loss_fn(net)` computes
+    a training loss on fixed inputs), and set up the step guard.
+
+    1. precision: `choose_precision` checks bf16 against fp32 on this network's forward and backward;
+    2. threads: a resumed run with `auto` keeps the count it was trained with (results are bit-identical for a fixed
+       count only); otherwise `choose_threads` times the same step at each candidate count;
+    3. the guard continues from the resumed run's state. Everything is logged and recorded.
+    """
+    resumed = resumed or {}
+    probe, names = gradient_probe(model, loss_fn)
+    try:
+        precision = choose_precision(cfg.precision, info.device, probe, names)
+    except ValueError as e:
+        raise VoxdiffError(str(e)) from None
+    setting = cfg.threads
+    recorded = resumed.get("threads", {}).get("threads")
+    if setting == "auto" and recorded and info.device.type == "cpu":
+        setting = str(recorded)
+    with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
+        threads = choose_threads(setting, lambda: probe(precision.dtype), info.device)
+        if setting != cfg.threads:
+            threads = ThreadChoice(threads.threads, cfg.threads, "the count the resumed run was trained with",
+                                   {threads.threads: time_steps(lambda: probe(precision.dtype), threads.threads)})
+    log.info("precision %s: %s", precision.name, precision.reason)
+    log.info("threads %d: %s", threads.threads, threads.reason)
+    guard = StepGuard(cfg.max_bad_steps, state=resumed.get("guard"))
+    return Runtime(precision, threads, guard, BusyWatch(threads, what))
 
 
 def warmup_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int | None = None,

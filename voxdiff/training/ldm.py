@@ -2,8 +2,9 @@
 
 setup (device, seed, run dir, resume) -> frozen AE -> latents encoded once and cached (voxdiff.latents), normalised by
 the AE's per-channel statistics -> UNet3D (label dropout p = cfg_dropout with use_cfg, else 0), AdamW, EMA ->
-loop: ε-prediction MSE at uniform t (DDPM eq. 14, "L_simple"), bf16 autocast on CUDA only, gradient clipping,
-non-finite stop -> every `ckpt_every` steps and at the end: held-out loss of the EMA model, last.pt / best.pt.
+loop: ε-prediction MSE at uniform t (DDPM eq. 14, "L_simple") in the precision checked at start-up
+(voxdiff.precision), gradient clipping, a step guard that skips non-finite or absurd steps -> every `ckpt_every`
+steps and at the end: held-out loss of the EMA model, last.pt / best.pt.
 
 Exact resume: the epoch order is a function of (seed, epoch); noise, timesteps, label dropout and dropout come from the
 global RNG, whose state is in the checkpoint with the model, EMA (and its count), optimizer and step. The held-out loss
@@ -128,7 +129,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
 def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
     # ---- setup ------------------------------------------------------------------------------------------------
     run = common.start_run(cfg, KIND, _RESUME_FIXED)
-    info, device, cap, amp, run_dir, resume_ckpt = run.info, run.device, run.cap, run.amp, run.run_dir, run.resume
+    info, device, cap, run_dir, resume_ckpt = run.info, run.device, run.cap, run.run_dir, run.resume
     last_file, best_file = run_dir / "last.pt", run_dir / "best.pt"
     for c in cfg.categories:
         if not voxel_path(cfg.dataset_path, c, "train").is_file():
@@ -136,6 +137,7 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
 
     # ---- frozen autoencoder and cached latents ----------------------------------------------------------------
     ae, ae_ckpt = load_autoencoder(cfg.ae_ckpt_path)
+    ae = ae.to(device)  # on the run's device for good: the latent cache and the preview both use it
     ae_file = ae_ckpt.file
     ae_hash = file_sha256(ae_file)
     if resume_ckpt is not None and resume_ckpt.meta.ae_sha256 != ae_hash:
@@ -179,8 +181,8 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
     n = len(z_train)
     order = common.StepOrder(n, cfg.batch_size, info, cfg.seed)
     total_steps = cfg.total_steps(order.steps_per_epoch)
-    log.info("latents %s x %d for training, %d held out (cache %s), device %s, autocast %s, steps/epoch %d, total %d",
-             latent_shape, n, len(z_held), cache_file, device, amp, order.steps_per_epoch, total_steps)
+    log.info("latents %s x %d for training, %d held out (cache %s), device %s, steps/epoch %d, total %d",
+             latent_shape, n, len(z_held), cache_file, device, order.steps_per_epoch, total_steps)
     log.info("world size %d, global batch %d, per-rank batch %d", info.world_size, cfg.batch_size, order.per_rank)
 
     # ---- model, optimizer, EMA --------------------------------------------------------------------------------
@@ -199,6 +201,9 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
         best_metric = float(resume_ckpt.meta.best_heldout_loss)
         set_rng_state(resume_ckpt.rng)
         log.info("resumed from %s at step %d", last_file, step)
+    probe_loss = _probe_loss(scheduler, z_train, y_train, order.per_rank, cfg.seed)
+    runtime = common.choose_runtime(cfg, info, model, probe_loss, "LDM training",
+                                    resume_ckpt.meta.runtime if resume_ckpt else None, log)
     share_device_rng(info)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, EMA and checkpoints use `model`
     runlog = common.RunLogger(run_dir, "log", resume=resume_ckpt is not None, log=log) if info.is_main else None
@@ -211,7 +216,7 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
         meta = LDMMeta(ae_sha256=ae_hash, ae_file=ae_file.name, latent_shape=list(latent_shape),
                        categories=list(cfg.categories), use_cfg=cfg.use_cfg, scheduler=to_dict(cfg.scheduler),
                        ema_n_averaged=int(ema.n_averaged), smooth_loss=smooth, best_heldout_loss=metric,
-                       holdout=holdout, num_train=n)
+                       holdout=holdout, num_train=n, runtime=runtime.record(with_history=True))
         save_checkpoint(file, Checkpoint(
             kind=KIND, model_config=to_dict(cfg.model), train_config=to_dict(cfg), model=model.state_dict(),
             ema=ema.module.state_dict(), optimizer=optimizer.state_dict(), step=step, rng=get_rng_state(), meta=meta))
@@ -251,17 +256,23 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
         t = torch.randint(0, scheduler.num_train_timesteps, (g_batch,), device=device)[shard]
         noise = torch.randn((g_batch, *z0.shape[1:]), device=device)[shard]
         with rank_rng(info, cfg.seed, step):  # per-rank dropout / label-dropout masks in a distributed run
-            loss = diffusion_loss(net, scheduler, z0, y, t, noise, amp)
-        loss_all = mean_over_ranks(loss.detach())  # the global batch's loss (every rank stops together on NaN)
-        common.check_finite(loss_all, step)
+            loss = diffusion_loss(net, scheduler, z0, y, t, noise, runtime.amp)
+        loss_all = mean_over_ranks(loss.detach())  # the global batch's loss: every rank decides the same below
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        optimizer.step()
-        ema.update_parameters(model)
+        skipped = runtime.guard.check(step, float(loss_all), float(grad_norm))  # norm of the all-reduced gradient
+        if skipped is None:
+            optimizer.step()
+            ema.update_parameters(model)
+        else:
+            log.warning(skipped)
         step += 1
         train_seconds += time.perf_counter() - t0
+        runtime.after_step(log)
         value = float(loss_all)
+        if not math.isfinite(value):  # a skipped step: keep the smoothed loss and the log readable
+            value = smooth if smooth is not None else 0.0
         smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
         if runlog is not None and (step % cfg.log_every == 0 or step == total_steps):
             runlog.log(step=step, loss=value, loss_smooth=smooth, lr=lr, grad_norm=float(grad_norm))
@@ -285,7 +296,8 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
               "best_heldout_loss": best_metric, "last": str(last_file), "best": str(best_file),
               "num_params": num_params, "seconds": seconds, "train_seconds": train_seconds,
               "overhead_fraction": 1.0 - train_seconds / seconds if seconds > 0 else None,
-              "steps_per_s": (step - start_step) / train_seconds if train_seconds > 0 else None}
+              "steps_per_s": (step - start_step) / train_seconds if train_seconds > 0 else None,
+              "runtime": runtime.record()}
     if stopped == "time_cap":
         result["note"] = common.cap_message("LDM", step, total_steps)
     if info.distributed:  # DDP's invariant, checked once: every rank ends with bit-identical model and EMA weights
@@ -293,6 +305,17 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
                       ema_hash=check_in_sync(ema.module, "EMA"))
     log.info("finished: %s", result)
     return result
+
+
+def _probe_loss(scheduler: DDPMScheduler, z: torch.Tensor, y: torch.Tensor, batch: int,
+                seed: int) -> Any:
+    """The start-up checks' loss (precision, threads): L_simple of the first `batch` training latents at fixed (t, ε)
+    from a private generator, the shapes of a real training step."""
+    g = torch.Generator().manual_seed(seed + 3)
+    zb, yb = z[:batch], y[:batch]
+    t = torch.randint(0, scheduler.num_train_timesteps, (len(zb),), generator=g).to(zb.device)
+    noise = torch.randn(zb.shape, generator=g).to(zb.device)
+    return lambda net: diffusion_loss(net, scheduler, zb, yb, t, noise)
 
 
 @torch.no_grad()
