@@ -6,7 +6,10 @@
    networks of the full preset (speed does not depend on the weights): seconds per category (goal ≤ 30 s on an
    H100/H200);
 4. the torch metrics path (--device cuda) against the numpy path on N × N shapes at 64³: both must give identical
-   numbers (the integers of the exact Chamfer sums), and their times.
+   numbers (the integers of the exact Chamfer sums), and their times;
+5. the code paths that only break on a GPU, at the tiny preset's size (seconds): AE training, LDM training with the
+   preview, the same LDM resumed (a latent-cache hit: the AE must still be on the GPU), sampling to files, SDS, and a
+   torchrun sampling job; each reports "ok" or its error line, with the precision and threads each run chose.
 
     python bench/gpu_check.py --out gpu_check.json                   # on a GPU machine
     python bench/gpu_check.py --tiny --device cpu --out check.json   # the test suite's CPU smoke run
@@ -33,7 +36,7 @@ from voxdiff.losses import reconstruction_loss
 from voxdiff.metrics import Backend, chamfer_blocks
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
-from voxdiff.precision import autocast, resolve_precision
+from voxdiff.precision import autocast, choose_precision, forward_probe, gradient_probe
 from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.utils import atomic_write_json, flush_denormals, resolve_device
 
@@ -62,7 +65,8 @@ def ae_steps(cfg: AEConfig, batch: int, steps: int, device: torch.device) -> dic
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     r = cfg.resolution
     x = (torch.rand(batch, 1, r, r, r, device=device) > 0.96).float().contiguous(memory_format=fmt)
-    amp = resolve_precision("auto", device)
+    choice = choose_precision("auto", device, *gradient_probe(model, lambda m: reconstruction_loss(m(x), x, "bce")))
+    amp = choice.dtype
 
     def step() -> None:
         with autocast(device, amp):
@@ -73,7 +77,7 @@ def ae_steps(cfg: AEConfig, batch: int, steps: int, device: torch.device) -> dic
         opt.step()
 
     s = _timed(step, steps, 2, device)
-    return {"resolution": r, "latent": list(model.latent_shape), "batch": batch, "autocast": str(amp),
+    return {"resolution": r, "latent": list(model.latent_shape), "batch": batch, "precision": choice.record(),
             "s_per_step": s, "shapes_per_s": batch / s}
 
 
@@ -85,7 +89,8 @@ def unet_steps(unet_cfg: Any, latent: tuple[int, ...], batch: int, steps: int, d
     x = torch.randn(batch, *latent, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     y = torch.randint(0, 3, (batch,), device=device)
-    amp = resolve_precision("auto", device)
+    choice = choose_precision("auto", device, *gradient_probe(model, lambda m: F.mse_loss(m(x, t, y).float(), x)))
+    amp = choice.dtype
 
     def step() -> None:
         with autocast(device, amp):
@@ -96,7 +101,7 @@ def unet_steps(unet_cfg: Any, latent: tuple[int, ...], batch: int, steps: int, d
         opt.step()
 
     s = _timed(step, steps, 2, device)
-    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "batch": batch, "autocast": str(amp),
+    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "batch": batch, "precision": choice.record(),
             "s_per_step": s, "steps_per_s": 1 / s}
 
 
@@ -108,10 +113,15 @@ def sampling(ae_cfg: AEConfig, unet_cfg: Any, n: int, batch: int, steps: int, re
     unet = UNet3D(unet_cfg).eval()
     c = ae_cfg.latent_channels
     meta = AEMeta(latent_mean=[0.0] * c, latent_std=[1.0] * c)
-    pipe = LatentVoxelPipeline(unet=unet.to(device), ae=ae.to(device), scheduler_config=SchedulerConfig(),
-                               ae_meta=meta)
+    unet, ae = unet.to(device), ae.to(device)
+    z, t, y = (torch.randn(8, *ae.latent_shape, device=device), torch.randint(0, 1000, (8,), device=device),
+               torch.arange(8, device=device) % 4)
+    choice = choose_precision("auto", device, forward_probe(unet, lambda m: m(z, t, y)))  # as sample_to_files does
+    pipe = LatentVoxelPipeline(unet=unet, ae=ae, scheduler_config=SchedulerConfig(), ae_meta=meta, amp=choice.dtype,
+                               precision=choice)
     binar = pipe.binarization("threshold", 0.5)
-    out: dict[str, Any] = {"n": n, "batch": batch, "steps": steps, "resolution": resolution, "per_category_s": {}}
+    out: dict[str, Any] = {"n": n, "batch": batch, "steps": steps, "resolution": resolution, "per_category_s": {},
+                           "precision": choice.record()}
     for k, cat in enumerate(CATEGORIES):
         _sync(device)
         t0 = time.perf_counter()
@@ -152,11 +162,69 @@ def metrics_paths(n: int, resolution: int, device: torch.device) -> dict[str, An
     return {"n": n, "resolution": r, "identical": bool(same), "numpy_s": t_numpy, "torch_s": t_torch}
 
 
+def gpu_paths(device: torch.device, work: Path) -> dict[str, Any]:
+    """Every stage at the tiny preset's size on `device`, each in its own try: what still breaks there is named."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from voxdiff.config import SPLITS, SDSConfig
+    from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
+    from voxdiff.data.voxelize import preprocess
+    from voxdiff.sampling import sample_to_files
+    from voxdiff.sds import run_sds
+    from voxdiff.training.autoencoder import train_autoencoder
+    from voxdiff.training.ldm import train_ldm
+
+    tiny, dev, out = pipeline_preset("tiny"), str(device), {}
+    data, ae_dir, ldm_dir = work / "data", work / "ae", work / "ldm"
+    ae = dataclasses.replace(tiny.ae, dataset_path=str(data), ckpt_path=str(ae_dir), device=dev, overwrite=True)
+    ldm = dataclasses.replace(tiny.ldm, dataset_path=str(data), ae_ckpt_path=str(ae_dir), ckpt_path=str(ldm_dir),
+                              device=dev, preview=True, overwrite=True)
+    sample = dataclasses.replace(tiny.sample, ae_ckpt_path=str(ae_dir), ldm_ckpt_path=str(ldm_dir),
+                                 save_dir=str(work / "samples"), device=dev)
+    def make_data() -> str:
+        write_synthetic_partseg(data, COUNT_PRESETS["tiny"], seed=0, progress=False)
+        preprocess(data, data, resolution=32, categories=CATEGORIES, splits=SPLITS, progress=False)
+        return "ok"
+
+    steps: list[tuple[str, Any]] = [
+        ("data", make_data),
+        ("ae_train", lambda: train_autoencoder(ae, progress=False)["runtime"]),
+        ("ldm_train_preview", lambda: train_ldm(ldm, progress=False)["runtime"]),
+        ("ldm_resume_cache_hit_preview", lambda: train_ldm(dataclasses.replace(
+            ldm, num_steps=ldm.num_steps + 2, resume=True, overwrite=False), progress=False)["runtime"]),
+        ("sample_to_files", lambda: sample_to_files(sample, progress=False)["runtime"]),
+        ("sds", lambda: run_sds(SDSConfig(ae_ckpt_path=str(ae_dir), ldm_ckpt_path=str(ldm_dir), device=dev,
+                                          save_dir=str(work / "sds"), num_samples=2, batch_size=2, num_steps=3,
+                                          resolution=32, render_every=None), progress=False) and "ok"),
+        ("torchrun_sample", lambda: subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+             str(Path(__file__).resolve().parents[1] / "diffusion" / "sample.py"), "--ae_ckpt_path", str(ae_dir),
+             "--ldm_ckpt_path", str(ldm_dir), "--save_dir", str(work / "samples_torchrun"), "--num_samples", "4",
+             "--batch_size", "2", "--steps", "3", "--sampler", "ddim", "--resolution", "32", "--device", dev],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+            check=True) and "ok"),
+    ]
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+            out[name] = {"ok": True, "s": round(time.perf_counter() - t0, 2), "result": result}
+        except Exception as e:  # noqa: BLE001 - the check reports every failure and goes on
+            err = getattr(e, "stderr", None) or str(e)
+            out[name] = {"ok": False, "error": f"{type(e).__name__}: {str(err).strip().splitlines()[-1:]}"}
+    out["all_ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--tiny", action="store_true", help="every size shrunk: a CPU smoke run of the same code")
     p.add_argument("--out", default="gpu_check.json", help="the JSON written")
+    p.add_argument("--no_paths", action="store_true", help="skip 5 (the tiny end-to-end stage paths)")
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     flush_denormals(device)
@@ -181,6 +249,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not a.tiny:
         report["sampling"]["goal_30s_met"] = report["sampling"]["max_s"] <= 30.0
     report["metrics"] = metrics_paths(sizes["metrics_n"], sizes["metrics_r"], device)
+    if not a.no_paths:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            report["paths"] = gpu_paths(device, Path(work))
     report["total_s"] = time.perf_counter() - t0
     atomic_write_json(Path(a.out), report)
     print(json.dumps(report, indent=1))
