@@ -17,6 +17,7 @@ import torch
 
 from voxdiff import __version__
 from voxdiff.config import PipelineConfig
+from voxdiff.threads import cpu_model
 from voxdiff.utils import atomic_write_json, atomic_write_text
 
 RATIO_GOALS: dict[str, tuple[str, float]] = {"cov": ("≥", 0.9), "mmd": ("≤", 1.25), "jsd": ("≤", 2.0)}
@@ -26,9 +27,10 @@ SET_KEYS = ("provenance", "goal", "memorization")  # per-category entries that a
 
 
 def machine_info() -> dict[str, Any]:
-    """Platform, Python, torch, CPU count and GPU: printed in every report."""
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
+    """Platform, CPU model, Python, torch, CPU count and GPU: printed in every report."""
+    info = {"platform": platform.platform(), "cpu": cpu_model(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
+            "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -78,7 +80,7 @@ def write_report(cfg: PipelineConfig, report: dict[str, Any]) -> None:
     run = Path(cfg.run_dir)
     atomic_write_json(run / "report.json", report)
     m = report["machine"]
-    hw = f"GPU {m.get('gpu', '')}" if m["cuda"] else f"CPU only ({m['cpus']} cores)"
+    hw = f"GPU {m.get('gpu', '')}" if m["cuda"] else f"CPU only ({m['cpus']} cores, {m.get('cpu', '?')})"
     s = cfg.sample
     binar = {"threshold": f"p > {s.threshold}", "calibrated": "the AE's calibrated threshold",
              "topk": f"top-k {s.topk or 'training occupancy'}"}[s.binarize]
@@ -129,7 +131,38 @@ def write_report(cfg: PipelineConfig, report: dict[str, Any]) -> None:
               "- LDM loss curve: `ldm/log.png`, log `ldm/train.log`", "", "## Timings (s)", "",
               "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
+    lines += runtime_lines(report.get("runtime", {}))
     atomic_write_text(run / "report.md", "\n".join(lines) + "\n")
+
+
+def runtime_lines(runtime: dict[str, Any]) -> list[str]:
+    """report.md's "How it ran on this machine": per stage the precision and the thread count with why each was
+    chosen, the steps the guard skipped, and whether the machine became busy (results depend on all of these)."""
+    if not runtime:
+        return []
+    lines = ["", "## How it ran on this machine", "",
+             "| stage | precision | why | threads | why | skipped steps | busy |", "|---|---|---|---|---|---|---|"]
+    for stage, rt in runtime.items():
+        p, t = rt.get("precision", {}), rt.get("threads", {})
+        skipped = rt.get("skipped_steps", "—")
+        if rt.get("skipped"):
+            skipped = f"{skipped} (steps {', '.join(str(e['step']) for e in rt['skipped'][:10])})"
+        lines.append(f"| {stage} | {p.get('precision', '?')} | {p.get('reason', '')} | {t.get('threads', '?')} | "
+                     f"{t.get('reason', '')} | {skipped} | {rt.get('busy') or 'no'} |")
+    return lines
+
+
+def runtime_summary(runtime: dict[str, Any]) -> list[str]:
+    """The console's lines for `runtime_lines`: one per stage, and the busy notes as warnings."""
+    out = []
+    for stage, rt in runtime.items():
+        p, t = rt.get("precision", {}), rt.get("threads", {})
+        skipped = rt.get("skipped_steps")
+        out.append(f"{stage:9s} {p.get('precision', '?')} ({p.get('reason', '')}); {t.get('threads', '?')} thread(s)"
+                   + ("" if skipped is None else f"; {skipped} skipped steps"))
+        if rt.get("busy"):
+            out.append(f"warning: {rt['busy']}")
+    return out
 
 
 def summary_lines(report: dict[str, Any], run_dir: Path) -> list[str]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,23 @@ PREFER_FEWER = 1.15
 BUSY_SECONDS = 30.0
 BUSY_STEPS = 10
 SLOW = 0.5
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its bf16 instructions (machines of one kind differ below the surface: the name and
+    flags say which kernels a result came from)."""
+    name = platform.processor() or "unknown CPU"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(bf16) if bf16 else 'no native bf16'})"
 
 
 def available_cores() -> int:
@@ -73,7 +92,7 @@ class ThreadChoice:
         return self.rates.get(self.threads)
 
     def record(self) -> dict[str, Any]:
-        return {"threads": self.threads, "setting": self.setting, "reason": self.reason,
+        return {"threads": self.threads, "setting": self.setting, "reason": self.reason, "cpu": cpu_model(),
                 "steps_per_s": {str(k): round(v, 3) for k, v in self.rates.items()}}
 
 
