@@ -305,3 +305,32 @@ def test_preview_decodes_with_an_ae_placed_on_the_run_device_on_a_cache_hit(
         train_ldm(_cfg(tiny_voxel_dir, ae_dir, tmp_path / run, num_steps=1, preview=True, precision="fp32",
                        latent_cache_dir=str(tmp_path / "cache")), progress=False)
     assert len(seen) == 2 and all(d == CPU for d in seen), seen
+
+
+def test_sampling_resume_key_names_the_device_and_precision(ckpts: dict[str, Path]) -> None:
+    """A partial sample file made on one device (or in another precision) is never resumed on another: the noise
+    streams differ."""
+    from types import SimpleNamespace
+
+    from voxdiff.config import SampleConfig
+    from voxdiff.sampling import _progress_key
+
+    cfg = SampleConfig(ae_ckpt_path=str(ckpts["ae"]), ldm_ckpt_path=str(ckpts["ldm"]))
+    pipe = lambda dev, amp: SimpleNamespace(ldm_file=ckpts["ldm"], ae_file=ckpts["ae"], device=torch.device(dev),  # noqa: E731
+                                            amp=amp)
+    keys = {_progress_key(cfg, "chair", pipe("cpu", None)), _progress_key(cfg, "chair", pipe("meta", None)),
+            _progress_key(cfg, "chair", pipe("cpu", torch.bfloat16))}
+    assert len(keys) == 3
+    assert _progress_key(cfg, "chair", pipe("cpu", None)) == _progress_key(cfg, "chair", pipe("cpu", None))
+
+
+def test_report_says_how_each_stage_ran() -> None:
+    from voxdiff.report import runtime_lines, runtime_summary
+
+    rt = {"ldm": {"precision": {"precision": "fp32", "reason": "bf16 autocast gave wrong results"},
+                  "threads": {"threads": 1, "reason": "1 of 2 cores"}, "skipped_steps": 2,
+                  "skipped": [{"step": 7, "reason": "x"}, {"step": 9, "reason": "y"}],
+                  "busy": "this machine became busy during LDM training: 3.0x slower"}}
+    md = "\n".join(runtime_lines(rt))
+    assert "| ldm | fp32 | bf16 autocast gave wrong results | 1 | 1 of 2 cores | 2 (steps 7, 9) |" in md
+    assert any(line.startswith("warning: this machine became busy") for line in runtime_summary(rt))
