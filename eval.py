@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise VoxdiffError(f"unknown category {args.category!r}; choose from {', '.join(CATEGORIES)} or {ALL}")
     device = resolve_device(args.device)
     files = sample_files(args.category, args.samples)
-    log = get_logger("voxdiff.eval", Path(args.json).with_suffix(".log") if args.json else None)
     progress = not args.no_progress
+    # every input is read and checked before the first output (the log next to --json, the JSON itself)
+    references = {cat: References.load(args.dataset_path, cat, progress=progress) for cat in files}
+    log = get_logger("voxdiff.eval", Path(args.json).with_suffix(".log") if args.json else None)
     records: dict[str, dict[str, Any]] = {}
     for cat, path in files.items():
-        refs = References.load(args.dataset_path, cat, progress=progress)
         out = score_sets(
-            refs,
+            references[cat],
             {"samples": path},
             threshold=args.threshold,
             device=device,

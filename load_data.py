@@ -29,46 +29,72 @@ from voxdiff.utils import VoxdiffError, dir_lock, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
+    """The flags; every number is range-checked here, before anything is written."""
+    from voxdiff.cli import (
+        ArgumentParser,
+        DefaultsHelpFormatter,
+        non_negative_int,
+        output_file,
+        positive_float,
+        positive_int,
+    )
 
     p = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--dataset_path", default="data/hdf5_data",
                    help="directory of ply_data_*.h5 + *_hdf5_file_list.txt (created by --synthetic/--zip/--download)")
     p.add_argument("--out_dir", default=None, help="where the .npy grids go (none: --dataset_path)")
-    p.add_argument("--resolution", type=int, default=128, help="grid size, a power of two >= 8")
+    p.add_argument("--resolution", type=_resolution, default=128, help="grid size, a power of two >= 8")
     p.add_argument("--category", dest="categories", nargs="+", default=["all"], choices=[*CATEGORIES, "all"],
                    help="categories to voxelize")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), help="splits to voxelize")
     p.add_argument("--isotropic", action="store_true",
                    help="one scale for all axes, centred (default: the reference per-axis scaling)")
-    p.add_argument("--chunk", type=int, default=32, help="shapes voxelized per step (bounds memory)")
+    p.add_argument("--chunk", type=positive_int, default=32, help="shapes voxelized per step (bounds memory)")
     g = p.add_argument_group("procedural dataset")
     g.add_argument("--synthetic", action="store_true", help="generate the procedural PartSeg HDF5 into --dataset_path")
     g.add_argument("--data_preset", choices=sorted(COUNT_PRESETS), default="small", help="shape counts")
     for s in SPLITS:
-        g.add_argument(f"--n_{s}", type=int, default=None, help=f"override: shapes per category in {s}")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--workers", type=int, default=1, help="processes generating shapes")
+        g.add_argument(f"--n_{s}", type=non_negative_int, default=None, help=f"override: shapes per category in {s}")
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--workers", type=positive_int, default=1, help="processes generating shapes")
     g = p.add_argument_group("real ShapeNet PartSeg")
     g.add_argument("--zip", default=None, help="local shapenet_part_seg_hdf5_data.zip to extract into --dataset_path")
-    g.add_argument("--sha256", default=None, help="expected SHA-256 of the zip")
+    g.add_argument("--sha256", type=_sha256, default=None, help="expected SHA-256 of the zip")
     g.add_argument("--download", action="store_true", help="try to download the zip first (short timeout)")
     g.add_argument("--download_url", default=PARTSEG_URL)
-    g.add_argument("--timeout", type=float, default=20.0, help="download timeout in seconds")
+    g.add_argument("--timeout", type=positive_float, default=20.0, help="download timeout in seconds")
     g = p.add_argument_group("looking at it")
-    g.add_argument("--preview", default=None, help="PNG grid of the first shapes per category (point clouds)")
-    g.add_argument("--preview_voxels", default=None, help="PNG of the first voxelized shapes per category")
-    g.add_argument("--preview_n", type=int, default=4, help="shapes per category in the previews")
+    g.add_argument("--preview", type=output_file, default=None,
+                   help="PNG grid of the first shapes per category (point clouds)")
+    g.add_argument("--preview_voxels", type=output_file, default=None,
+                   help="PNG of the first voxelized shapes per category")
+    g.add_argument("--preview_n", type=positive_int, default=4, help="shapes per category in the previews")
     return p
 
 
+def _resolution(text: str) -> int:
+    """argparse type: a power of two >= 8."""
+    try:
+        return check_resolution(int(text))
+    except (ValueError, VoxdiffError) as e:
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, VoxdiffError) else f"not an integer: {text!r}") \
+            from None
+
+
+def _sha256(text: str) -> str:
+    """argparse type: 64 hexadecimal digits."""
+    t = text.strip().lower()
+    if len(t) != 64 or any(ch not in "0123456789abcdef" for ch in t):
+        raise argparse.ArgumentTypeError(f"must be 64 hexadecimal digits; got {text!r}")
+    return t
+
+
 def _counts(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """Shapes per split and category: the preset's, with --n_{split} overriding a whole split."""
     counts = {s: dict(COUNT_PRESETS[args.data_preset][s]) for s in SPLITS}
     for s in SPLITS:
         n = getattr(args, f"n_{s}")
         if n is not None:
-            if n < 0:
-                raise VoxdiffError(f"--n_{s} must be >= 0; got {n}")
             counts[s] = dict.fromkeys(CATEGORIES, n)
     return counts
 
@@ -100,8 +126,8 @@ def _preview_voxels(args: argparse.Namespace, out_dir: Path, split: str) -> None
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Check every flag and input path, then fetch / generate, voxelize and preview under the output's lock."""
     args = build_parser().parse_args(argv)
-    check_resolution(args.resolution)
     args.categories = list(CATEGORIES) if "all" in args.categories else list(dict.fromkeys(args.categories))
     bad = [s for s in args.splits if s not in SPLITS]
     if bad:
@@ -112,6 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.out_dir) if args.out_dir else dataset
     if args.synthetic:
         check_may_generate(dataset)
+    if args.zip is not None and not Path(args.zip).is_file():
+        raise VoxdiffError(f"--zip {args.zip}: file not found")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VoxdiffError(f"--out_dir {out_dir} is a file, not a directory")
     if args.out_dir is None and not (args.synthetic or args.zip or args.download) and not dataset.is_dir():
         raise VoxdiffError(f"--dataset_path {dataset} is not a directory (give --synthetic, --zip or --download to "
                            "create it)")

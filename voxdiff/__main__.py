@@ -9,8 +9,10 @@ config.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from voxdiff.config import (
     from_dict,
     pipeline_preset,
 )
-from voxdiff.pipeline import RERUNNABLE, STAGES, run
+from voxdiff.pipeline import RERUNNABLE, STAGES, resolve, run
 from voxdiff.report import summary_lines
 from voxdiff.utils import VoxdiffError, run_cli
 
@@ -56,21 +58,56 @@ def build_parser() -> tuple[argparse.ArgumentParser, list]:
     return p, flags
 
 
+def _load_config(path: Path) -> PipelineConfig:
+    """A config.json written by an earlier run, checked in full (nested stage configs included); a VoxdiffError
+    naming the file otherwise."""
+    if not path.is_file():
+        raise VoxdiffError(f"config file not found: {path}")
+    try:
+        cfg = from_dict(PipelineConfig, json.loads(path.read_text()))
+        _check_types(cfg)
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VoxdiffError(f"{path} is not a voxdiff config ({why})") from None
+    return cfg
+
+
+def _check_types(cfg: Any, where: str = "") -> None:
+    """Every field typed as a config dataclass holds one (from_dict keeps a JSON value such as `"ae": 5` as it is)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp, value = hints[f.name], getattr(cfg, f.name)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, tp):
+                raise TypeError(f"{where}{f.name} must be a {tp.__name__} object; got {value!r}")
+            _check_types(value, f"{where}{f.name}.")
+
+
+def _name_flag(message: str, args: argparse.Namespace, flags: list) -> str:
+    """A stage config's "num_steps must be >= 1" names the field only; prefix the flag the user gave for it
+    (`--ae.num_steps`) when exactly one given flag has that field name."""
+    field = message.split(" ", 1)[0]
+    options = [fl.option for fl in flags if fl.field == field and hasattr(args, fl.dest)]
+    return f"{options[0]}: {message}" if len(options) == 1 else message
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the flags over a preset or a run's config.json, run the pipeline, print one line per category and set."""
     parser, flags = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise VoxdiffError(f"config file not found: {path}")
-        try:
-            base = from_dict(PipelineConfig, json.loads(path.read_text()))
-        except (ValueError, TypeError) as e:
-            raise VoxdiffError(f"{path} is not a voxdiff config ({e})") from None
+        base = _load_config(Path(args.config))
     else:
         base = pipeline_preset(args.preset)
         base.run_dir = f"runs/{args.preset}"
-    cfg = config_from_args(PipelineConfig, args, flags, base)
+    try:
+        cfg = config_from_args(PipelineConfig, args, flags, base)
+        resolve(cfg)  # builds every stage's config from the pipeline's values: checks them all, writes nothing
+    except (ValueError, TypeError) as e:
+        msg = _name_flag(str(e), args, flags)
+        if msg == str(e) and args.config:  # no flag set it: the value came from the file
+            msg = f"{args.config}: {msg}"
+        raise VoxdiffError(msg) from None
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     bad = [s for s in stages if s not in STAGES]
     if bad:
@@ -83,4 +120,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, prog="python -m voxdiff")

@@ -7,14 +7,20 @@ AE's latent scale, calibrated threshold, training occupancy and held-out slice; 
 was trained on). Loaded with `torch.load(weights_only=True)`: modules are never pickled, and `module.` /
 `_orig_mod.` prefixes are stripped on save so a DDP or torch.compile run loads into a plain model.
 Format 1 files (voxdiff 0.1) are upgraded in memory when loaded: they sample and decode, but cannot be resumed.
+
+Every file carries `digest`: a SHA-256 of the tensors of `model`, `ema` and `optimizer` (each separately: dtype,
+shape and bytes, in key order), checked when loaded, so a file changed after it was written (a flipped bit, a
+hand-edited or half-copied tensor inside an intact zip) is refused as corrupt instead of sampling garbage. Loaded
+weights must also be finite. Files written before the digest existed load unchecked (their weights are still checked
+for NaN / inf).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import os
-import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +38,8 @@ from voxdiff.utils import VoxdiffError, atomic_path, file_sha256
 FORMAT = 2
 Kind = Literal["autoencoder", "ldm"]
 _PREFIXES = ("module.", "_orig_mod.")
+DIGESTED = ("model", "ema", "optimizer")  # the parts of a checkpoint whose tensors the digest covers
+DIGEST_OF = "sha256 over each part's tensors (dtype, shape, raw bytes) in key order"
 
 
 @dataclass
@@ -146,6 +154,32 @@ def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+def tensor_digest(state: Any) -> str:
+    """Hex SHA-256 of the tensors in a (nested) state dict: each tensor's key path, dtype, shape and raw bytes, in key
+    order (the order a state_dict keeps through save and load). Non-tensor values (hyper-parameters) are left out."""
+    h = hashlib.sha256()
+    _feed(h, state, "")
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any, key: str) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(obj.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _feed(h, v, f"{key}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _feed(h, v, f"{key}/{i}")
+
+
+def checkpoint_digest(payload: dict[str, Any]) -> dict[str, str]:
+    """{part: tensor_digest} for the parts of a checkpoint payload that are present (DIGESTED)."""
+    return {part: tensor_digest(payload[part]) for part in DIGESTED if payload.get(part) is not None}
+
+
 def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     """Write a checkpoint atomically (temp file + rename)."""
     payload = {
@@ -161,6 +195,7 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
         "rng": ckpt.rng,
         "meta": dataclasses.asdict(ckpt.meta),
     }
+    payload["digest"] = {"of": DIGEST_OF, **checkpoint_digest(payload)}
     with atomic_path(path) as tmp:
         try:
             torch.save(payload, tmp)
@@ -185,20 +220,16 @@ def resolve_checkpoint_file(path: str | os.PathLike[str], prefer: str = "best") 
 
 def load_checkpoint(path: str | os.PathLike[str], kind: Kind | None = None, map_location: Any = "cpu",
                     prefer: str = "best") -> Checkpoint:
-    """Load a voxdiff checkpoint safely (weights_only=True); refuse pickled payloads and checkpoints of another kind."""
+    """Load a voxdiff checkpoint safely (weights_only=True) and verify it: refuse pickled payloads, files that are
+    corrupt or not checkpoints, checkpoints of another kind, tensors that differ from the digest written with them,
+    and weights that are not finite. Every refusal is one VoxdiffError line naming the file."""
     file = resolve_checkpoint_file(path, prefer)
-    try:
-        raw = torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise VoxdiffError(f"{file} is not a safe voxdiff checkpoint (weights_only load refused: {first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise VoxdiffError(f"{file} could not be read as a checkpoint ({type(e).__name__}: {first})") from None
+    raw = _torch_load(file, map_location)
     if not isinstance(raw, dict) or raw.get("format") not in (1, FORMAT) or "model" not in raw:
-        raise VoxdiffError(f"{file} is not a voxdiff checkpoint (format {FORMAT} expected)")
+        raise VoxdiffError(f"{file} is corrupt or not a voxdiff checkpoint (format {FORMAT} expected)")
     if kind is not None and raw.get("kind") != kind:
         raise VoxdiffError(f"{file} is a {raw.get('kind')!r} checkpoint, expected {kind!r}")
+    verify_payload(raw, file)
     try:
         ckpt = _from_v1(raw) if raw["format"] == 1 else _from_payload(raw)
     except (KeyError, TypeError, ValueError) as e:
@@ -206,6 +237,65 @@ def load_checkpoint(path: str | os.PathLike[str], kind: Kind | None = None, map_
                            "written by this version of voxdiff") from None
     ckpt.file = file
     return ckpt
+
+
+def _torch_load(file: Path, map_location: Any) -> Any:
+    """torch.load(weights_only=True) with every failure as one line naming the file.
+
+    A damaged file can make the unpickler fail in any way (UnpicklingError, RuntimeError from the zip reader, but
+    also IndexError or KeyError from garbage opcodes), so every exception but an OSError (the file could not be read
+    at all: reported as such) means "corrupt". torch's own text is cut to its reason: it advises re-running with
+    weights_only=False, which no one should do for a file that failed to load.
+    """
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see the docstring: any failure of the unpickler means a bad file
+        text = str(e)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            raise VoxdiffError(f"{file} is not a safe voxdiff checkpoint: it holds pickled Python objects "
+                               f"({_load_reason(e)}), which are never loaded") from None
+        raise VoxdiffError(f"{file} is corrupt or not a voxdiff checkpoint ({_load_reason(e)})") from None
+
+
+def _load_reason(e: BaseException) -> str:
+    """The reason in a torch.load error, without torch's advice (weights_only=False, filing an issue)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1]
+        reason = next((line.strip() for line in rest.splitlines() if line.strip()), "")
+    else:
+        reason = text.splitlines()[0].strip() if text.strip() else ""
+        if "central directory" in reason:
+            reason = "truncated, or not a zip archive: no central directory"
+        else:
+            reason = reason.split(". ")[0]
+    if not reason or "weights_only" in reason:
+        reason = "unreadable"
+    return f"{type(e).__name__}: {reason}"
+
+
+def verify_payload(raw: dict[str, Any], file: Path) -> None:
+    """Check a loaded payload: its tensors against the digest written with them (when it has one), and its model /
+    EMA weights for NaN and inf. A VoxdiffError naming the file otherwise."""
+    for part in ("model", "ema"):
+        if raw.get(part) is not None and not isinstance(raw[part], dict):
+            raise VoxdiffError(f"{file} is corrupt or not a voxdiff checkpoint ('{part}' is not a state dict)")
+    stored = raw.get("digest")
+    if stored is not None:
+        if not isinstance(stored, dict):
+            raise VoxdiffError(f"{file} is corrupt (its digest record is unreadable)")
+        for part in DIGESTED:
+            if part in stored and (raw.get(part) is None or tensor_digest(raw[part]) != stored[part]):
+                raise VoxdiffError(f"{file} is corrupt: its {part} tensors do not match the digest written with them "
+                                   "(the file changed after it was saved); restore it from a copy or retrain")
+    for part in ("model", "ema"):
+        for key, value in (raw.get(part) or {}).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                n = int((~torch.isfinite(value)).sum())
+                raise VoxdiffError(f"{file}: its {part} weights hold {n} non-finite value(s) (NaN or inf) in "
+                                   f"{key!r}; the checkpoint is unusable (a damaged file or a diverged run)")
 
 
 def _from_payload(raw: dict[str, Any]) -> Checkpoint:

@@ -84,6 +84,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (counts, seeds)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (timeouts, scales)."""
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0; got {text!r}")
+    return value
+
+
 def output_file(text: str) -> str:
     """argparse type: a file path that can be written (not a directory; its directory exists or can be made)."""
     p = Path(text)

@@ -3,14 +3,17 @@
 A cache file is keyed by the AE checkpoint's content hash, the AE resolution, the split, the categories and the identity
 (name, size, mtime) of the voxel files, so a retrained AE or regenerated data never reuses stale latents. Latents are
 stored raw (unnormalised); the per-channel statistics that normalise them are data of the AE checkpoint
-(`AEMeta.latent_mean` / `latent_std`), applied by `normalise` / `denormalise`.
+(`AEMeta.latent_mean` / `latent_std`), applied by `normalise` / `denormalise`. A cache file that cannot be read
+(truncated by an interrupted copy, damaged) or does not fit the split is encoded again, with one warning line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,19 +77,39 @@ def cached_latents(
     cache_dir: str | os.PathLike[str],
     device: torch.device,
     progress: bool = True,
+    log: logging.Logger | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Path]:
     """Raw latents (N,C,r,r,r) float32 and labels (N,) of one split, from `cache_dir` or encoded once and cached.
 
-    Returns (latents, labels, cache file). The cache file appears atomically, so an interrupted encode leaves nothing.
+    Returns (latents, labels, cache file). The cache file appears atomically, so an interrupted encode leaves nothing;
+    one that cannot be read or does not match the split is rebuilt, saying so on `log` (default: the LDM trainer's
+    logger, "voxdiff.ldm", which writes train.log and stderr).
     """
+    log = log if log is not None else logging.getLogger("voxdiff.ldm")
     resolution = int(ae.cfg.resolution)
     dataset = VoxelDataset(dataset_path, split, tuple(categories), resolution=resolution)
     key = _cache_key(ae_hash, resolution, Path(dataset_path), split, categories)
     file = Path(cache_dir) / f"{split}_r{resolution}_{key}.npz"
     if file.is_file():
-        with np.load(file) as data:
-            return torch.from_numpy(data["latents"]), torch.from_numpy(data["labels"]), file
+        try:
+            z, y = _read_cache(file, dataset.class_indices())
+            return torch.from_numpy(z), torch.from_numpy(y), file
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("latent cache %s cannot be used (%s); encoding the %s split again", file, why, split)
     z, y = encode_dataset(ae, dataset, device, progress=progress)
     with atomic_path(file) as tmp, open(tmp, "wb") as f:
         np.savez(f, latents=z, labels=y)
     return torch.from_numpy(z), torch.from_numpy(y), file
+
+
+def _read_cache(file: Path, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Latents and labels of a cache file, read in full (so a truncated or damaged member fails here, on its CRC),
+    checked against the split's labels; ValueError when they do not fit."""
+    with np.load(file, allow_pickle=False) as data:
+        z, y = np.asarray(data["latents"]), np.asarray(data["labels"])
+    if z.ndim != 5 or len(z) != len(labels) or not np.array_equal(y, labels):
+        raise ValueError(f"it holds {z.shape} latents for {len(y)} labels, the split has {len(labels)} shapes")
+    if not np.isfinite(z).all():
+        raise ValueError("it holds non-finite latents")
+    return z, y

@@ -15,8 +15,12 @@ Layout of a run directory:
     baselines/             trivial baselines: training shapes copied ("train"), occupancy-matched noise ("noise")
     renders/               PNG sheets: data vs samples vs oracle per category; teaser.png
     report.json, report.md per category JSD / MMD / COV / 1-NNA for samples, oracle and baselines; timings
-A stage recorded as complete in `stages.json` for the same settings is skipped on a rerun; a stage that ran makes every
-later stage run again. The records hold no paths, so a run directory that is moved or copied resumes where it was.
+A stage recorded as complete in `stages.json` for the same settings, whose outputs (`stage_outputs`) all exist, is
+skipped on a rerun; a stage that ran makes every later stage run again. A stage is recorded only once all its outputs
+exist. A `stages.json` that cannot be read is rebuilt from the run's files (`_Stages.recover`).
+The record keys hold no paths, so a run directory that is moved or copied resumes where it was. A rerun is checked
+(changed settings of trained stages, the data's resolution) before anything is written: a refused rerun leaves every
+file of the run as it was, config.json included.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 
 from voxdiff import __version__
+from voxdiff.checkpoint import load_checkpoint, resolve_checkpoint_file
 from voxdiff.config import CATEGORIES, SPLITS, PipelineConfig, to_dict
 from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
 from voxdiff.data.shapes import generate_split
@@ -51,7 +56,9 @@ from voxdiff.utils import (
     atomic_memmap,
     atomic_write_json,
     dir_lock,
+    file_sha256,
     get_logger,
+    remove_leftovers,
     resolve_device,
 )
 
@@ -77,14 +84,19 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
 
 def stage_key(stage: str, cfg: PipelineConfig, external_data: str | None) -> str:
     """What a stage's output depends on, without paths or devices (a moved run directory keeps its keys)."""
-
-    def strip(obj: Any) -> Any:
-        return {k: v for k, v in to_dict(obj).items() if k not in _PATH_FIELDS}
-
     what: Any = {"data": lambda: [external_data, cfg.data_preset, cfg.resolution, cfg.seed],
-                 "ae": lambda: strip(cfg.ae), "ldm": lambda: strip(cfg.ldm), "tune": lambda: strip(cfg.tune),
-                 "sample": lambda: strip(cfg.sample), "eval": lambda: [cfg.oracle, list(cfg.baselines), "scorer-3"],
+                 "ae": lambda: _strip(to_dict(cfg.ae)), "ldm": lambda: _strip(to_dict(cfg.ldm)),
+                 "tune": lambda: _strip(to_dict(cfg.tune)), "sample": lambda: _strip(to_dict(cfg.sample)),
+                 "eval": lambda: [cfg.oracle, list(cfg.baselines), "scorer-3"],
                  "render": lambda: [cfg.render_n]}[stage]()
+    return _key(what)
+
+
+def _strip(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in _PATH_FIELDS}
+
+
+def _key(what: Any) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -100,25 +112,72 @@ def apply_tune(cfg: PipelineConfig, result: dict[str, Any] | None) -> PipelineCo
 
 
 class _Stages:
-    """Completion records in `stages.json`: {stage: {key, seconds, result}}; written atomically after each stage."""
+    """Completion records in `stages.json`: {stage: {key, seconds, result}}; written atomically after each stage.
+
+    A stage counts as complete when its record has the current key and every one of its outputs exists (a record is
+    no proof that a file deleted or lost since is still there). A file that cannot be read as records is rebuilt.
+    """
 
     def __init__(self, run_dir: Path, force: bool) -> None:
         self.file = run_dir / "stages.json"
         self.done: dict[str, Any] = {}
+        self.unreadable: str | None = None  # why stages.json could not be read: `recover` rebuilds the records
         if not force and self.file.is_file():
             try:
-                self.done = json.loads(self.file.read_text())
-            except ValueError:
-                raise VoxdiffError(f"{self.file} is not valid JSON; move it away to rerun every stage") from None
+                done = json.loads(self.file.read_text())
+                if not isinstance(done, dict) or not all(isinstance(v, dict) for v in done.values()):
+                    raise ValueError("not a JSON object of stage records")
+                self.done = done
+            except (ValueError, UnicodeDecodeError) as e:
+                self.unreadable = str(e).splitlines()[0] if str(e) else type(e).__name__
 
-    def complete(self, stage: str, key: str) -> bool:
+    def recover(self, cfg: PipelineConfig, ext: str | None) -> None:
+        """Rebuild the records of an unreadable stages.json from what is on disk, without writing anything.
+
+        The data counts as made when every grid exists at the pipeline's resolution. A trainer's stage counts as done
+        when its last.pt records the same settings (its `train_config` gives the stage key) and, for the LDM, was
+        trained on the AE checkpoint that is there now; a last.pt of other settings is refused like any changed
+        rerun. The stages computed from the models (tune, sample, eval, render) run again. One line says so.
+        """
+        if self.unreadable is None:
+            return
+        run_dir = Path(cfg.run_dir)
+        for stage in ("data", "ae", "ldm"):
+            key = stage_key(stage, cfg, ext)
+            if stage == "data":
+                check_data(cfg)
+                if _missing(stage_outputs(stage, cfg)):
+                    break
+                self.done[stage] = {"key": key, "seconds": 0.0, "result": {"recovered": "grids found"}}
+                continue
+            last = run_dir / stage / "last.pt"
+            if not last.is_file():
+                break
+            ckpt = load_checkpoint(last, kind="autoencoder" if stage == "ae" else "ldm")
+            if _key(_strip(ckpt.train_config)) != key:
+                raise VoxdiffError(f"stage {stage}: the settings changed since {run_dir / stage} was trained (its "
+                                   "last.pt records others); pass --force to rerun every stage, or use another "
+                                   "--run_dir")
+            if stage == "ldm" and ckpt.meta.ae_sha256 != file_sha256(resolve_checkpoint_file(run_dir / "ae")):
+                break
+            self.done[stage] = {"key": key, "seconds": 0.0, "result": {"recovered": "from last.pt",
+                                                                       "step": ckpt.step}}
+        kept = ", ".join(self.done) or "nothing"
+        print(f"warning: {self.file} cannot be read ({self.unreadable}); rebuilding it from the run's files (kept: "
+              f"{kept}; the later stages run again)", file=sys.stderr)
+
+    def complete(self, stage: str, key: str, outputs: list[Path]) -> bool:
         rec = self.done.get(stage, {})
-        return rec.get("key") == key and not rec.get("incomplete")
+        return rec.get("key") == key and not rec.get("incomplete") and not _missing(outputs)
 
     def changed(self, stage: str, key: str) -> bool:
         return stage in self.done and self.done[stage].get("key") != key
 
-    def mark(self, stage: str, key: str, seconds: float, result: Any) -> None:
+    def mark(self, stage: str, key: str, seconds: float, result: Any, outputs: list[Path]) -> None:
+        """Record `stage` as done, once every output exists (a VoxdiffError naming the first missing one else)."""
+        missing = _missing(outputs)
+        if missing:
+            raise VoxdiffError(f"stage {stage} ended without writing {missing[0]}; it is not recorded as complete")
         rec = {"key": key, "seconds": seconds, "result": result}
         if isinstance(result, dict) and result.get("note"):
             rec["incomplete"] = True  # cut by the time cap: a rerun continues it
@@ -128,6 +187,33 @@ class _Stages:
     def forget(self, stages: list[str]) -> None:
         for s in stages:
             self.done.pop(s, None)
+
+
+def _missing(paths: list[Path]) -> list[Path]:
+    return [p for p in paths if not p.is_file()]
+
+
+def stage_outputs(stage: str, cfg: PipelineConfig) -> list[Path]:
+    """The files a stage must leave (for the later stages and the report) before it counts as complete.
+
+    `cfg` is the resolved config (`resolve`). The trainers' outputs are their last.pt (what a resume and the later
+    stages read); the tune stage's result lives in stages.json itself.
+    """
+    run = Path(cfg.run_dir)
+    cats = list(cfg.sample.categories)
+    if stage == "data":
+        return [voxel_path(cfg.dataset_path, c, s) for c in CATEGORIES for s in SPLITS]
+    if stage in ("ae", "ldm"):
+        return [run / stage / "last.pt"]
+    if stage == "sample":
+        return [Path(cfg.sample.save_dir) / f"{c}.npy" for c in cats]
+    if stage == "eval":
+        out = [run / "oracle" / f"{c}.npy" for c in cats] if cfg.oracle else []
+        return out + [run / "baselines" / f"{b}_{c}.npy" for b in ("train", "noise") if b in cfg.baselines
+                      for c in cats]
+    if stage == "render":
+        return [run / "renders" / f"{c}.png" for c in cats] + [run / "renders" / "teaser.png"]
+    return []
 
 
 # ---- stages -------------------------------------------------------------------------------------------------------
@@ -160,6 +246,16 @@ def stage_data(cfg: PipelineConfig, external: bool) -> dict[str, Any]:
     if r != cfg.resolution:
         raise VoxdiffError(f"{data} holds {r}³ grids but the pipeline runs at {cfg.resolution}³")
     return {"reused": data.name}
+
+
+def check_data(cfg: PipelineConfig) -> None:
+    """Refuse, before anything is written, data that exists at another resolution than the pipeline's."""
+    data = Path(cfg.dataset_path)
+    if data.is_dir() and _has_voxels(data):
+        r = int(open_voxels(voxel_path(data, CATEGORIES[0], "test")).shape[-1])
+        if r != cfg.resolution:
+            raise VoxdiffError(f"{data} holds {r}³ grids but the pipeline runs at {cfg.resolution}³; use another "
+                               "--run_dir (or --dataset_path) for another resolution")
 
 
 def make_oracle(cfg: PipelineConfig, category: str, n: int, path: Path) -> Path:
@@ -200,11 +296,11 @@ def _eval_device(device: str) -> str:
     return device
 
 
-def stage_eval(cfg: PipelineConfig, log: Any) -> dict[str, Any]:
+def stage_eval(cfg: PipelineConfig, log: Any, progress: bool = True) -> dict[str, Any]:
     """Score samples, oracle and baselines per category against test+val with the one scorer eval.py uses."""
     run = Path(cfg.run_dir)
     results: dict[str, Any] = {}
-    bar = Progress(len(cfg.sample.categories), "eval", unit="category", log=log)
+    bar = Progress(len(cfg.sample.categories), "eval", unit="category", log=log, enabled=progress)
     for cat in cfg.sample.categories:
         refs = References.load(cfg.dataset_path, cat)
         model = Path(cfg.sample.save_dir) / f"{cat}.npy"
@@ -264,6 +360,28 @@ def _train_stage(train: Any, stage_cfg: Any, run_dir: Path, force: bool) -> dict
 
 
 RERUNNABLE = ("tune", "sample", "eval", "render")  # stages computed from the trained models, cheap to redo
+BASELINES = ("train", "noise")  # the trivial sets make_baselines knows
+
+
+def check_config(cfg: PipelineConfig) -> None:
+    """The pipeline's own settings (the stage configs check theirs when built): a VoxdiffError naming the flag, before
+    anything is written."""
+    for name in ("seed", "resolution", "render_n"):  # a config.json can hold any JSON value here
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise VoxdiffError(f"--{name} must be an integer; got {value!r}")
+    if cfg.seed < 0:  # every stage's seed is the pipeline's (resolve); numpy's own error would name no flag
+        raise VoxdiffError(f"--seed must be >= 0; got {cfg.seed}")
+    r = cfg.resolution
+    if r < 8 or r & (r - 1):
+        raise VoxdiffError(f"--resolution must be a power of two >= 8; got {r}")
+    if cfg.render_n < 1:
+        raise VoxdiffError(f"--render_n must be >= 1; got {cfg.render_n}")
+    if cfg.dataset_path is None and cfg.data_preset not in COUNT_PRESETS:
+        raise VoxdiffError(f"--data_preset: unknown preset {cfg.data_preset!r}; choose from {', '.join(COUNT_PRESETS)}")
+    unknown = [b for b in cfg.baselines if b not in BASELINES]
+    if unknown:
+        raise VoxdiffError(f"--baselines: unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
 
 
 def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = False, command: str = "",
@@ -272,6 +390,7 @@ def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = Fal
 
     `rerun_from` (one of RERUNNABLE) redoes that stage and every later one even when their records are up to date
     (e.g. to rescore a finished run with a newer scorer), keeping the data and the trained models."""
+    check_config(cfg)
     if rerun_from is not None and rerun_from not in RERUNNABLE:
         raise VoxdiffError(f"--rerun_from must be one of {', '.join(RERUNNABLE)} (the trained models are kept; "
                            f"--force retrains everything); got {rerun_from!r}")
@@ -299,44 +418,57 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
         external = None  # the run's own procedural data (a config.json written by this run names it)
     cfg = resolve(cfg)
     run_dir = Path(cfg.run_dir)
+    ext = str(Path(external).resolve()) if external else None
+    # ---- every refusal first: a refused rerun writes nothing (not config.json, not the log) ----
+    done = _Stages(run_dir, force)
+    order = [s for s in STAGES if s != "report"]
+    if rerun_from is not None:
+        done.forget(order[order.index(rerun_from) :])
+    wanted = [s for s in order if s in stages]
+    done.recover(cfg, ext)  # only when stages.json could not be read
+    # a stage trained for other settings is refused, not silently replaced: its outputs are someone's results
+    changed = [s for s in wanted if s in ("ae", "ldm") and done.changed(s, stage_key(s, cfg, ext))]
+    if changed:
+        raise VoxdiffError(f"stage {changed[0]}: the settings changed since {run_dir / changed[0]} was trained; pass "
+                           "--force to rerun every stage, or use another --run_dir")
+    if "data" in wanted:
+        check_data(cfg)
+    # ---- then act ----
     for sub in ("data", "oracle", "baselines", "renders"):  # the lock is held: temp files here are a killed run's
-        for tmp in (run_dir / sub).glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        if (run_dir / sub).is_dir():
+            remove_leftovers(run_dir / sub)
     # the run's own data is not written as a --dataset_path: `--config` reruns regenerate nothing and move with the run
     atomic_write_json(run_dir / "config.json", to_dict(dataclasses.replace(cfg, dataset_path=external)))
+    if done.unreadable is not None:  # the rebuilt records replace the unreadable file at once
+        atomic_write_json(done.file, done.done)
     log = get_logger("voxdiff.pipeline", run_dir / "pipeline.log")
     log.info("pipeline %s stages %s", cfg.name, stages)
-    done = _Stages(run_dir, force)
     report: dict[str, Any] = {"name": cfg.name, "version": __version__, "command": command,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(),
                               "config": to_dict(cfg), "timings": {}, "stages": {}}
-    ext = str(Path(external).resolve()) if external else None
     actions = {
         "data": lambda c: stage_data(c, external is not None),
         "ae": lambda c: _train_stage(lambda x: train_autoencoder(x, progress), c.ae, run_dir / "ae", force),
         "ldm": lambda c: _train_stage(lambda x: train_ldm(x, progress), c.ldm, run_dir / "ldm", force),
         "tune": lambda c: stage_tune(c, progress),
         "sample": lambda c: sample_to_files(c.sample, progress=progress),
-        "eval": lambda c: stage_eval(c, log),
+        "eval": lambda c: stage_eval(c, log, progress),
         "render": lambda c: stage_render(c),
     }
-    order = [s for s in STAGES if s != "report"]
-    if rerun_from is not None:
-        done.forget(order[order.index(rerun_from) :])
-    wanted = [s for s in order if s in stages]
-    # a stage trained for other settings is refused, not silently replaced: its outputs are someone's results
-    changed = [s for s in wanted if s in ("ae", "ldm") and done.changed(s, stage_key(s, cfg, ext))]
-    if changed:
-        raise VoxdiffError(f"stage {changed[0]}: the settings changed since {run_dir / changed[0]} was trained; pass "
-                           "--force to rerun every stage, or use another --run_dir")
     ran = False  # once a stage runs, every later stage runs again (its inputs changed)
     for stage in order:
-        key = stage_key(stage, cfg, ext)
-        if not ran and done.complete(stage, key):
+        key, outputs = stage_key(stage, cfg, ext), stage_outputs(stage, cfg)
+        if not ran and done.complete(stage, key, outputs):
             report["stages"][stage] = done.done[stage]["result"]
             report["timings"][stage] = done.done[stage]["seconds"]
             log.info("stage %s: up to date, skipped", stage)
         elif stage in wanted:
+            rec = done.done.get(stage, {})
+            if not ran and rec.get("key") == key and not rec.get("incomplete"):
+                lost = _missing(outputs)[0]
+                print(f"notice: stage {stage} was recorded complete but {lost} is missing; running it again",
+                      file=sys.stderr)
+                log.info("stage %s: recorded complete but %s is missing", stage, lost)
             done.forget(order[order.index(stage) :])
             log.info("stage %s: running", stage)
             t0 = time.perf_counter()
@@ -344,7 +476,7 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
             dt = time.perf_counter() - t0
             report["timings"][stage] = dt
             report["stages"][stage] = _jsonable(out)
-            done.mark(stage, key, dt, report["stages"][stage])
+            done.mark(stage, key, dt, report["stages"][stage], outputs)
             log.info("stage %s done in %.1fs", stage, dt)
             ran = True
             if isinstance(out, dict) and out.get("note"):

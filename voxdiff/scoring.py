@@ -25,7 +25,7 @@ from voxdiff import __version__, metrics
 from voxdiff.config import category_index
 from voxdiff.data.voxelize import open_voxels, voxel_path
 from voxdiff.metrics import GridSet, VoxelPoints
-from voxdiff.utils import VoxdiffError
+from voxdiff.utils import VoxdiffError, open_npy
 
 REF_SPLITS: tuple[str, ...] = ("test", "val")  # the reference set is test then val, concatenated
 BLOAT_FACTOR = 2  # a sample is bloated above BLOAT_FACTOR × the largest training shape's occupied voxels
@@ -99,17 +99,14 @@ def _max_voxels(arr: np.ndarray, resolution: int) -> int | None:
 
 
 def open_samples(path: str | os.PathLike[str]) -> np.ndarray:
-    """Memory-map a samples .npy with a clear one-line error for a missing or unreadable file."""
+    """Memory-map a samples .npy with a clear one-line error for a missing or unreadable file (utils.open_npy: a text
+    file or an archive named .npy is "not a .npy file", never numpy's "pickled (object) data")."""
     p = Path(path)
     if p.is_dir():
         raise VoxdiffError(f"{p} is a directory; expected a samples .npy file")
     if not p.is_file():
         raise VoxdiffError(f"samples file not found: {p}")
-    try:
-        return np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        why = str(e).splitlines()[0] if str(e) else "empty or truncated file"
-        raise VoxdiffError(f"{p} is not a readable .npy array ({why})") from None
+    return open_npy(p)
 
 
 def provenance(

@@ -56,23 +56,72 @@ def _tmp_path(path: Path) -> Path:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on any error delete it.
 
-    Readers never see a half-written file: the rename is atomic on POSIX file systems.
+    Readers never see a half-written file: the rename is atomic on POSIX file systems. An OSError raised while the
+    temporary file is written (a full disk reports no file name at all) is raised again naming `path`, the file the
+    user asked for, not the hidden temporary one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
+    try:
+        tmp = _tmp_path(path)
+    except OSError as e:
+        raise _naming(e, path, None) from None
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _naming(e, path, tmp) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _naming(e: OSError, path: Path, tmp: Path | None) -> OSError:
+    """`e` itself when it names some other file; else the same error naming `path` (a full disk names no file)."""
+    if e.filename is not None and tmp is not None and Path(e.filename) != tmp:
+        return e
+    what = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if tmp is not None:
+        what = what.replace(str(tmp), str(path))
+    return OSError(e.errno, what, str(path))
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """np.save to `path` atomically (the file name is kept exactly, no `.npy` appended)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def open_npy(path: str | os.PathLike[str], mmap_mode: Any = "r") -> np.ndarray:
+    """np.load of a plain .npy array (memory-mapped by default), never unpickling; a one-line VoxdiffError naming the
+    file when it is missing or not one (a text file, an .npz archive, a truncated file, an object array).
+
+    The magic bytes are checked first: numpy reports any file without them as "pickled (object) data", which tells
+    a user with a text file named .npy the wrong thing.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise VoxdiffError(f"{p} is a directory; expected a .npy file")
+    if not p.is_file():
+        raise VoxdiffError(f"file not found: {p}")
+    with open(p, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if head != NPY_MAGIC:
+        what = "it is empty" if not head else "it is an .npz archive" if head.startswith(b"PK") else \
+            "it does not start with the .npy header"
+        raise VoxdiffError(f"{p} is not a readable .npy array: not a .npy file ({what})")
+    try:
+        return np.load(p, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as e:
+        why = "it holds Python objects (dtype object), which are never loaded" if "allow_pickle" in str(e) else \
+            f"truncated or damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        raise VoxdiffError(f"{p} is not a readable .npy array ({why})") from None
+    except EOFError:
+        raise VoxdiffError(f"{p} is not a readable .npy array (truncated: it ends inside its header)") from None
 
 
 def open_npy_memmap(path: str | os.PathLike[str], shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
@@ -149,7 +198,7 @@ def get_logger(name: str, log_file: str | os.PathLike[str] | None = None) -> log
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        fh = logging.FileHandler(log_file, delay=True)  # made at the first line: a refused command leaves none
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)
@@ -159,14 +208,22 @@ def get_logger(name: str, log_file: str | os.PathLike[str] | None = None) -> log
     return logger
 
 
-def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a CLI `main(argv)`; user errors become one line on stderr and exit status 2.
+def cli_name(argv0: str | None = None) -> str:
+    """How the user started the program: `eval.py`, or `python -m voxdiff` for a package's `__main__.py`."""
+    p = Path(argv0 if argv0 is not None else sys.argv[0])
+    if p.name == "__main__.py":
+        return f"python -m {p.parent.name}"
+    return p.name
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Run a CLI `main(argv)`; user errors become one line on stderr, `{prog}: error: ...`, and exit status 2.
 
     VoxdiffError, ValueError, EOFError and OSError (missing or unreadable files, a full disk, a path that is a file
     where a directory is needed, ...) are reported in one line naming the file, without a traceback; a full disk
-    exits 28 (ENOSPC). Anything else is a bug and keeps its traceback.
+    exits 28 (ENOSPC). Anything else is a bug and keeps its traceback. `prog` defaults to `cli_name()`.
     """
-    prog = Path(sys.argv[0]).name
+    prog = prog or cli_name()
     try:
         main(argv)
     except (VoxdiffError, ValueError, EOFError) as e:
@@ -190,6 +247,41 @@ def os_error_line(e: OSError) -> str:
     if name and str(name) not in what:
         return f"{name}: {what}"
     return what
+
+
+def remove_leftovers(directory: str | os.PathLike[str]) -> None:
+    """Delete what killed writers left in `directory`: temporary files and staging directories (`.*.tmp`).
+
+    Call it only while holding the directory's lock (dir_lock): then no live writer owns them.
+    """
+    for tmp in Path(directory).glob(".*.tmp"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | os.PathLike[str], names_last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield an empty hidden directory inside `target` (made if needed); when the block succeeds, move every file
+    written into it onto `target` (same names), those named in `names_last` last; on any error delete it, so
+    `target` keeps its previous set of files untouched.
+
+    For writes that replace a set of files that only make sense together (a preprocessed dataset and its summary): a
+    failure part-way (a bad input file, a full disk) can no longer leave old and new files mixed. Each move is an
+    atomic rename on the same file system; the whole swap takes microseconds.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=target))
+    try:
+        yield stage
+        order = {name: i for i, name in enumerate(names_last)}
+        files = sorted((p for p in stage.iterdir() if p.is_file()), key=lambda p: (order.get(p.name, -1), p.name))
+        for f in files:
+            os.replace(f, target / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -221,8 +313,7 @@ def dir_lock(directory: str | os.PathLike[str], what: str = "run",
                   file=sys.stderr)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}".encode(), 0)
-        for tmp in d.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        remove_leftovers(d)
         try:
             yield d
         except BaseException:

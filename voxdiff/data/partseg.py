@@ -24,7 +24,7 @@ import numpy as np
 
 from voxdiff.config import CATEGORIES, PARTSEG_LABELS, SPLITS
 from voxdiff.data.shapes import NUM_POINTS, generate_shape, shape_rng
-from voxdiff.utils import Progress, VoxdiffError, atomic_path, atomic_write_text, file_sha256
+from voxdiff.utils import Progress, VoxdiffError, atomic_path, atomic_write_text, file_sha256, staging_dir
 
 PARTSEG_URL = "https://shapenet.cs.stanford.edu/media/shapenet_part_seg_hdf5_data.zip"
 MAX_PER_FILE = 2048
@@ -86,55 +86,64 @@ def write_synthetic_partseg(
 
     `counts[split][category]` shapes per split (splits absent from `counts` are skipped). The order of shapes within a
     split is a seeded shuffle across categories; each shape depends only on (seed, split, category, index), so the
-    contents do not depend on `workers`. Every file is written under a temporary name and renamed when complete; a
-    split's file list is written last.
+    contents do not depend on `workers`. The whole set is written into a staging directory inside `out_dir` and moved
+    into place only when every file is complete (the marker first, the split file lists last), so a failure (a full
+    disk, an interrupt) leaves the previous files as they were.
     """
     out = Path(out_dir)
     check_may_generate(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / PROCEDURAL_MARKER, f"procedural PartSeg data written by voxdiff, seed {seed}\n")
+    for split, per_cat in counts.items():  # every count checked before anything is written
+        if split not in SPLITS:
+            raise VoxdiffError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+        for cat, n in per_cat.items():
+            if cat not in PARTSEG_LABELS:
+                raise VoxdiffError(f"unknown category {cat!r}; choose from {', '.join(CATEGORIES)}")
+            if n < 0:
+                raise VoxdiffError(f"negative count {n} for {cat} {split}")
+    lists = tuple(FILE_LIST.format(split=s) for s in SPLITS)
     written: list[Path] = []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        for split, per_cat in counts.items():
-            if split not in SPLITS:
-                raise VoxdiffError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-            entries = []
-            for cat, n in per_cat.items():
-                if cat not in PARTSEG_LABELS:
-                    raise VoxdiffError(f"unknown category {cat!r}; choose from {', '.join(CATEGORIES)}")
-                if n < 0:
-                    raise VoxdiffError(f"negative count {n} for {cat} {split}")
-                entries += [(cat, i) for i in range(n)]
-            order = np.random.default_rng([int(seed), SPLITS.index(split), 7919]).permutation(len(entries))
-            entries = [entries[i] for i in order]
-            names = []
-            bar = Progress(len(entries), f"generate {split}", unit="shape", enabled=progress is not False)
-            for k, start in enumerate(range(0, max(len(entries), 1), MAX_PER_FILE)):
-                part = entries[start : start + MAX_PER_FILE]  # empty only for an empty split: one empty file
-                step = max(1, len(part) // (4 * workers) if pool else len(part))
-                jobs = [part[i : i + step] for i in range(0, len(part), step)]
-                results = pool.map(_make_rows, [seed] * len(jobs), [split] * len(jobs), jobs) if pool else (
-                    _make_rows(seed, split, j) for j in jobs)
-                data, label, pid = [np.empty((0, NUM_POINTS, 3), np.float32)], [np.empty((0, 1), np.uint8)], [
-                    np.empty((0, NUM_POINTS), np.uint8)]
-                for d, lab, p in results:
-                    data.append(d)
-                    label.append(lab)
-                    pid.append(p)
-                    bar.update(len(d))
-                path = out / H5_NAME.format(split=split, k=k)
-                with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-                    f.create_dataset("data", data=np.concatenate(data))
-                    f.create_dataset("label", data=np.concatenate(label))
-                    f.create_dataset("pid", data=np.concatenate(pid))
-                written.append(path)
-                names.append(f"data/hdf5_data/{path.name}")
-            bar.close()
-            atomic_write_text(out / FILE_LIST.format(split=split), "".join(n + "\n" for n in names))
+        with staging_dir(out, names_last=lists) as stage:
+            atomic_write_text(stage / PROCEDURAL_MARKER, f"procedural PartSeg data written by voxdiff, seed {seed}\n")
+            for split, per_cat in counts.items():
+                written += _write_split(stage, out, split, per_cat, seed, workers, pool, progress)
     finally:
         if pool:
             pool.shutdown()
+    return written
+
+
+def _write_split(stage: Path, out: Path, split: str, per_cat: dict[str, int], seed: int, workers: int,
+                 pool: ProcessPoolExecutor | None, progress: bool | None) -> list[Path]:
+    """Write one split's h5 files and file list into `stage`; returns their final paths in `out`."""
+    entries = [(cat, i) for cat, n in per_cat.items() for i in range(n)]
+    order = np.random.default_rng([int(seed), SPLITS.index(split), 7919]).permutation(len(entries))
+    entries = [entries[i] for i in order]
+    names, written = [], []
+    bar = Progress(len(entries), f"generate {split}", unit="shape", enabled=progress is not False)
+    for k, start in enumerate(range(0, max(len(entries), 1), MAX_PER_FILE)):
+        part = entries[start : start + MAX_PER_FILE]  # empty only for an empty split: one empty file
+        step = max(1, len(part) // (4 * workers) if pool else len(part))
+        jobs = [part[i : i + step] for i in range(0, len(part), step)]
+        results = pool.map(_make_rows, [seed] * len(jobs), [split] * len(jobs), jobs) if pool else (
+            _make_rows(seed, split, j) for j in jobs)
+        data, label, pid = [np.empty((0, NUM_POINTS, 3), np.float32)], [np.empty((0, 1), np.uint8)], [
+            np.empty((0, NUM_POINTS), np.uint8)]
+        for d, lab, p in results:
+            data.append(d)
+            label.append(lab)
+            pid.append(p)
+            bar.update(len(d))
+        name = H5_NAME.format(split=split, k=k)
+        with atomic_path(stage / name) as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset("data", data=np.concatenate(data))
+            f.create_dataset("label", data=np.concatenate(label))
+            f.create_dataset("pid", data=np.concatenate(pid))
+        written.append(out / name)
+        names.append(f"data/hdf5_data/{name}")
+    bar.close()
+    atomic_write_text(stage / FILE_LIST.format(split=split), "".join(n + "\n" for n in names))
     return written
 
 
@@ -163,7 +172,7 @@ def read_file_list(hdf5_dir: str | os.PathLike[str], split: str) -> list[Path]:
 
 
 def _open_checked(path: Path):  # noqa: ANN202
-    """Open an h5 file and check its `data`/`label` keys and shapes; a clear VoxdiffError otherwise."""
+    """Open an h5 file and check its `data`/`label` keys, shapes and dtypes; a clear VoxdiffError otherwise."""
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -173,10 +182,19 @@ def _open_checked(path: Path):  # noqa: ANN202
         if missing:
             raise VoxdiffError(f"{path} lacks dataset(s) {missing}; has {sorted(f.keys())}")
         d, lab = f["data"], f["label"]
+        if not isinstance(d, h5py.Dataset) or not isinstance(lab, h5py.Dataset):
+            raise VoxdiffError(f"{path}: 'data' and 'label' must be datasets, not groups")
         if d.ndim != 3 or d.shape[2] != 3:
             raise VoxdiffError(f"{path}: 'data' must be (N,P,3); got {d.shape}")
+        if d.shape[0] and not d.shape[1]:
+            raise VoxdiffError(f"{path}: 'data' holds {d.shape[0]} shapes of 0 points (shape {d.shape}); every "
+                               "shape needs at least one point")
+        if not np.issubdtype(d.dtype, np.number):
+            raise VoxdiffError(f"{path}: 'data' must hold numbers; got dtype {d.dtype}")
         if lab.shape not in ((d.shape[0], 1), (d.shape[0],)):
             raise VoxdiffError(f"{path}: 'label' must be (N,1) with N={d.shape[0]}; got {lab.shape}")
+        if not (np.issubdtype(lab.dtype, np.integer) or np.issubdtype(lab.dtype, np.floating)):
+            raise VoxdiffError(f"{path}: 'label' must hold integers; got dtype {lab.dtype}")
     except BaseException:
         f.close()
         raise
@@ -184,10 +202,40 @@ def _open_checked(path: Path):  # noqa: ANN202
 
 
 def _labels(f, path: Path) -> np.ndarray:  # noqa: ANN001
+    """The file's labels as int64 (N,): float labels must be finite whole numbers."""
     try:
-        return np.asarray(f["label"][()]).reshape(-1)
+        lab = np.asarray(f["label"][()]).reshape(-1)
     except (OSError, KeyError) as e:
         raise VoxdiffError(f"{path}: cannot read 'label' (corrupt or truncated?): {e}") from None
+    if np.issubdtype(lab.dtype, np.floating) and (not np.isfinite(lab).all() or (lab != np.round(lab)).any()):
+        raise VoxdiffError(f"{path}: 'label' holds values that are not whole numbers (NaN or fractions)")
+    return lab.astype(np.int64)
+
+
+def scan_split(hdf5_dir: str | os.PathLike[str], split: str, chunk: int = 256) -> dict[int, int]:
+    """Validate every file of `split` in full (keys, shapes, dtypes, labels, and every point finite), reading the
+    points `chunk` shapes at a time; returns the shapes per label id (all labels, not only the modelled categories).
+
+    Preprocessing calls this for every split before it writes anything, so a bad file, even the last one, stops it
+    while the previous outputs are untouched.
+    """
+    out: dict[int, int] = {}
+    for path in read_file_list(hdf5_dir, split):
+        with _open_checked(path) as f:
+            ids, n = np.unique(_labels(f, path), return_counts=True)
+            for i, k in zip(ids.tolist(), n.tolist()):
+                out[int(i)] = out.get(int(i), 0) + int(k)
+            d = f["data"]
+            for s in range(0, d.shape[0], chunk):
+                try:
+                    pts = np.asarray(d[s : s + chunk])
+                except (OSError, ValueError) as e:
+                    raise VoxdiffError(f"{path}: cannot read 'data' (corrupt or truncated?): {e}") from None
+                if np.issubdtype(pts.dtype, np.floating) and not np.isfinite(pts).all():
+                    bad = s + int(np.flatnonzero(~np.isfinite(pts).reshape(len(pts), -1).all(axis=1))[0])
+                    raise VoxdiffError(f"{path}: 'data' holds non-finite coordinates (NaN or inf), first in shape "
+                                       f"{bad}")
+    return out
 
 
 def count_category(hdf5_dir: str | os.PathLike[str], split: str, category: str) -> int:
@@ -242,7 +290,7 @@ def iter_category_points(
                     raise VoxdiffError(f"{path}: cannot read 'data' (corrupt or truncated?): {e}") from None
                 pts = np.asarray(pts, np.float32)
                 if not np.isfinite(pts).all():
-                    raise VoxdiffError(f"{path}: 'data' holds non-finite coordinates")
+                    raise VoxdiffError(f"{path}: 'data' holds non-finite coordinates (NaN or inf)")
                 yield pts
 
 
@@ -253,8 +301,8 @@ def extract_zip(zip_path: str | os.PathLike[str], dest: str | os.PathLike[str], 
     """Extract a ShapeNet PartSeg zip's h5 files and file lists into `dest` (flat); returns `dest`.
 
     1. optional SHA-256 check; 2. refuse absolute or `..` member names (no path traversal) and zips without a
-    `train_hdf5_file_list.txt`; 3. extract into a temporary directory beside `dest` and move the files into place only
-    when everything was extracted, so an error leaves nothing half-written.
+    `train_hdf5_file_list.txt`; 3. extract into a temporary directory beside `dest`, validate every listed file in
+    full (scan_split), and move the files into place only then, so a bad member leaves `dest` as it was.
     """
     zp = Path(zip_path)
     if not zp.is_file():
@@ -284,6 +332,12 @@ def extract_zip(zip_path: str | os.PathLike[str], dest: str | os.PathLike[str], 
                 target = tmp / Path(m.filename).name
                 with zf.open(m) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
+            for split in SPLITS:  # every file checked in full before one replaces a file of `dest`
+                if (tmp / FILE_LIST.format(split=split)).is_file():
+                    try:
+                        scan_split(tmp, split)
+                    except VoxdiffError as e:
+                        raise VoxdiffError(f"{zp}: {str(e).replace(str(tmp) + os.sep, '')}") from None
             dest.mkdir(parents=True, exist_ok=True)
             for p in sorted(tmp.iterdir(), key=lambda p: p.name.endswith(".txt")):  # file lists last
                 os.replace(p, dest / p.name)

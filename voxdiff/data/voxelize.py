@@ -20,13 +20,18 @@ from typing import Any
 import numpy as np
 
 from voxdiff.config import CATEGORIES, PARTSEG_LABELS, SPLITS
-from voxdiff.data.partseg import (
-    PARTSEG_NUM_CATEGORIES,
-    count_category,
-    iter_category_points,
-    label_counts,
+from voxdiff.data.partseg import PARTSEG_NUM_CATEGORIES, iter_category_points, scan_split
+from voxdiff.utils import (
+    Progress,
+    VoxdiffError,
+    atomic_memmap,
+    atomic_save_npy,
+    atomic_write_json,
+    atomic_write_text,
+    get_logger,
+    open_npy,
+    staging_dir,
 )
-from voxdiff.utils import Progress, VoxdiffError, atomic_memmap, atomic_save_npy, atomic_write_json, get_logger
 
 
 def voxel_path(root: str | os.PathLike[str], category: str, split: str) -> Path:
@@ -41,13 +46,9 @@ def voxel_path(root: str | os.PathLike[str], category: str, split: str) -> Path:
 def open_voxels(path: str | os.PathLike[str]) -> np.ndarray:
     """Memory-map a (N,R,R,R) voxel file, validating rank and cubic shape with a clear error."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise VoxdiffError(f"voxel file not found: {p} (run load_data.py first)")
-    try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        why = str(e).splitlines()[0] if str(e) else "empty or truncated file"
-        raise VoxdiffError(f"{p} is not a readable .npy file ({why})") from None
+    arr = open_npy(p)
     if arr.ndim != 4 or not (arr.shape[1] == arr.shape[2] == arr.shape[3]):
         raise VoxdiffError(f"{p} must hold (N,R,R,R) grids; got shape {arr.shape}")
     return arr
@@ -161,11 +162,14 @@ def preprocess(
 ) -> dict[str, Any]:
     """Voxelize every (category, split) of a PartSeg HDF5 dir into `{out_dir}/{category}_voxels_{split}.npy`.
 
-    1. validate flags, file lists and every file's keys/shapes, counting the rows of each category (labels only);
-    2. per (category, split): stream `chunk` shapes at a time from HDF5 into a uint8 memmap under a temporary name,
-       renamed when complete (atomic_memmap), so peak memory is a few chunks whatever the split's size;
-    3. write `preprocess.json` (counts, resolution, mean occupancy, seconds) and log to `preprocess.log` beside them.
-    Returns the summary dict.
+    1. validate the flags, then every file of every split in full (keys, shapes, labels, every point finite:
+       partseg.scan_split), before anything is written;
+    2. per (category, split): stream `chunk` shapes at a time from HDF5 into a uint8 memmap, so peak memory is a few
+       chunks whatever the split's size;
+    3. write `preprocess.json` (counts, resolution, mean occupancy, seconds); log to `preprocess.log`.
+    The grids, preprocess.json and the log are written into a staging directory inside `out_dir` and moved into place
+    only when the whole set is complete (preprocess.json last): a failure part-way (a bad file, a full disk) leaves
+    the previous set as it was, never a mix of old and new grids. Returns the summary dict.
     """
     t0 = time.perf_counter()
     r = check_resolution(resolution)
@@ -179,18 +183,41 @@ def preprocess(
         raise VoxdiffError(f"chunk must be >= 1; got {chunk}")
     hdf5_dir = Path(hdf5_dir)
     out = Path(out_dir) if out_dir is not None else hdf5_dir
-    counts = {(c, s): count_category(hdf5_dir, s, c) for s in splits for c in categories}
-    out.mkdir(parents=True, exist_ok=True)
-    log = get_logger("voxdiff.preprocess", out / "preprocess.log")
-    log.info("preprocess %s -> %s at %d^3 (%s), counts %s", hdf5_dir, out, r,
-             "isotropic" if isotropic else "per-axis", {f"{c}/{s}": n for (c, s), n in counts.items()})
+    if out.exists() and not out.is_dir():
+        raise VoxdiffError(f"{out} is a file, not a directory")
+    per_label = {s: scan_split(hdf5_dir, s) for s in splits}  # every file validated before the first write
+    counts = {(c, s): per_label[s].get(PARTSEG_LABELS[c], 0) for s in splits for c in categories}
     summary: dict[str, Any] = {
         "hdf5_dir": str(hdf5_dir), "out_dir": str(out), "resolution": r, "isotropic": bool(isotropic), "outputs": {},
         "skipped": {},
     }
+    with staging_dir(out, names_last=("preprocess.log", "preprocess.json")) as stage:
+        log = get_logger("voxdiff.preprocess", stage / "preprocess.log")
+        try:
+            _voxelize_all(hdf5_dir, out, stage, r, categories, splits, isotropic, chunk, progress, counts, per_label,
+                          summary, log)
+            summary["seconds"] = round(time.perf_counter() - t0, 3)
+            log.info("done in %.2f s", summary["seconds"])
+        finally:
+            for h in list(log.handlers):
+                log.removeHandler(h)
+                h.close()
+        old_log = out / "preprocess.log"  # the log keeps its history: this run's lines are appended to it
+        new_log = (old_log.read_text() if old_log.is_file() else "") + (stage / "preprocess.log").read_text()
+        atomic_write_text(stage / "preprocess.log", new_log)
+        atomic_write_json(stage / "preprocess.json", summary)
+    return summary
+
+
+def _voxelize_all(hdf5_dir: Path, out: Path, stage: Path, r: int, categories: Sequence[str], splits: Sequence[str],
+                  isotropic: bool, chunk: int, progress: bool | None, counts: dict[tuple[str, str], int],
+                  per_label: dict[str, dict[int, int]], summary: dict[str, Any], log: Any) -> None:
+    """Write every (category, split) grid file into `stage` (named as in `out`), filling `summary`."""
+    log.info("preprocess %s -> %s at %d^3 (%s), counts %s", hdf5_dir, out, r,
+             "isotropic" if isotropic else "per-axis", {f"{c}/{s}": n for (c, s), n in counts.items()})
     kept = {PARTSEG_LABELS[c] for c in categories}
     for s in splits:  # say what is not voxelized: other PartSeg categories, and labels that are not PartSeg's at all
-        per = label_counts(hdf5_dir, s)
+        per = per_label[s]
         other = sum(n for i, n in per.items() if i not in kept and 0 <= i < PARTSEG_NUM_CATEGORIES)
         invalid = {i: n for i, n in per.items() if not 0 <= i < PARTSEG_NUM_CATEGORIES}
         summary["skipped"][s] = {"other_categories": other, "invalid_labels": invalid}
@@ -202,33 +229,40 @@ def preprocess(
     for s in splits:
         for c in categories:
             n, path, t1 = counts[(c, s)], voxel_path(out, c, s), time.perf_counter()
-            occupied = 0
-            if n == 0:
-                log.warning("%s %s: no shapes in %s; writing an empty (0,%d,%d,%d) array", c, s, hdf5_dir, r, r, r)
-                atomic_save_npy(path, np.zeros((0, r, r, r), np.uint8))
-            else:
-                bar = Progress(n, f"voxelize {c} {s}", unit="shape", enabled=progress is not False)
-                with atomic_memmap(path, (n, r, r, r), np.uint8) as arr:
-                    row = 0
-                    for pts in iter_category_points(hdf5_dir, s, c, chunk):
-                        b = len(pts)
-                        if row + b > n:
-                            raise VoxdiffError(f"{hdf5_dir}: {c} {s} has more rows than counted (file changed?)")
-                        flat = voxelize_points(pts, r, isotropic, out=arr[row : row + b])
-                        occupied += int(np.count_nonzero(flat))
-                        del flat
-                        _release(arr)
-                        row += b
-                        bar.update(b)
-                    if row != n:
-                        raise VoxdiffError(f"{hdf5_dir}: {c} {s} has {row} rows, counted {n} (file changed?)")
-                bar.close()
+            try:
+                occupied = _voxelize_one(hdf5_dir, stage / path.name, c, s, n, r, isotropic, chunk, progress, log)
+            except OSError as e:  # name the file the user will look for, not its staging copy
+                what = (e.strerror or str(e)).replace(str(stage / path.name), str(path))
+                raise OSError(e.errno, what, str(path)) from None
             occ = occupied / (n * r**3) if n else 0.0
             sec = time.perf_counter() - t1
             summary["outputs"].setdefault(c, {})[s] = {
                 "path": path.name, "count": n, "mean_occupancy": occ, "seconds": round(sec, 3)}
             log.info("%s %s: %d shapes -> %s, mean occupancy %.5f, %.2f s", c, s, n, path.name, occ, sec)
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    atomic_write_json(out / "preprocess.json", summary)
-    log.info("done in %.2f s", summary["seconds"])
-    return summary
+
+
+def _voxelize_one(hdf5_dir: Path, path: Path, c: str, s: str, n: int, r: int, isotropic: bool, chunk: int,
+                  progress: bool | None, log: Any) -> int:
+    """Voxelize the `n` shapes of category `c` in split `s` into `path`; returns the count of occupied voxels."""
+    if n == 0:
+        log.warning("%s %s: no shapes in %s; writing an empty (0,%d,%d,%d) array", c, s, hdf5_dir, r, r, r)
+        atomic_save_npy(path, np.zeros((0, r, r, r), np.uint8))
+        return 0
+    occupied = 0
+    bar = Progress(n, f"voxelize {c} {s}", unit="shape", enabled=progress is not False)
+    with atomic_memmap(path, (n, r, r, r), np.uint8) as arr:
+        row = 0
+        for pts in iter_category_points(hdf5_dir, s, c, chunk):
+            b = len(pts)
+            if row + b > n:
+                raise VoxdiffError(f"{hdf5_dir}: {c} {s} has more rows than counted (file changed?)")
+            flat = voxelize_points(pts, r, isotropic, out=arr[row : row + b])
+            occupied += int(np.count_nonzero(flat))
+            del flat
+            _release(arr)
+            row += b
+            bar.update(b)
+        if row != n:
+            raise VoxdiffError(f"{hdf5_dir}: {c} {s} has {row} rows, counted {n} (file changed?)")
+    bar.close()
+    return occupied
