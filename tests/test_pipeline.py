@@ -65,6 +65,14 @@ def test_tiny_pipeline_artefacts(tiny_run: tuple[Path, dict]) -> None:
     assert on_disk["eval"]["chair"]["model"]["mmd"] == report["eval"]["chair"]["model"]["mmd"]
     md = (run_dir / "report.md").read_text()
     assert "| oracle |" in md and "## table" in md and "renders/chair.png" in md
+    # how it ran: one thread count for every stage (recorded in config.json), each stage's precision and why
+    assert json.loads((run_dir / "config.json").read_text())["threads"] == "1"
+    rt = report["runtime"]
+    assert rt["pipeline"]["threads"]["threads"] == 1 and {"ae", "ldm", "sample"} <= set(rt)
+    for stage in ("ae", "ldm"):
+        assert rt[stage]["threads"]["threads"] == 1 and rt[stage]["skipped_steps"] == 0
+        assert rt[stage]["precision"]["precision"] in ("fp32", "bf16") and rt[stage]["precision"]["reason"]
+    assert "## How it ran on this machine" in md and "| ldm |" in md
 
 
 def test_rerun_skips_completed_stages(tiny_run: tuple[Path, dict]) -> None:

@@ -234,12 +234,17 @@ def test_auto_threads_takes_the_smallest_count_not_clearly_slower(rates: dict[in
     assert choice.record()["steps_per_s"][str(chosen)] == round(rates[chosen], 3)
 
 
-def test_pinned_threads_are_not_timed() -> None:
-    def boom(fn, n):  # noqa: ANN001, ANN202
-        raise AssertionError("timed")
+def test_pinned_threads_are_timed_only_at_their_count() -> None:
+    timed: list[int] = []
 
-    assert choose_threads("1", lambda: None, CPU, cores=2, timer=boom).threads == 1
-    assert choose_threads("auto", lambda: None, torch.device("cuda"), cores=2, timer=boom).reason.startswith("cuda")
+    def timer(fn, n):  # noqa: ANN001, ANN202
+        timed.append(n)
+        return 4.0
+
+    choice = choose_threads("1", lambda: None, CPU, cores=2, timer=timer)
+    assert choice.threads == 1 and choice.rate == 4.0 and timed == [1]  # the busy watch's reference, nothing else
+    assert choose_threads("auto", lambda: None, torch.device("cuda"), cores=2, timer=timer).reason.startswith("cuda")
+    assert timed == [1]
     with pytest.raises(ValueError, match="threads must be auto or a whole number"):
         choose_threads("two", None, CPU)
 
@@ -334,3 +339,36 @@ def test_report_says_how_each_stage_ran() -> None:
     md = "\n".join(runtime_lines(rt))
     assert "| ldm | fp32 | bf16 autocast gave wrong results | 1 | 1 of 2 cores | 2 (steps 7, 9) |" in md
     assert any(line.startswith("warning: this machine became busy") for line in runtime_summary(rt))
+
+
+def test_pipeline_times_threads_once_and_a_config_rerun_keeps_the_count(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: the pipeline times its networks at 1 and 2 threads once, pins the faster count for every stage and
+    writes it into config.json; a `--config` rerun of that file uses the recorded count without timing again."""
+    import dataclasses
+    import json
+
+    from voxdiff import pipeline as pipeline_mod
+    from voxdiff.config import pipeline_preset
+
+    timed: list[int] = []
+
+    def fake_time(fn, n, repeats=3):  # noqa: ANN001, ANN202
+        timed.append(n)
+        return {1: 1.0, 2: 3.0}[n]
+
+    monkeypatch.setattr(pipeline_mod, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads_mod, "available_cores", lambda: 2)
+    monkeypatch.setattr(threads_mod, "time_steps", fake_time)
+    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "run"), device="cpu")
+    report = pipeline_mod.run(cfg, stages=("data", "ae"), progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["threads"] == "2" and saved["ae"]["threads"] == "2"
+    assert report["runtime"]["pipeline"]["threads"]["threads"] == 2 and timed[:2] == [1, 2]
+    ae_rt = load_checkpoint(tmp_path / "run" / "ae" / "last.pt", kind="autoencoder").meta.runtime
+    assert ae_rt["threads"]["threads"] == 2 and ae_rt["threads"]["reason"].startswith("pinned")
+    timed.clear()
+    from voxdiff.config import PipelineConfig, from_dict
+
+    again = pipeline_mod.run(from_dict(PipelineConfig, saved), stages=("data", "ae"), progress=False)
+    assert again["runtime"]["pipeline"]["threads"]["reason"].startswith("pinned") and 1 not in timed

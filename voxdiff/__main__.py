@@ -32,7 +32,7 @@ from voxdiff.report import summary_lines
 from voxdiff.utils import VoxdiffError, run_cli
 
 _STAGE_PATHS = ("dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "device", "seed", "resume",
-                "overwrite", "resolution", "render")  # set by the pipeline itself (resolve())
+                "overwrite", "resolution", "render", "threads")  # set by the pipeline itself (resolve())
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list]:

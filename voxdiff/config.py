@@ -450,6 +450,8 @@ class PipelineConfig:
     resolution: int = 64  # grid side of the data, the samples and the evaluation
     seed: int = 0
     device: str = "auto"
+    threads: str = "auto"  # CPU intra-op threads of every stage; auto: timed once at start-up on the preset's AE and
+    # U-Net (1, 2, 4 ... cores), and the count chosen is written into the run's config.json
     baselines: tuple[str, ...] = ("train", "noise")  # trivial sets scored beside the model: train copies, noise
     oracle: bool = True  # score a fresh procedural draw: the best a model could do
     render_n: int = 16  # shapes per row in the PNG sheets

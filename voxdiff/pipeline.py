@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from voxdiff import __version__
 from voxdiff.checkpoint import load_checkpoint, resolve_checkpoint_file
@@ -43,10 +44,14 @@ from voxdiff.config import CATEGORIES, SPLITS, PipelineConfig, to_dict
 from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
 from voxdiff.data.shapes import generate_split
 from voxdiff.data.voxelize import open_voxels, preprocess, voxel_path, voxelize_points
+from voxdiff.models.autoencoder import VoxelAutoencoder
+from voxdiff.models.unet3d import UNet3D
+from voxdiff.precision import autocast, cpu_has_bf16
 from voxdiff.render import render_samples_sheet
 from voxdiff.report import goal_check, machine_info, write_report
 from voxdiff.sampling import LatentVoxelPipeline, sample_to_files
 from voxdiff.scoring import References, copying_check, open_samples, score_sets
+from voxdiff.threads import ThreadChoice, available_cores, candidates, choose_threads, thread_limit
 from voxdiff.training.autoencoder import train_autoencoder
 from voxdiff.training.ldm import train_ldm
 from voxdiff.tuning import tune_sampling
@@ -64,20 +69,24 @@ from voxdiff.utils import (
 
 STAGES: tuple[str, ...] = ("data", "ae", "ldm", "tune", "sample", "eval", "render", "report")
 ORACLE_SEED_OFFSET = 1_000_003  # the oracle's shapes come from another seed than the data's, same generator
+# Settings outside the stage keys: where things are, and how this machine runs them (the thread count and the guard's
+# patience change no setting of the model; they are recorded in each stage's result instead).
 _PATH_FIELDS = ("dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "latent_cache_dir",
-                "resume", "overwrite", "device", "run_dir", "name")
+                "resume", "overwrite", "device", "run_dir", "name", "threads", "max_bad_steps")
 
 
 def resolve(cfg: PipelineConfig) -> PipelineConfig:
-    """Fill the stage configs from the pipeline's run_dir, data, resolution, device and seed."""
+    """Fill the stage configs from the pipeline's run_dir, data, resolution, device, threads and seed."""
     run = Path(cfg.run_dir)
     data = cfg.dataset_path or str(run / "data")
-    ae = dataclasses.replace(cfg.ae, dataset_path=data, ckpt_path=str(run / "ae"), device=cfg.device, seed=cfg.seed)
+    ae = dataclasses.replace(cfg.ae, dataset_path=data, ckpt_path=str(run / "ae"), device=cfg.device, seed=cfg.seed,
+                             threads=cfg.threads)
     sample = dataclasses.replace(cfg.sample, ldm_ckpt_path=str(run / "ldm"), ae_ckpt_path=str(run / "ae"),
                                  save_dir=str(run / "samples"), resolution=cfg.resolution, device=cfg.device,
-                                 seed=cfg.seed, use_cfg=cfg.ldm.use_cfg and cfg.sample.use_cfg, render=None)
+                                 seed=cfg.seed, use_cfg=cfg.ldm.use_cfg and cfg.sample.use_cfg, render=None,
+                                 threads=cfg.threads)
     ldm = dataclasses.replace(cfg.ldm, dataset_path=data, ae_ckpt_path=str(run / "ae"), ckpt_path=str(run / "ldm"),
-                              device=cfg.device, seed=cfg.seed,
+                              device=cfg.device, seed=cfg.seed, threads=cfg.threads,
                               preview_threshold=sample.threshold if sample.binarize == "threshold" else 0.5)
     return dataclasses.replace(cfg, dataset_path=data, ae=ae, ldm=ldm, sample=sample)
 
@@ -348,7 +357,7 @@ def stage_tune(cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     if not cfg.tune.enabled:
         return {"skipped": "tune.enabled is off"}
     pipe = LatentVoxelPipeline.from_checkpoints(cfg.sample.ae_ckpt_path, cfg.sample.ldm_ckpt_path,
-                                                device=resolve_device(cfg.device))
+                                                device=resolve_device(cfg.device), precision=cfg.sample.precision)
     log = get_logger("voxdiff.tune", Path(cfg.run_dir) / "tune.log")
     return tune_sampling(pipe, cfg.dataset_path, cfg.sample.categories, cfg.tune, cfg.resolution, progress, log)
 
@@ -437,22 +446,26 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
     for sub in ("data", "oracle", "baselines", "renders"):  # the lock is held: temp files here are a killed run's
         if (run_dir / sub).is_dir():
             remove_leftovers(run_dir / sub)
+    threads = choose_pipeline_threads(cfg)  # every stage then uses this count; config.json records it
+    cfg = resolve(dataclasses.replace(cfg, threads=str(threads.threads)))
     # the run's own data is not written as a --dataset_path: `--config` reruns regenerate nothing and move with the run
     atomic_write_json(run_dir / "config.json", to_dict(dataclasses.replace(cfg, dataset_path=external)))
     if done.unreadable is not None:  # the rebuilt records replace the unreadable file at once
         atomic_write_json(done.file, done.done)
     log = get_logger("voxdiff.pipeline", run_dir / "pipeline.log")
     log.info("pipeline %s stages %s", cfg.name, stages)
+    log.info("threads %d: %s", threads.threads, threads.reason)
     report: dict[str, Any] = {"name": cfg.name, "version": __version__, "command": command,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(),
-                              "config": to_dict(cfg), "timings": {}, "stages": {}}
+                              "config": to_dict(cfg), "timings": {}, "stages": {},
+                              "runtime": {"pipeline": {"threads": threads.record()}}}
     actions = {
         "data": lambda c: stage_data(c, external is not None),
         "ae": lambda c: _train_stage(lambda x: train_autoencoder(x, progress), c.ae, run_dir / "ae", force),
         "ldm": lambda c: _train_stage(lambda x: train_ldm(x, progress), c.ldm, run_dir / "ldm", force),
-        "tune": lambda c: stage_tune(c, progress),
+        "tune": lambda c: _limited(threads.threads, stage_tune, c, progress),
         "sample": lambda c: sample_to_files(c.sample, progress=progress),
-        "eval": lambda c: stage_eval(c, log, progress),
+        "eval": lambda c: _limited(threads.threads, stage_eval, c, log, progress),
         "render": lambda c: stage_render(c),
     }
     ran = False  # once a stage runs, every later stage runs again (its inputs changed)
@@ -486,6 +499,12 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
     report["config"] = to_dict(cfg)
     stages_out = report["stages"]
     report["notes"] = [r["note"] for r in stages_out.values() if isinstance(r, dict) and r.get("note")]
+    for stage in ("ae", "ldm", "sample"):
+        rt = stages_out.get(stage, {}).get("runtime") if isinstance(stages_out.get(stage), dict) else None
+        if rt:
+            report["runtime"][stage] = rt
+            if rt.get("busy"):
+                report["notes"].append(rt["busy"])
     if "eval" in stages_out:
         report["eval"] = stages_out["eval"]
         for res in report["eval"].values():
@@ -495,6 +514,36 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
     if "report" in stages:
         write_report(cfg, report)
     return report
+
+
+def choose_pipeline_threads(cfg: PipelineConfig) -> ThreadChoice:
+    """The run's thread count: pinned by `cfg.threads`, or (auto, on a CPU) timed once on a training step of the
+    preset's AE and of its U-Net at their batch sizes, random inputs, bf16 autocast where the CPU has it (a speed
+    measurement only: each trainer checks its precision itself). Draws nothing from the global RNGs."""
+    device = resolve_device(cfg.device)
+    if cfg.threads != "auto" or device.type != "cpu" or len(candidates(available_cores())) == 1:
+        return choose_threads(cfg.threads, None, device)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ae, unet = VoxelAutoencoder(cfg.ae.model), UNet3D(cfg.ldm.model)
+        r, b, bz = cfg.ae.model.resolution, max(1, cfg.ae.batch_size), max(1, cfg.ldm.batch_size)
+        x = (torch.rand(b, 1, r, r, r) > 0.95).float()
+        z = torch.randn(bz, *ae.latent_shape)
+        t, y = torch.randint(0, 1000, (bz,)), torch.randint(0, len(CATEGORIES), (bz,))
+        dtype = torch.bfloat16 if cpu_has_bf16() else None
+
+        def step() -> None:
+            with autocast(device, dtype):
+                loss = F.binary_cross_entropy_with_logits(ae(x).float(), x) + F.mse_loss(unet(z, t, y).float(), z)
+            loss.backward()
+
+        return choose_threads("auto", step, device)
+
+
+def _limited(threads: int, fn: Any, *args: Any) -> Any:
+    """A stage run with at most `threads` threads in torch and in numpy's BLAS (voxdiff.threads.thread_limit)."""
+    with thread_limit(threads):
+        return fn(*args)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -158,6 +158,9 @@ def runtime_summary(runtime: dict[str, Any]) -> list[str]:
     for stage, rt in runtime.items():
         p, t = rt.get("precision", {}), rt.get("threads", {})
         skipped = rt.get("skipped_steps")
+        if not p:  # the pipeline's own record: the thread count every stage uses
+            out.append(f"{stage:9s} {t.get('threads', '?')} thread(s) ({t.get('reason', '')})")
+            continue
         out.append(f"{stage:9s} {p.get('precision', '?')} ({p.get('reason', '')}); {t.get('threads', '?')} thread(s)"
                    + ("" if skipped is None else f"; {skipped} skipped steps"))
         if rt.get("busy"):
@@ -168,6 +171,7 @@ def runtime_summary(runtime: dict[str, Any]) -> list[str]:
 def summary_lines(report: dict[str, Any], run_dir: Path) -> list[str]:
     """The console summary: one line per category and set (with empty and bloated counts), notes, the report path."""
     lines: list[str] = [f"warning: {note}" for note in report.get("notes", [])]
+    lines += [line for line in runtime_summary(report.get("runtime", {})) if not line.startswith("warning:")]
     for cat, res in report.get("eval", {}).items():
         for name in sample_sets(res):
             r = res[name]

@@ -112,27 +112,31 @@ def choose_threads(setting: str, step: Callable[[], Any] | None, device: torch.d
                    timer: Callable[[Callable[[], Any], int], float] | None = None) -> ThreadChoice:
     """Set and return the intra-op thread count for a run on `device`.
 
-    A pinned setting ("2") is used as given. "auto" on a CPU times `step` (a training step of the run's own networks,
-    or a sampling forward) at each of `candidates(cores)` and keeps the smallest count within PREFER_FEWER of the
-    fastest; with one candidate, or on an accelerator (where CPU threads only feed the device), nothing is timed.
+    A pinned setting ("2") is used as given. "auto" on a CPU times `step` (a training step of the run's own
+    networks, or a sampling forward) at each of `candidates(cores)` and keeps the smallest count within PREFER_FEWER
+    of the fastest. A pinned count, or the only candidate, is timed once (the busy watch's reference); on an
+    accelerator (where CPU threads only feed the device) nothing is timed.
     `timer(step, n) -> steps/s` replaces the clock in tests.
     """
     pinned = parse_threads(setting)
     cores = cores or available_cores()
+    timer = timer or (lambda fn, n: time_steps(fn, n, repeats))
     if pinned is not None:
         torch.set_num_threads(pinned)
         note = "" if pinned <= cores else f" (more than the {cores} cores this process may use)"
-        return ThreadChoice(pinned, setting, f"pinned{note}")
+        rates = {pinned: timer(step, pinned)} if step is not None and device.type == "cpu" else {}
+        return ThreadChoice(pinned, setting, f"pinned{note}", rates)  # timed once: the busy watch's reference
     if device.type != "cpu":
         n = min(cores, torch.get_num_threads())
         torch.set_num_threads(n)
         return ThreadChoice(n, setting, f"{device.type}: CPU threads only feed the device; not timed")
     options = candidates(cores)
-    if len(options) == 1 or step is None:
-        n = options[-1] if step is None else 1
-        torch.set_num_threads(n)
-        return ThreadChoice(n, setting, "one core available" if len(options) == 1 else "not timed")
-    timer = timer or (lambda fn, n: time_steps(fn, n, repeats))
+    if step is None:
+        torch.set_num_threads(options[-1])
+        return ThreadChoice(options[-1], setting, "not timed")
+    if len(options) == 1:
+        torch.set_num_threads(1)
+        return ThreadChoice(1, setting, "one core available", {1: timer(step, 1)})
     rates = {n: timer(step, n) for n in options}
     best = options[0]
     for n in options[1:]:

@@ -22,7 +22,7 @@ from voxdiff.config import TrainConfig, to_dict
 from voxdiff.distributed import DistInfo, any_rank, check_same_config, epoch_sampler, init_distributed, split_batch
 from voxdiff.precision import PrecisionChoice, choose_precision, gradient_probe
 from voxdiff.render import plot_curves
-from voxdiff.threads import BusyWatch, ThreadChoice, choose_threads, time_steps
+from voxdiff.threads import BusyWatch, ThreadChoice, choose_threads
 from voxdiff.utils import VoxdiffError, dir_lock, flush_denormals, get_logger, seed_everything
 
 
@@ -267,14 +267,16 @@ def choose_runtime(cfg: TrainConfig, info: DistInfo, model: torch.nn.Module,
     setting = cfg.threads
     recorded = resumed.get("threads", {}).get("threads")
     if setting == "auto" and recorded and info.device.type == "cpu":
-        setting = str(recorded)
+        setting = str(recorded)  # results are bit-identical for a fixed count only: a resume keeps the run's
     with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
         threads = choose_threads(setting, lambda: probe(precision.dtype), info.device)
-        if setting != cfg.threads:
-            threads = ThreadChoice(threads.threads, cfg.threads, "the count the resumed run was trained with",
-                                   {threads.threads: time_steps(lambda: probe(precision.dtype), threads.threads)})
+    if setting != cfg.threads:
+        threads.setting, threads.reason = cfg.threads, "the count the resumed run was trained with"
     log.info("precision %s: %s", precision.name, precision.reason)
     log.info("threads %d: %s", threads.threads, threads.reason)
+    if recorded and int(recorded) != threads.threads:
+        log.warning("resumed with %d thread(s) where the run trained with %s: its numbers will differ in the last bits "
+                    "from an uninterrupted run's", threads.threads, recorded)
     guard = StepGuard(cfg.max_bad_steps, state=resumed.get("guard"))
     return Runtime(precision, threads, guard, BusyWatch(threads, what))
 
