@@ -42,6 +42,7 @@ def test_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "tiny_voxels: 3 shapes at 16³" in text and "empty shapes      : 1" in text
+    assert f"opened {npy}" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # shown inline
     for name in ("tiny_voxels_grid.png", "tiny_voxels_views.png", "tiny_voxels_sheet.png", "tiny_voxels_00000.ply"):
         assert (out / name).stat().st_size > 0, name
