@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_from_args
+from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments
+from voxdiff.cliflags import config_from_flags
 from voxdiff.config import AETrainConfig
 from voxdiff.utils import run_cli
 
@@ -24,7 +25,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list]:
 
 def main(argv: list[str] | None = None) -> None:
     parser, flags = build_parser()
-    cfg = config_from_args(AETrainConfig, parser.parse_args(argv), flags)
+    cfg = config_from_flags(AETrainConfig, parser.parse_args(argv), flags)
     from voxdiff.distributed import cleanup, is_main
     from voxdiff.training.autoencoder import train_autoencoder
 

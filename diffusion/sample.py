@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_from_args
+from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments
+from voxdiff.cliflags import config_from_flags
 from voxdiff.config import SampleConfig
 from voxdiff.utils import run_cli
 
@@ -28,7 +29,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list]:
 
 def main(argv: list[str] | None = None) -> None:
     parser, flags = build_parser()
-    cfg = config_from_args(SampleConfig, parser.parse_args(argv), flags)
+    cfg = config_from_flags(SampleConfig, parser.parse_args(argv), flags)
     from voxdiff.distributed import cleanup, is_main
     from voxdiff.sampling import sample_to_files
 

@@ -18,7 +18,8 @@ import argparse
 import dataclasses
 import json
 
-from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_from_args
+from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments
+from voxdiff.cliflags import config_from_flags
 from voxdiff.config import UNET_PRESETS, LDMTrainConfig, unet_preset
 from voxdiff.utils import run_cli
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser, flags = build_parser(preset)
     args = parser.parse_args(argv)
     base = dataclasses.replace(LDMTrainConfig(), model=unet_preset(preset))
-    cfg = config_from_args(LDMTrainConfig, args, flags, base)
+    cfg = config_from_flags(LDMTrainConfig, args, flags, base)
     from voxdiff.distributed import cleanup, is_main
     from voxdiff.training.ldm import train_ldm
 

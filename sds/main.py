@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_from_args
+from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments
+from voxdiff.cliflags import config_from_flags
 from voxdiff.config import SDSConfig
 from voxdiff.utils import run_cli
 
@@ -25,7 +26,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list]:
 
 def main(argv: list[str] | None = None) -> None:
     parser, flags = build_parser()
-    cfg = config_from_args(SDSConfig, parser.parse_args(argv), flags)
+    cfg = config_from_flags(SDSConfig, parser.parse_args(argv), flags)
     from voxdiff.sds import run_sds
 
     out = run_sds(cfg)

@@ -13,8 +13,6 @@ Fast (tiny fixtures from conftest, one tiny pipeline run shared by the module), 
 from __future__ import annotations
 
 import dataclasses
-import errno
-import hashlib
 import io
 import json
 import logging
@@ -32,6 +30,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import ENV, make_ae_ckpt, make_ldm_ckpt, make_voxel_dir
+from faultlib import (
+    CORRUPTIONS,
+    ROOT,
+    VOXDIFF,
+    assert_unchanged,
+    cli,
+    flip_tensor_byte,
+    no_logs,
+    no_space,
+    one_line,
+    snapshot,
+    with_nan_weights,
+)
 
 from voxdiff.checkpoint import load_autoencoder, load_checkpoint, load_unet, save_checkpoint
 from voxdiff.cli import load_script
@@ -39,96 +50,11 @@ from voxdiff.config import pipeline_preset, to_dict
 from voxdiff.data.partseg import write_synthetic_partseg
 from voxdiff.data.voxelize import preprocess
 from voxdiff.pipeline import resolve, run
-from voxdiff.utils import VoxdiffError, cli_name, run_cli
+from voxdiff.utils import VoxdiffError, cli_name
 
-ROOT = Path(__file__).resolve().parents[1]
-VOXDIFF = "python -m voxdiff"
 H5_COUNTS = {"train": {"airplane": 3, "chair": 3, "table": 3}, "val": {"airplane": 2, "chair": 2, "table": 2},
              "test": {"airplane": 2, "chair": 2, "table": 2}}
 PIPELINE_STAGES = ("data", "ae", "ldm", "tune", "sample", "eval")  # render costs seconds and reads nothing new
-
-
-# ---- helpers ---------------------------------------------------------------------------------------------------------
-
-
-def snapshot(root: Path, skip: Callable[[Path], bool] = lambda p: False) -> dict[str, str]:
-    """sha256 of every file under `root` (relative path -> hex): compared before and after a failed command."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not skip(p)}
-
-
-def assert_unchanged(root: Path, before: dict[str, str], skip: Callable[[Path], bool] = lambda p: False) -> None:
-    """Every file of `before` is still there, byte-identical, and nothing new appeared but a directory lock."""
-    after = snapshot(root, skip)
-    assert {k: after.get(k) for k in before} == before, [k for k in before if after.get(k) != before[k]]
-    assert {k for k in set(after) - set(before) if Path(k).name != ".lock"} == set()
-
-
-def _no_logs(p: Path) -> bool:
-    return p.suffix == ".log"  # logs are append-only history: a failure during a stage is recorded there
-
-
-def cli(capsys: pytest.CaptureFixture[str], script: str, argv: list[str]) -> tuple[int, str]:
-    """Run a CLI's main through run_cli in-process, as its user would see it: (exit status, stderr)."""
-    if script == VOXDIFF:
-        from voxdiff.__main__ import main
-    else:
-        main = load_script(ROOT / script).main
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        run_cli(main, argv, prog=VOXDIFF if script == VOXDIFF else script)
-    return int(exc.value.code), capsys.readouterr().err
-
-
-def one_line(code: int, err: str, *needles: str) -> str:
-    """Assert a failure reported as exactly one line holding every needle; returns it."""
-    lines = err.strip().splitlines()
-    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def no_space(*args: Any, **kwargs: Any) -> Any:
-    """A write that fails like a full disk does: ENOSPC, and no file name (write(2) reports none)."""
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def flip_tensor_byte(path: Path) -> None:
-    """Flip one byte in the middle of the largest tensor record of a torch zip, keeping the archive valid (torch does
-    not check the records' CRCs, so only the checkpoint's own digest can tell)."""
-    data = bytearray(path.read_bytes())
-    info = max(zipfile.ZipFile(io.BytesIO(bytes(data))).infolist(), key=lambda i: i.file_size)
-    off = info.header_offset
-    name_len, extra_len = (int.from_bytes(data[off + k : off + k + 2], "little") for k in (26, 28))
-    data[off + 30 + name_len + extra_len + info.file_size // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def with_nan_weights(path: Path, part: str = "model", digest: bool = True) -> None:
-    """Rewrite a checkpoint with NaNs in its first floating tensor of `part`, saved the normal way (a valid digest
-    of the NaN weights), or, with digest=False, as a file written before digests existed."""
-    raw = torch.load(path, weights_only=True)
-    raw[part] = {k: v.clone() for k, v in raw[part].items()}  # the tiny LDM's model and EMA share their storage
-    key = next(k for k, v in raw[part].items() if v.is_floating_point())
-    raw[part][key].reshape(-1)[:16] = float("nan")
-    if digest:
-        from voxdiff.checkpoint import checkpoint_digest
-
-        raw["digest"] = {**raw["digest"], **checkpoint_digest(raw)}
-    else:
-        raw.pop("digest", None)
-    torch.save(raw, path)
-
-
-CORRUPTIONS: dict[str, Callable[[Path], None]] = {
-    "random_bytes": lambda p: p.write_bytes(np.random.default_rng(7).bytes(4096)),
-    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
-    "text": lambda p: p.write_text("this is not a checkpoint\n"),
-    "empty": lambda p: p.write_bytes(b""),
-    "flipped_byte": flip_tensor_byte,
-    "nan_weights": with_nan_weights,
-}
 
 
 # ---- fixtures --------------------------------------------------------------------------------------------------------
@@ -352,7 +278,7 @@ def test_eval_full_disk_names_the_json(tiny_voxel_dir: Path, tmp_path: Path, mon
                                         "--no_progress"])
     line = one_line(code, err, str(tmp_path / "scores.json"), "no space left")
     assert code == 28 and ".tmp" not in line
-    assert_unchanged(tmp_path, before, _no_logs)
+    assert_unchanged(tmp_path, before, no_logs)
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--threshold", "1.5"), ("--threshold", "nan"), ("--workers", "0"),
@@ -383,7 +309,7 @@ def test_voxdiff_refused_rerun_changes_no_file(flags: list[str], needles: list[s
     assert_unchanged(run_copy, before)  # config.json, stages.json, pipeline.log: byte-identical
     report = run(_config(run_copy), stages=PIPELINE_STAGES, progress=False)  # the way back: up to date
     assert set(report["stages"]) >= set(PIPELINE_STAGES)
-    assert_unchanged(run_copy, {k: v for k, v in before.items() if not k.endswith(".log")}, _no_logs)
+    assert_unchanged(run_copy, {k: v for k, v in before.items() if not k.endswith(".log")}, no_logs)
 
 
 def _config(run_dir: Path) -> Any:
@@ -453,10 +379,10 @@ def test_voxdiff_bad_checkpoint_stops_sampling(file: str, fault: str, run_copy: 
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """An ldm.pt whose weights hold NaNs must not sample empty shapes and exit 0."""
     CORRUPTIONS[fault](run_copy / file)
-    before = snapshot(run_copy, _no_logs)
+    before = snapshot(run_copy, no_logs)
     line = one_line(*cli(capsys, VOXDIFF, _voxdiff_argv(run_copy, "--rerun_from", "sample")), file)
     assert "weights_only" not in line
-    assert_unchanged(run_copy, before, _no_logs)
+    assert_unchanged(run_copy, before, no_logs)
 
 
 @pytest.mark.parametrize("content", ['{"data": {"key": "0123', "[]", "\x00\xff"])
@@ -493,12 +419,12 @@ def test_voxdiff_rebuilt_records_still_refuse_changed_settings(run_copy: Path,
 def test_a_stage_whose_output_is_missing_runs_again(lost: str, reran: str, run_copy: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     (run_copy / lost).unlink()
-    models = snapshot(run_copy / "ldm", _no_logs)
+    models = snapshot(run_copy / "ldm", no_logs)
     run(_config(run_copy), stages=PIPELINE_STAGES, progress=False)
     assert (run_copy / lost).is_file()
     assert f"stage {reran} was recorded complete but" in capsys.readouterr().err
     assert f"stage {reran}: running" in (run_copy / "pipeline.log").read_text()
-    assert snapshot(run_copy / "ldm", _no_logs) == models  # nothing retrained
+    assert snapshot(run_copy / "ldm", no_logs) == models  # nothing retrained
 
 
 def test_a_stage_is_not_recorded_without_its_outputs(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,6 +55,7 @@ from voxdiff.utils import (
     file_sha256,
     flush_denormals,
     get_logger,
+    open_npy,
     open_npy_memmap,
 )
 
@@ -395,9 +396,12 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
     final, partial = save_dir / f"{cat}.npy", save_dir / f".{cat}.partial.npy"
     prog_file = save_dir / f".{cat}.progress.json"
     key = _progress_key(cfg, cat, pipe)
-    prog = _read_progress(prog_file, log) if info.is_main else {}
+    shape = (cfg.num_samples, R, R, R)
+    prog = _read_progress(prog_file, nb, log) if info.is_main else {}
     if prog.get("key") != key:
         prog = {"key": key, "done": {}, "complete": False}
+    if info.is_main and prog["complete"] and final.is_file() and not _whole_npy(final, shape, log):
+        prog = {"key": key, "done": {}, "complete": False}  # the samples were damaged after they were complete
     prog = broadcast_object(prog)  # rank 0's reading of the progress file decides for every rank
     if prog["complete"] and final.is_file():
         if cfg.render and info.is_main and not final.with_suffix(".png").is_file():
@@ -406,10 +410,18 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
         return {**prog["stats"], "skipped": True, "file": str(final)}, 0
     if budget is not None and budget <= 0:
         return None
-    if broadcast_object(not prog["done"] or not partial.is_file()):
-        prog["done"] = {}
+    fresh = not prog["done"] or not partial.is_file() or (info.is_main and not _whole_npy(partial, shape, log))
+    if broadcast_object(fresh):
+        prog = {"key": key, "done": {}, "complete": False}
         if info.is_main:
-            open_npy_memmap(partial, (cfg.num_samples, R, R, R)).flush()  # disk space reserved up front
+            # the old record goes first: a partial file (re)made below never meets a record of batches it does not hold
+            prog_file.unlink(missing_ok=True)
+            try:
+                open_npy_memmap(partial, shape).flush()  # disk space reserved up front
+            except OSError as e:  # a full disk: no half-reserved file left behind, and the error names the samples
+                partial.unlink(missing_ok=True)
+                what = (e.strerror or str(e)).replace(str(partial), str(final))
+                raise OSError(e.errno, what, str(final)) from None
     else:
         log.info("%s: resuming, %d of %d batches done", cat, len(prog["done"]), nb)
     barrier()  # the partial file exists: every rank writes its batches' rows into it
@@ -465,19 +477,40 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
     return {**stats, "file": str(final) if done else None}, new
 
 
-def _read_progress(path: Path, log: logging.Logger) -> dict[str, Any]:
-    """A category's progress record; one that cannot be read (a cut or corrupted file) starts the category afresh,
-    with one line saying so, instead of failing every rerun the same way."""
+def _read_progress(path: Path, nb: int, log: logging.Logger) -> dict[str, Any]:
+    """A category's progress record; one that cannot be read or does not hold a record of `nb` batches (a cut or
+    corrupted file) starts the category afresh, with one line saying so, instead of failing every rerun the same way."""
     if not path.is_file():
         return {}
     try:
         prog = json.loads(path.read_text())
-        if not isinstance(prog, dict) or not isinstance(prog.get("done", {}), dict):
+        if not isinstance(prog, dict) or not isinstance(prog.get("key"), str) or \
+                not isinstance(prog.get("done"), dict) or not isinstance(prog.get("complete"), bool):
             raise ValueError("not a progress record")
+        for b, rec in prog["done"].items():
+            if not (b.isdigit() and int(b) < nb and isinstance(rec, dict)
+                    and all(isinstance(rec.get(k), (int, float)) for k in ("n", "occ_sum", "empty"))):
+                raise ValueError(f"batch {b!r} holds no record of a batch")
+        if prog["complete"] and not isinstance(prog.get("stats"), dict):
+            raise ValueError("complete without statistics")
         return prog
     except (ValueError, OSError, UnicodeDecodeError) as e:
-        log.warning("%s is unreadable (%s); sampling this category afresh", path, e)
+        log.warning("%s is unreadable (%s); sampling this category afresh", path, str(e).splitlines()[0] if str(e)
+                    else type(e).__name__)
         return {}
+
+
+def _whole_npy(path: Path, shape: tuple[int, ...], log: logging.Logger) -> bool:
+    """Whether `path` is a whole uint8 .npy array of `shape` (a partial or a finished samples file); says why not in one
+    line (the category is then sampled afresh: a damaged file is never trusted, and never fatal)."""
+    try:
+        arr = open_npy(path)
+        if arr.shape != shape or arr.dtype != np.uint8:
+            raise VoxdiffError(f"{path} holds {arr.dtype} {arr.shape}, not uint8 {shape}")
+    except VoxdiffError as e:
+        log.warning("%s; sampling this category afresh", e)
+        return False
+    return True
 
 
 def _render_first(path: Path, n: int, category: str, png: Path | None = None) -> Path:

@@ -107,15 +107,18 @@ def _render(grids: np.ndarray, path: Path, title: str) -> None:
     render_voxels(grids, path, titles=[f"{title} #{i}" for i in range(len(grids))])
 
 
-def _write_summary(path: Path, category: str, summary: dict[str, Any]) -> None:
-    """sds.json holds one entry per category (runs of other categories into the same save_dir are kept)."""
-    data: dict[str, Any] = {}
+def _write_summary(path: Path, category: str, summary: dict[str, Any], log: Any) -> None:
+    """sds.json holds one entry per category (runs of other categories into the same save_dir are kept); one that
+    cannot be read is written afresh, with one line saying so."""
+    data: Any = {}
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        if not isinstance(data, dict) or not all(c in CATEGORIES for c in data):
+            if not isinstance(data, dict) or not all(c in CATEGORIES for c in data):
+                raise ValueError("not an SDS summary")
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            log.warning("%s is unreadable (%s); written afresh with %s alone", path,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__, category)
             data = {}
     data[category] = summary
     atomic_write_json(path, data)
@@ -236,6 +239,6 @@ def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scal
         "final_grad_norm_mean": final, "grad_norm_per_step": [round(float(x), 6) for x in step_norm],
         "mean_occupancy": occ_sum / cfg.num_samples / R**3, "empty": empty,
     }
-    _write_summary(save_dir / "sds.json", category, summary)
+    _write_summary(save_dir / "sds.json", category, summary, log)
     log.info("wrote %s %s in %.1fs", out, (cfg.num_samples, R, R, R), timing["total_s"])
     return summary

@@ -40,7 +40,7 @@ from voxdiff.metrics import chamfer_matrix
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.precision import autocast
 from voxdiff.training import common
-from voxdiff.utils import Progress, VoxdiffError, get_logger
+from voxdiff.utils import Progress, VoxdiffError
 
 KIND = "autoencoder"
 # Training-config fields that fix the data order / model: a resume with different values cannot continue exactly.
@@ -175,6 +175,12 @@ def latent_stats(model: torch.nn.Module, grids: torch.Tensor,
     return mean.cpu().tolist(), std.cpu().tolist(), absmax.cpu().tolist()
 
 
+def _stale_best(best: Checkpoint, last: Checkpoint) -> bool:
+    """best.pt is older than the best model last.pt records: last.pt is saved first, so a run stopped between the two
+    saves of an improving validation leaves last.pt holding the best model and best.pt the one before."""
+    return float(last.meta.best_iou) > float(best.meta.best_iou)
+
+
 def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train the voxel autoencoder described by `cfg`; returns the final metrics (also in best.pt / last.pt extra)."""
     with contextlib.ExitStack() as stack:  # the run directory's lock, and its removal if the run fails at once
@@ -183,23 +189,22 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
 
 def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------------------------
-    run = common.start_run(cfg, KIND, _RESUME_FIXED)
+    run = common.start_run(cfg, KIND, _RESUME_FIXED, stale_best=_stale_best)
     info, device, cap, run_dir, resume_ckpt = run.info, run.device, run.cap, run.run_dir, run.resume
     if cfg.sync_bn and info.distributed and device.type != "cuda":
         raise VoxdiffError("--sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
     last_file = run_dir / "last.pt"
-    common.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main, stack)
-    log = get_logger("voxdiff.ae", run_dir / "train.log" if info.is_main else None)
-    log.info("config %s", to_dict(cfg))
-
     # ---- data: the train split in RAM, minus a held-out slice (checkpoint selection, threshold calibration) ------
     res = cfg.model.resolution
-    train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=res)
+    train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=res)  # checked before any write
     holdout = common.holdout_rows(train_set.counts, cfg.holdout_fraction, cfg.holdout_max, cfg.seed)
     held_idx = train_set.global_indices(holdout)
     fit_idx = np.setdiff1d(np.arange(len(train_set)), held_idx)
     if resume_ckpt is not None and resume_ckpt.meta.holdout != holdout:
         raise VoxdiffError(f"cannot resume from {last_file}: the train split changed since it was written")
+    files = common.open_run_dir(run, cfg.resume, cfg.overwrite, stack, "voxdiff.ae")
+    log = files.log
+    log.info("config %s", to_dict(cfg))
     grids = train_set.load(progress=progress and info.is_main)
     labels = torch.from_numpy(train_set.class_indices())
     held_grids, held_labels = grids[held_idx], labels[held_idx]
@@ -234,6 +239,7 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
     log.info("train %d (fit %d, held out %d); occupancy %.5f; loss %s; %d steps",
              len(train_set), len(fit_idx), len(held_idx), mean_frac, loss_desc, total_steps)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, evaluation and checkpoints use `model`
+    files.commit()  # every check passed: the run's files are written from here on
     runlog = common.RunLogger(run_dir, "log", resume=cfg.resume, log=log) if info.is_main else None
     if runlog is not None and cfg.resume:
         runlog.truncate_after(step)
@@ -250,10 +256,11 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
         runlog.log(step=step, **{f"val_{k}": v for k, v in meta.heldout.items()})
         runlog.flush(("loss",))
         log.info("step %d held-out %s", step, {k: round(v, 5) for k, v in meta.heldout.items()})
-        if meta.heldout["iou_cal"] > meta.best_iou:
-            meta.best_iou = meta.heldout["iou_cal"]
+        improved = meta.heldout["iou_cal"] > meta.best_iou
+        meta.best_iou = max(meta.best_iou, meta.heldout["iou_cal"])
+        save("last.pt")  # first: a run stopped before best.pt is written resumes from it and restores best.pt from it
+        if improved:
             save("best.pt")
-        save("last.pt")
         model.train()
 
     # ---- loop --------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,7 +24,7 @@ from voxdiff.distributed import DistInfo, any_rank, check_same_config, epoch_sam
 from voxdiff.precision import PrecisionChoice, choose_precision, gradient_probe
 from voxdiff.render import plot_curves
 from voxdiff.threads import BusyWatch, ThreadChoice, choose_threads
-from voxdiff.utils import VoxdiffError, dir_lock, flush_denormals, get_logger, seed_everything
+from voxdiff.utils import VoxdiffError, atomic_path, dir_lock, flush_denormals, get_logger, seed_everything
 
 
 class RunLogger:
@@ -42,21 +43,16 @@ class RunLogger:
         self.png = self.dir / f"{name}.png"
         self.rows: list[dict[str, Any]] = []
         if resume and self.jsonl.is_file():
-            lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
-            for i, line in enumerate(lines):
-                try:
-                    self.rows.append(json.loads(line))
-                except ValueError:
-                    if i != len(lines) - 1:
-                        raise VoxdiffError(f"{self.jsonl}: line {i + 1} is not JSON; move the file away to resume") \
-                            from None
-                    (log or get_logger("voxdiff")).warning("%s: dropped a cut last line (a killed run)", self.jsonl)
+            self.rows, cut = read_log_rows(self.jsonl)
+            if cut:
+                (log or get_logger("voxdiff")).warning("%s: dropped a cut last line (a killed run)", self.jsonl)
             self._rewrite()
         else:
             self.jsonl.write_text("")
 
     def _rewrite(self) -> None:
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        with atomic_path(self.jsonl) as tmp:  # a full disk leaves the history as it was
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, **row: Any) -> None:
         row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
@@ -74,11 +70,33 @@ class RunLogger:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        with open(self.csv, "w", newline="") as f:
+        with atomic_path(self.csv) as tmp, open(tmp, "w", newline="") as f:  # never a half-written CSV
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
         plot_curves(self.rows, curves, self.png)
+
+
+def read_log_rows(jsonl: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of a run's `log.jsonl` and whether its last line was cut (a killed run: dropped). Any other line that
+    is not a JSON object is a VoxdiffError naming the file: the history of the run cannot be kept."""
+    try:
+        lines = [line for line in jsonl.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise VoxdiffError(f"{jsonl} is not a text file; move it away to resume (its history is then lost)") from None
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if i != len(lines) - 1:
+                raise VoxdiffError(f"{jsonl}: line {i + 1} is not a JSON object; move the file away to resume (its "
+                                   "history is then lost)")
+            return rows, True
+        rows.append(row)
+    return rows, False
 
 
 @dataclass
@@ -89,16 +107,23 @@ class RunStart:
     cap: TimeCap  # the safety cap on wall time
     run_dir: Path
     resume: Checkpoint | None  # last.pt to continue from, when cfg.resume
+    restore_best: str | None = None  # why best.pt is to be restored from last.pt before the run goes on (see start_run)
 
     @property
     def device(self) -> torch.device:
         return self.info.device
 
 
-def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...]) -> RunStart:
+def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...],
+              stale_best: Callable[[Checkpoint, Checkpoint], bool] | None = None) -> RunStart:
     """The setup both trainers share: torchrun's environment, the time cap, the same config on every rank, the batch
     split, flushed denormals, the seeds, and the checkpoint to resume, refused when one of the
-    `fixed` settings (the network, the data order) differs from the run's."""
+    `fixed` settings (the network, the data order) differs from the run's.
+
+    A resume also reads what it will continue, before anything is written: log.jsonl (a line that is not JSON, other
+    than a cut last one, is refused) and best.pt (refused when it cannot be loaded; when it is missing, or
+    `stale_best(best, last)` says it is older than the best model last.pt records, `restore_best` says why
+    `RunDir.commit` will copy last.pt onto it)."""
     info = init_distributed(cfg.device)  # under torchrun: batch_size is global, rank 0 alone writes (distributed.py)
     cap = TimeCap(cfg.max_minutes, info.device)
     check_same_config(to_dict(cfg), f"{kind} training config")
@@ -106,8 +131,10 @@ def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...]) -> RunStart:
     flush_denormals(info.device)
     seed_everything(cfg.seed)
     run_dir = Path(cfg.ckpt_path)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VoxdiffError(f"--ckpt_path {run_dir} is a file, not a directory")
     last = run_dir / "last.pt"
-    resume = None
+    resume, restore_best = None, None
     if cfg.resume:
         if not last.is_file():
             raise VoxdiffError(f"--resume: no checkpoint at {last}")
@@ -118,7 +145,18 @@ def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...]) -> RunStart:
         if diff:
             parts = [f"{k}: checkpoint {resume.train_config.get(k)} vs now {now.get(k)}" for k in diff]
             raise VoxdiffError(f"cannot resume from {last}: config mismatch ({'; '.join(parts)})")
-    return RunStart(info, cap, run_dir, resume)
+        if (run_dir / "log.jsonl").is_file():
+            read_log_rows(run_dir / "log.jsonl")
+        best = run_dir / "best.pt"
+        if not best.is_file():
+            restore_best = f"{best} is missing; a copy of {last} (step {resume.step}) stands in for it"
+        else:
+            best_ckpt = load_checkpoint(best, kind=kind, map_location="cpu")
+            if stale_best is not None and stale_best(best_ckpt, resume):
+                restore_best = (f"{best} (step {best_ckpt.step}) is older than the best model that {last} records "
+                                "(a run stopped between the two saves); replaced by a copy of "
+                                f"{last} (step {resume.step}), which holds that model")
+    return RunStart(info, cap, run_dir, resume, restore_best)
 
 
 def _norm(x: Any) -> Any:
@@ -131,33 +169,82 @@ def _norm(x: Any) -> Any:
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "log.csv", "log.png", "train.log")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool,
-                    stack: contextlib.ExitStack) -> None:
-    """Make a trainer's run directory safe to write, for as long as `stack` is open.
+class _Held(logging.Handler):
+    """Keeps log records until the run directory's train.log may be written (RunDir.commit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@dataclass
+class RunDir:
+    """A trainer's run directory, locked and checked (`open_run_dir`). Until `commit` nothing in it is written: the
+    trainer's `log` prints warnings and holds its lines for train.log, so a run refused by a later check (a damaged data
+    file, a full disk at the latent cache, a precision the machine cannot run) leaves every file as it was."""
+
+    path: Path
+    log: logging.Logger
+    is_main: bool
+    clear: tuple[str, ...]  # the replaced run's files, removed at commit (--overwrite)
+    restore_best: str | None  # why commit copies last.pt onto best.pt (RunStart.restore_best)
+    _held: _Held | None
+
+    def commit(self) -> None:
+        """Every check passed, the run writes from here on: the replaced run's files go, train.log gets the lines
+        logged so far, and a missing or stale best.pt is restored from last.pt (one warning line saying so)."""
+        if not self.is_main:
+            return
+        for name in self.clear:
+            (self.path / name).unlink(missing_ok=True)
+        if self._held is not None:
+            records, self._held = self._held.records, None
+            get_logger(self.log.name, self.path / "train.log")  # the same logger object: file + stderr handlers
+            for handler in self.log.handlers:
+                if isinstance(handler, logging.FileHandler):
+                    for record in records:  # already on stderr: into the file alone, with their own times
+                        handler.handle(record)
+        if self.restore_best is not None:
+            self.log.warning(self.restore_best)
+            with atomic_path(self.path / "best.pt") as tmp:
+                shutil.copyfile(self.path / "last.pt", tmp)
+
+
+def open_run_dir(run: RunStart, resume: bool, overwrite: bool, stack: contextlib.ExitStack,
+                 logger: str) -> RunDir:
+    """Make a trainer's run directory safe to write, for as long as `stack` is open; the trainer's logger `logger`.
 
     1. rank 0 takes the directory's lock (a second trainer on it stops with one line) and clears killed runs'
        temporary files; 2. a directory that holds a checkpoint is refused unless the run resumes it, or `overwrite`
-       says to replace it (then the old run's files go first, so no stale best.pt survives); 3. a directory this run
-       creates is removed again if the run fails before writing its first checkpoint.
+       says to replace it (then the old run's files go at `RunDir.commit`, so no stale best.pt survives, and a run
+       refused before it keeps the old one); 3. a directory this run creates is removed again if the run fails before
+       writing its first checkpoint.
     """
+    run_dir, is_main = run.run_dir, run.info.is_main
     if run_dir.exists() and not run_dir.is_dir():
         raise VoxdiffError(f"--ckpt_path {run_dir} is a file, not a directory")
     created = not run_dir.exists()
     if is_main:
         stack.enter_context(dir_lock(run_dir, "training run"))
-    existing = [n for n in ("last.pt", "best.pt") if (run_dir / n).is_file()]
-    if existing and not resume:
-        if not overwrite:
-            raise VoxdiffError(f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
-                               "--overwrite to replace it, or choose another --ckpt_path")
-        for name in RUN_FILES if is_main else ():
-            (run_dir / name).unlink(missing_ok=True)
 
     def remove_if_failed_early(exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and created and is_main and not (run_dir / "last.pt").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
 
     stack.push(remove_if_failed_early)
+    existing = [n for n in ("last.pt", "best.pt") if (run_dir / n).is_file()]
+    if existing and not resume and not overwrite:
+        raise VoxdiffError(f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+                           "--overwrite to replace it, or choose another --ckpt_path")
+    log = get_logger(logger, None)  # stderr only; train.log at commit
+    held = None
+    if is_main:
+        held = _Held()
+        log.addHandler(held)
+    return RunDir(run_dir, log, is_main, RUN_FILES if overwrite and not resume else (), run.restore_best, held)
 
 
 class StepGuard:
@@ -264,6 +351,9 @@ def choose_runtime(cfg: TrainConfig, info: DistInfo, model: torch.nn.Module,
         precision = choose_precision(cfg.precision, info.device, probe, names)
     except ValueError as e:
         raise VoxdiffError(str(e)) from None
+    if any_rank(precision.dtype is None, info.device) and precision.dtype is not None:  # every rank the same
+        precision = PrecisionChoice(cfg.precision, None, "another rank's bf16 check failed; using fp32 on every rank",
+                                    precision.check)
     setting = cfg.threads
     recorded = resumed.get("threads", {}).get("threads")
     if setting == "auto" and recorded and info.device.type == "cpu":

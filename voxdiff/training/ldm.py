@@ -49,7 +49,7 @@ from voxdiff.render import Style, render_voxels
 from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training import common
-from voxdiff.utils import Progress, VoxdiffError, file_sha256, get_logger
+from voxdiff.utils import Progress, VoxdiffError, file_sha256, get_logger  # noqa: F401 (get_logger: used as ldm.get_logger)
 
 __all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "KIND"]
 
@@ -111,6 +111,12 @@ def _heldout_loss(model: torch.nn.Module, scheduler: DDPMScheduler, z: torch.Ten
     return total / len(z)
 
 
+def _stale_best(best: Checkpoint, last: Checkpoint) -> bool:
+    """best.pt is older than the best model last.pt records: last.pt is saved first, so a run stopped between the two
+    saves of an improving checkpoint leaves last.pt holding the best model and best.pt the one before."""
+    return float(last.meta.best_heldout_loss) < float(best.meta.best_heldout_loss)
+
+
 # Settings a resumed run must share with its checkpoint: the network, the noise process, the conditioning, the data.
 _RESUME_FIXED = ("model", "scheduler", "use_cfg", "cfg_dropout", "categories", "batch_size", "seed")
 
@@ -128,7 +134,7 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
 
 def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
     # ---- setup ------------------------------------------------------------------------------------------------
-    run = common.start_run(cfg, KIND, _RESUME_FIXED)
+    run = common.start_run(cfg, KIND, _RESUME_FIXED, stale_best=_stale_best)
     info, device, cap, run_dir, resume_ckpt = run.info, run.device, run.cap, run.run_dir, run.resume
     last_file, best_file = run_dir / "last.pt", run_dir / "best.pt"
     for c in cfg.categories:
@@ -153,18 +159,19 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
         raise VoxdiffError(f"latent side {latent_shape[1]} is not a multiple of the UNet's downsampling "
                            f"{cfg.model.downsample_factor}; use fewer ch_mult levels")
     cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else ae_file.parent / "latents"
-    common.prepare_run_dir(run_dir, cfg.resume, cfg.overwrite, info.is_main, stack)
-    log = get_logger("voxdiff.ldm", run_dir / "train.log" if info.is_main else None)
+    # the train split's files, opened and checked (readable, whole, at a resolution the AE can pool to) before any write
+    train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=ae.cfg.resolution)
+    files = common.open_run_dir(run, cfg.resume, cfg.overwrite, stack, "voxdiff.ldm")
+    log = files.log
     if not info.is_main:
         barrier()  # rank 0 encodes (or finds) the latent cache first; the other ranks then read it
     z_all, y_all, cache_file = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir,
-                                              device, progress and info.is_main)
+                                              device, progress and info.is_main, log=log)
     if info.is_main:
         barrier()
     latent_mean = torch.tensor(ae_ckpt.meta.latent_mean, dtype=torch.float32)  # the latent scale lives with the AE
     latent_std = torch.tensor(ae_ckpt.meta.latent_std, dtype=torch.float32)
     # the AE's held-out slice of the train split: never trained on, it picks best.pt (val and test are references)
-    train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=None)
     ae_holdout = ae_ckpt.meta.holdout
     if not ae_holdout:
         log.warning("AE checkpoint records no held-out slice; holding out 5% of each category here")
@@ -206,6 +213,7 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
                                     resume_ckpt.meta.runtime if resume_ckpt else None, log)
     share_device_rng(info)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, EMA and checkpoints use `model`
+    files.commit()  # every check passed: the run's files are written from here on
     runlog = common.RunLogger(run_dir, "log", resume=resume_ckpt is not None, log=log) if info.is_main else None
     if runlog is not None and resume_ckpt is not None:
         runlog.truncate_after(step)
