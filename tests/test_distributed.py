@@ -13,6 +13,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +35,18 @@ for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
 TINY = TINY_UNET
 
 DRIVER = r'''
-import json, sys
+import json, os, sys, threading, weakref
 import torch
 from voxdiff.config import AETrainConfig, LDMTrainConfig, SampleConfig, from_dict
-from voxdiff.distributed import check_same_config, cleanup, init_distributed
+from voxdiff.distributed import check_same_config, cleanup, init_distributed, raise_together, together
 from voxdiff.utils import VoxdiffError
 
 torch.set_num_threads(1)
 spec = json.loads(open(sys.argv[1]).read())
+threads = lambda: len(os.listdir("/proc/self/task")) - threading.active_count()  # native threads (gloo's)
+threads_before = threads()
 info = init_distributed("cpu")
+gloo_threads = threads() - threads_before
 out = {"rank": info.rank, "world_size": info.world_size}
 from voxdiff.training.ldm import train_ldm
 from voxdiff.sampling import sample_to_files
@@ -51,14 +56,36 @@ out["sample"] = sample_to_files(from_dict(SampleConfig, spec["sample"]), progres
 out["ae"] = train_autoencoder(from_dict(AETrainConfig, spec["ae"]))
 torch.nn.BatchNorm3d = lambda c: torch.nn.Identity()  # the AE without BatchNorm: per-rank statistics gone
 out["ae_nobn"] = train_autoencoder(from_dict(AETrainConfig, spec["ae_nobn"]))
+def one_rank():  # rank 1 alone fails in the block; rank 0 must not go on to a collective rank 1 never enters
+    with together():
+        if info.rank == 1:
+            raise VoxdiffError("rank 1 cannot read its shard")
+
+
 for name, fn in [("odd_batch", lambda: train_ldm(from_dict(LDMTrainConfig, spec["ldm_odd"]), progress=False)),
-                 ("config", lambda: check_same_config({"lr": 0.1 * (1 + info.rank)}))]:
+                 ("config", lambda: check_same_config({"lr": 0.1 * (1 + info.rank)})),
+                 ("one_rank", one_rank),
+                 ("all_ranks", lambda: raise_together(f"rank {info.rank} is out of disk"))]:
     try:
         fn()
     except VoxdiffError as e:
         out[name + "_error"] = str(e)
-open(f"{spec['out']}/rank{info.rank}.json", "w").write(json.dumps(out, default=str))
+check_same_config({"after": "errors"})  # a collective after every error path: the ranks are still in step
+group, threads_before = weakref.ref(torch.distributed.group.WORLD), threads()
 cleanup()
+out["group_freed"], out["threads"] = group() is None, [gloo_threads, threads_before - threads()]
+open(f"{spec['out']}/rank{info.rank}.json", "w").write(json.dumps(out, default=str))
+'''
+
+# One rank fails alone, uncaught, while the other waits in a collective it will never enter.
+LONE_FAILURE = r'''
+import voxdiff.distributed as vd
+
+vd.ERROR_GRACE_S = 2.0
+info = vd.init_distributed("cpu")
+if info.rank == 1:
+    raise RuntimeError("rank 1 fails alone")
+vd.all_gather_object(info.rank)
 '''
 
 
@@ -96,21 +123,27 @@ def _sample_cfg(ldm: Path, ae: Path, save_dir: Path) -> SampleConfig:
                         use_cfg=False, resolution=32, device="cpu", seed=3)
 
 
+def prepare_driver(d: Path, data: Path) -> list[str]:
+    """Write the AE checkpoint, spec.json and driver.py of one launch into `d`; returns the driver's argv for torchrun
+    (bench/dist_launches.py launches it the same way, many times)."""
+    # 16 training latents are left: every global batch of 8 is full, so K ranks together take exactly the
+    # single-process batches
+    make_ae_ckpt(d / "ae.pt", holdout={"airplane": [0, 1, 2], "chair": [0, 1, 2], "table": [0, 1]})
+    spec = {"out": str(d), "ldm": to_dict(_ldm_cfg(data, d / "ae.pt", d / "ldm2")),
+            "ldm_odd": to_dict(_ldm_cfg(data, d / "ae.pt", d / "ldm_odd", batch_size=5)),
+            "sample": to_dict(_sample_cfg(d / "ldm2", d / "ae.pt", d / "samples2")),
+            "ae": to_dict(_ae_cfg(data, d / "ae2")),
+            "ae_nobn": to_dict(_ae_cfg(data, d / "ae2_nobn"))}
+    (d / "spec.json").write_text(json.dumps(spec))
+    (d / "driver.py").write_text(DRIVER)
+    return [str(d / "driver.py"), str(d / "spec.json")]
+
+
 @pytest.fixture(scope="module")
 def launched(tiny_voxel_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One torchrun launch (2 ranks, gloo) running the driver; returns the paths and each rank's report."""
     d = tmp_path_factory.mktemp("dist")
-    # 16 training latents are left: every global batch of 8 is full, so K ranks together take exactly the
-    # single-process batches
-    make_ae_ckpt(d / "ae.pt", holdout={"airplane": [0, 1, 2], "chair": [0, 1, 2], "table": [0, 1]})
-    spec = {"out": str(d), "ldm": to_dict(_ldm_cfg(tiny_voxel_dir, d / "ae.pt", d / "ldm2")),
-            "ldm_odd": to_dict(_ldm_cfg(tiny_voxel_dir, d / "ae.pt", d / "ldm_odd", batch_size=5)),
-            "sample": to_dict(_sample_cfg(d / "ldm2", d / "ae.pt", d / "samples2")),
-            "ae": to_dict(_ae_cfg(tiny_voxel_dir, d / "ae2")),
-            "ae_nobn": to_dict(_ae_cfg(tiny_voxel_dir, d / "ae2_nobn"))}
-    (d / "spec.json").write_text(json.dumps(spec))
-    (d / "driver.py").write_text(DRIVER)
-    r = torchrun([str(d / "driver.py"), str(d / "spec.json")])
+    r = torchrun(prepare_driver(d, tiny_voxel_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((d / f"rank{i}.json").read_text()) for i in range(2)]
     return {"dir": d, "data": tiny_voxel_dir, "ranks": ranks}
@@ -251,10 +284,74 @@ def test_ae_ranks_identical_and_close_to_one_process(launched: dict[str, Any], t
 
 
 def test_error_paths_on_every_rank(launched: dict[str, Any]) -> None:
-    for r in launched["ranks"]:
+    r0, r1 = launched["ranks"]
+    for r in (r0, r1):
         assert "--batch_size 5 (global) cannot be split across 2 ranks" in r["odd_batch_error"]
         assert "ranks disagree on the config: rank(s) [1]" in r["config_error"]
     assert not (launched["dir"] / "ldm_odd").exists()  # refused before writing anything
+    # an error on one rank is raised on both (the failed rank keeps its own message)
+    assert r1["one_rank_error"] == "rank 1 cannot read its shard"
+    assert r0["one_rank_error"] == "rank 1 failed: rank 1 cannot read its shard"
+    assert r0["all_ranks_error"] == "rank 0 is out of disk" and r1["all_ranks_error"] == "rank 1 is out of disk"
+
+
+def test_cleanup_frees_the_group_and_its_threads(launched: dict[str, Any]) -> None:
+    """After cleanup() nothing of gloo is left running into interpreter shutdown (DDP no longer pins the group)."""
+    for r in launched["ranks"]:
+        assert r["group_freed"]
+        started, ended = r["threads"]  # native threads gloo started at init, and those cleanup() ended
+        assert started > 0 and ended >= started, r["threads"]
+
+
+def test_lone_failure_ends_the_launch_without_hang_or_abort(tmp_path: Path) -> None:
+    (tmp_path / "lone.py").write_text(LONE_FAILURE)
+    t0 = time.monotonic()
+    r = torchrun([str(tmp_path / "lone.py")], timeout=120)
+    assert r.returncode != 0
+    assert "rank 1 fails alone" in r.stderr
+    assert "terminate called" not in r.stderr and "SIGABRT" not in r.stderr, r.stderr[-3000:]
+    assert time.monotonic() - t0 < 90
+
+
+def test_raise_together_in_one_process() -> None:
+    from voxdiff.distributed import raise_together, together
+
+    raise_together(None)
+    with pytest.raises(VoxdiffError, match="^disk full$"):
+        raise_together("disk full")
+    with pytest.raises(KeyError):
+        raise_together(KeyError("k"))
+    with pytest.raises(ValueError, match="own"), together():
+        raise ValueError("own")
+    with together():
+        pass
+
+
+def test_cleanup_joins_gloo_threads_after_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-rank gloo group in this process: after DDP and cleanup(), the group object is freed and gloo's threads
+    are gone (DDP's import of torch.distributed.nn.functional used to pin the group for good)."""
+    import weakref
+
+    from voxdiff.distributed import cleanup
+
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    native = lambda: len(os.listdir("/proc/self/task")) - threading.active_count()  # noqa: E731
+    before = native()
+    init_distributed("cpu")
+    group, started = weakref.ref(torch.distributed.group.WORLD), native() - before
+    assert started > 0  # gloo's workers and socket loop
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
+    ddp(torch.randn(2, 3)).sum().backward()
+    del ddp
+    before = native()
+    cleanup()
+    assert not torch.distributed.is_initialized() and group() is None
+    assert before - native() >= started  # cleanup() ended gloo's threads
 
 
 def test_cli_world_size_error_is_one_line(tiny_voxel_dir: Path, tmp_path: Path) -> None:
