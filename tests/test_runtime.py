@@ -372,3 +372,26 @@ def test_pipeline_times_threads_once_and_a_config_rerun_keeps_the_count(tmp_path
 
     again = pipeline_mod.run(from_dict(PipelineConfig, saved), stages=("data", "ae"), progress=False)
     assert again["runtime"]["pipeline"]["threads"]["reason"].startswith("pinned") and 1 not in timed
+
+
+def test_cuda_rng_states_restore_on_a_machine_with_fewer_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint saved with 4 GPUs' states resumes where 1 is visible (it used to index past the last one)."""
+    from voxdiff import checkpoint as ck
+
+    restored: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append(i))
+    state = ck.get_rng_state()  # CPU states only: CUDA was never initialised in this process
+    assert "cuda" not in state
+    ck.set_rng_state({**state, "cuda": [torch.zeros(8, dtype=torch.uint8)] * 4})
+    assert restored == [0]
+
+
+def test_a_cuda_index_this_machine_lacks_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from voxdiff.utils import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(VoxdiffError, match=r"--device cuda:3: this machine has 1 CUDA device\(s\)"):
+        resolve_device("cuda:3")

@@ -131,7 +131,7 @@ def get_rng_state() -> dict[str, Any]:
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "python": _to_lists(random.getstate()),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CPU run on a GPU machine leaves CUDA alone
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -142,8 +142,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     random.setstate(_to_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # as many devices as both the run and this machine have
+        saved = [state["cuda"]] if isinstance(state["cuda"], torch.Tensor) else list(state["cuda"])
+        for i, s in enumerate(saved[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def _to_lists(x: Any) -> Any:

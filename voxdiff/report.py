@@ -147,7 +147,7 @@ def runtime_lines(runtime: dict[str, Any]) -> list[str]:
         skipped = rt.get("skipped_steps", "—")
         if rt.get("skipped"):
             skipped = f"{skipped} (steps {', '.join(str(e['step']) for e in rt['skipped'][:10])})"
-        lines.append(f"| {stage} | {p.get('precision', '?')} | {p.get('reason', '')} | {t.get('threads', '?')} | "
+        lines.append(f"| {stage} | {p.get('precision', '—')} | {p.get('reason', '')} | {t.get('threads', '?')} | "
                      f"{t.get('reason', '')} | {skipped} | {rt.get('busy') or 'no'} |")
     return lines
 

@@ -40,7 +40,7 @@ from voxdiff.config import (
     from_dict,
     to_dict,
 )
-from voxdiff.distributed import all_gather_object, barrier, broadcast_object, check_same_config, init_distributed
+from voxdiff.distributed import all_gather_object, broadcast_object, check_same_config, init_distributed, together
 from voxdiff.latents import denormalise
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.precision import PrecisionChoice, autocast, choose_precision, forward_probe
@@ -342,9 +342,9 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
     probe = _unet_probe(pipe.unet, pipe.latent_shape, cfg.batch_size * (1 + (scale != 0)))  # a guided batch
     threads = choose_threads(cfg.threads, lambda: probe(pipe.amp), device)
     with contextlib.ExitStack() as stack:
-        if info.is_main:  # one sampling job per directory; leftovers of killed jobs are cleared
-            stack.enter_context(dir_lock(save_dir, "sampling job"))
-        barrier()
+        with together():  # a lock refused on rank 0 stops every rank here, none waits in a later collective
+            if info.is_main:  # one sampling job per directory; leftovers of killed jobs are cleared
+                stack.enter_context(dir_lock(save_dir, "sampling job"))
         return _sample_all(cfg, pipe, scheduler, scale, binarization, info, progress, max_batches, threads)
 
 
@@ -382,9 +382,9 @@ def _sample_all(cfg: SampleConfig, pipe: LatentVoxelPipeline, scheduler: Any, sc
         summary["categories"][cat] = stats
         summary["complete"] &= stats.get("file") is not None
     summary["runtime"]["busy"] = watch.note
-    if info.is_main:
-        atomic_write_json(save_dir / "sample.json", summary)
-    barrier()  # every rank returns once the files exist
+    with together():  # every rank returns once the files exist, or raises with rank 0
+        if info.is_main:
+            atomic_write_json(save_dir / "sample.json", summary)
     return summary
 
 
@@ -411,9 +411,11 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
     if budget is not None and budget <= 0:
         return None
     fresh = not prog["done"] or not partial.is_file() or (info.is_main and not _whole_npy(partial, shape, log))
-    if broadcast_object(fresh):
+    fresh_all = broadcast_object(fresh)
+    if fresh_all:
         prog = {"key": key, "done": {}, "complete": False}
-        if info.is_main:
+    with together():  # the partial file exists before any rank writes its rows into it (or every rank stops)
+        if fresh_all and info.is_main:
             # the old record goes first: a partial file (re)made below never meets a record of batches it does not hold
             prog_file.unlink(missing_ok=True)
             try:
@@ -422,9 +424,8 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
                 partial.unlink(missing_ok=True)
                 what = (e.strerror or str(e)).replace(str(partial), str(final))
                 raise OSError(e.errno, what, str(final)) from None
-    else:
+    if not fresh_all:
         log.info("%s: resuming, %d of %d batches done", cat, len(prog["done"]), nb)
-    barrier()  # the partial file exists: every rank writes its batches' rows into it
     arr = np.lib.format.open_memmap(partial, mode="r+")
     t0, new, new_shapes = time.perf_counter(), 0, 0
     bar = Progress(cfg.num_samples, f"sample {cat}", unit="shape", initial=sum(v["n"] for v in prog["done"].values()),

@@ -175,6 +175,9 @@ def resolve_device(name: str | None = "auto") -> Any:
         raise VoxdiffError(f"invalid --device {name!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VoxdiffError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise VoxdiffError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                           f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return device
 
 

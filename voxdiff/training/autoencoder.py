@@ -34,7 +34,7 @@ from voxdiff.checkpoint import (
 )
 from voxdiff.config import CATEGORIES, AETrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
-from voxdiff.distributed import check_in_sync, mean_over_ranks, wrap_ddp
+from voxdiff.distributed import check_in_sync, mean_over_ranks, together, wrap_ddp
 from voxdiff.losses import pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.metrics import chamfer_matrix
 from voxdiff.models.autoencoder import VoxelAutoencoder
@@ -296,30 +296,33 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
                 runlog.log(step=step, loss=lv)
         else:
             bar.update(1)
-        if runlog is not None and step % cfg.ckpt_every == 0 and step < total_steps:
-            validate_and_save()
+        if step % cfg.ckpt_every == 0 and step < total_steps:
+            with together():  # a failed write (a full disk) on rank 0 stops every rank at this step
+                if runlog is not None:
+                    validate_and_save()
     bar.close()
     if stopped == "time_cap":
         log.warning(common.cap_message("AE", step, total_steps))
 
     # ---- final validation, latent statistics for the LDM (both checkpoints) ----------------------------------------
-    if runlog is not None:
-        if step > start_step or not last_file.is_file():
-            validate_and_save()
-        final = evaluate(model, held_grids, held_labels, device, meta.threshold, topk_by_class, chamfer=True)
-        stats_idx = fit_idx[:: max(1, -(-len(fit_idx) // STATS_MAX_SHAPES))]
-        stats_grids = grids[stats_idx]
-        for name in ("last.pt", "best.pt"):
-            file = run_dir / name
-            ck = load_checkpoint(file, kind=KIND, map_location="cpu")
-            probe = VoxelAutoencoder(cfg.model).to(device)
-            probe.load_state_dict(ck.model)
-            ck.meta.latent_mean, ck.meta.latent_std, ck.meta.latent_absmax = latent_stats(probe, stats_grids, device)
-            ck.meta.final = final if name == "last.pt" else ck.meta.final
-            save_checkpoint(file, ck)
-        runlog.flush(("loss",))
-    else:
-        final = {}
+    final: dict[str, Any] = {}
+    with together():  # rank 0's last writes: a failure there stops every rank here, none waits in check_in_sync
+        if runlog is not None:
+            if step > start_step or not last_file.is_file():
+                validate_and_save()
+            final = evaluate(model, held_grids, held_labels, device, meta.threshold, topk_by_class, chamfer=True)
+            stats_idx = fit_idx[:: max(1, -(-len(fit_idx) // STATS_MAX_SHAPES))]
+            stats_grids = grids[stats_idx]
+            for name in ("last.pt", "best.pt"):
+                file = run_dir / name
+                ck = load_checkpoint(file, kind=KIND, map_location="cpu")
+                probe = VoxelAutoencoder(cfg.model).to(device)
+                probe.load_state_dict(ck.model)
+                stats = latent_stats(probe, stats_grids, device)
+                ck.meta.latent_mean, ck.meta.latent_std, ck.meta.latent_absmax = stats
+                ck.meta.final = final if name == "last.pt" else ck.meta.final
+                save_checkpoint(file, ck)
+            runlog.flush(("loss",))
     seconds = cap.elapsed()
     result = {"step": step, "total_steps": total_steps, "stopped": stopped, "best_iou_cal": meta.best_iou,
               "seconds": seconds, "train_seconds": train_seconds,

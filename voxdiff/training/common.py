@@ -20,7 +20,15 @@ import torch
 
 from voxdiff.checkpoint import Checkpoint, Kind, check_resumable, load_checkpoint
 from voxdiff.config import TrainConfig, to_dict
-from voxdiff.distributed import DistInfo, any_rank, check_same_config, epoch_sampler, init_distributed, split_batch
+from voxdiff.distributed import (
+    DistInfo,
+    any_rank,
+    check_same_config,
+    epoch_sampler,
+    init_distributed,
+    split_batch,
+    together,
+)
 from voxdiff.precision import PrecisionChoice, choose_precision, gradient_probe
 from voxdiff.render import plot_curves
 from voxdiff.threads import BusyWatch, ThreadChoice, choose_threads
@@ -227,8 +235,9 @@ def open_run_dir(run: RunStart, resume: bool, overwrite: bool, stack: contextlib
     if run_dir.exists() and not run_dir.is_dir():
         raise VoxdiffError(f"--ckpt_path {run_dir} is a file, not a directory")
     created = not run_dir.exists()
-    if is_main:
-        stack.enter_context(dir_lock(run_dir, "training run"))
+    with together():  # a lock refused on rank 0 stops every rank here, none waits in a later collective
+        if is_main:
+            stack.enter_context(dir_lock(run_dir, "training run"))
 
     def remove_if_failed_early(exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and created and is_main and not (run_dir / "last.pt").exists():

@@ -35,11 +35,11 @@ from voxdiff.checkpoint import (
 from voxdiff.config import LDMTrainConfig, category_index, to_dict
 from voxdiff.data.dataset import VoxelDataset, voxel_path
 from voxdiff.distributed import (
-    barrier,
     check_in_sync,
     mean_over_ranks,
     rank_rng,
     share_device_rng,
+    together,
     wrap_ddp,
 )
 from voxdiff.latents import cached_latents, normalise
@@ -163,12 +163,15 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
     train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=ae.cfg.resolution)
     files = common.open_run_dir(run, cfg.resume, cfg.overwrite, stack, "voxdiff.ldm")
     log = files.log
-    if not info.is_main:
-        barrier()  # rank 0 encodes (or finds) the latent cache first; the other ranks then read it
-    z_all, y_all, cache_file = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir,
-                                              device, progress and info.is_main, log=log)
-    if info.is_main:
-        barrier()
+    latents = None
+    with together():  # rank 0 encodes (or finds) the latent cache first, or every rank stops with its error
+        if info.is_main:
+            latents = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir, device,
+                                     progress, log=log)
+    if latents is None:  # the other ranks: a cache hit
+        latents = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir, device, False,
+                                 log=log)
+    z_all, y_all, cache_file = latents
     latent_mean = torch.tensor(ae_ckpt.meta.latent_mean, dtype=torch.float32)  # the latent scale lives with the AE
     latent_std = torch.tensor(ae_ckpt.meta.latent_std, dtype=torch.float32)
     # the AE's held-out slice of the train split: never trained on, it picks best.pt (val and test are references)
@@ -287,18 +290,21 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
             bar.update(1, loss=f"{smooth:.4f}")
         else:
             bar.update(1)
-        if info.is_main and step % cfg.ckpt_every == 0 and step != total_steps:
-            checkpoint()
+        if step % cfg.ckpt_every == 0 and step != total_steps:
+            with together():  # a failed write (a full disk) on rank 0 stops every rank at this step
+                if info.is_main:
+                    checkpoint()
         if info.is_main and cfg.preview and cfg.preview_every and step % cfg.preview_every == 0 \
                 and step != total_steps:
             _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
     bar.close()
     if stopped == "time_cap":
         log.warning(common.cap_message("LDM", step, total_steps))
-    if info.is_main and (step > start_step or not last_file.is_file()):
-        checkpoint()
-    if info.is_main and cfg.preview:
-        _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
+    with together():  # rank 0's last writes: a failure there stops every rank here, none waits in check_in_sync
+        if info.is_main and (step > start_step or not last_file.is_file()):
+            checkpoint()
+        if info.is_main and cfg.preview:
+            _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
     seconds = cap.elapsed()
     result = {"step": step, "total_steps": total_steps, "stopped": stopped, "loss_smooth": smooth,
               "best_heldout_loss": best_metric, "last": str(last_file), "best": str(best_file),
