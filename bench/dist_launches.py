@@ -1,4 +1,4 @@
-"""Launch tests/test_distributed.py's torchrun driver N times in a row and count the launches that abort (issue 26).
+"""Launch tests/test_distributed.py's torchrun driver N times in a row and count the launches that abort.
 
 Each launch gets a fresh temporary directory (toy voxels, AE checkpoint, spec, driver), runs 2 CPU ranks on gloo with
 OMP_NUM_THREADS=1 under `nice -n 10`, and is judged by its exit status and stderr: an abort is a launch whose stderr
@@ -9,7 +9,7 @@ as a failure too. Failed launches keep their stderr (and, under `ulimit -c unlim
     .venv/bin/python bench/dist_launches.py --n 100 --standalone   # torchrun --standalone --nproc_per_node 2
     .venv/bin/python bench/dist_launches.py --n 100                # the test's own launch (a free port on 127.0.0.1)
 
-Before the fix in voxdiff.distributed (issue 26) 2 of 50 --standalone launches aborted here, a gloo worker thread
+Before the clean-ending fix in voxdiff.distributed, 2 of 50 --standalone launches aborted here, a gloo worker thread
 killed in interpreter shutdown; a long run takes a while (10-30 s a launch on 2 busy cores): use nohup and poll.
 """
 

@@ -116,7 +116,7 @@ def init_distributed(device_flag: str | None = "auto") -> DistInfo:
         # A worker still dropping the last collective's tensors when the interpreter shuts down needs the GIL for
         # their Python objects; CPython ends that thread with pthread_exit, whose unwinding through a noexcept
         # destructor calls std::terminate: "terminate called without an active exception", SIGABRT, in a few % of
-        # launches (issue 26). Imported before the group exists, those defaults are None (the default group).
+        # launches. Imported before the group exists, those defaults are None (the default group).
         importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
         _generation += 1
