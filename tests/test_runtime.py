@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_UNET, make_ae_ckpt
+from conftest import TINY_UNET
 
 from voxdiff import precision as precision_mod
 from voxdiff import threads as threads_mod
@@ -108,11 +108,10 @@ def test_the_check_does_not_move_the_global_rng(monkeypatch: pytest.MonkeyPatch)
 # ---- the LDM trainer on a machine with the broken kernel -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ae")
-    make_ae_ckpt(d / "best.pt")
-    return d
+@pytest.fixture()
+def ae_dir(ckpts: dict[str, Path]) -> Path:
+    """The session's tiny AE checkpoint (conftest), which the LDM trainer reads as its AE."""
+    return ckpts["ae"]
 
 
 def _cfg(data: Path, ae: Path, run: Path, **kw) -> LDMTrainConfig:

@@ -222,9 +222,7 @@ def scan_split(hdf5_dir: str | os.PathLike[str], split: str, chunk: int = 256) -
     out: dict[int, int] = {}
     for path in read_file_list(hdf5_dir, split):
         with _open_checked(path) as f:
-            ids, n = np.unique(_labels(f, path), return_counts=True)
-            for i, k in zip(ids.tolist(), n.tolist()):
-                out[int(i)] = out.get(int(i), 0) + int(k)
+            _add_label_counts(out, _labels(f, path))
             d = f["data"]
             for s in range(0, d.shape[0], chunk):
                 try:
@@ -256,10 +254,15 @@ def label_counts(hdf5_dir: str | os.PathLike[str], split: str) -> dict[int, int]
     out: dict[int, int] = {}
     for path in read_file_list(hdf5_dir, split):
         with _open_checked(path) as f:
-            ids, n = np.unique(_labels(f, path), return_counts=True)
-            for i, k in zip(ids.tolist(), n.tolist()):
-                out[int(i)] = out.get(int(i), 0) + int(k)
+            _add_label_counts(out, _labels(f, path))
     return out
+
+
+def _add_label_counts(out: dict[int, int], labels: np.ndarray) -> None:
+    """Add the shapes per label id of `labels` to `out`."""
+    ids, n = np.unique(labels, return_counts=True)
+    for i, k in zip(ids.tolist(), n.tolist()):
+        out[int(i)] = out.get(int(i), 0) + int(k)
 
 
 def _label_of(category: str) -> int:
