@@ -128,7 +128,7 @@ def choose_precision(precision: Precision, device: torch.device, step: ProbeStep
     """The precision a run uses on `device`, verified with `step` (see `check_bf16`) wherever bf16 is in question.
 
     - "fp32": fp32, unchecked.
-    - "bf16": bf16 after the check; refused (VoxdiffError-free ValueError for the caller to word) when it fails.
+    - "bf16": bf16 after the check; a ValueError (the caller words it for its command line) when the check fails.
     - "auto": fp32 on CPUs without native bf16 and on CUDA devices without bf16; elsewhere bf16 if and only if the
       check passes on this machine, for this network, now. Without a `step`, "auto" is fp32 (nothing was verified).
     RNG-neutral: the check draws no numbers from the global generators.
