@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_AE, make_voxel_dir
+from faultlib import VOXDIFF, cli, one_line
 
 from voxdiff.cli import load_script
 from voxdiff.config import AETrainConfig, SampleConfig, pipeline_preset
@@ -30,22 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _cli(capsys: pytest.CaptureFixture, script: str, argv: list[str]) -> tuple[int, str]:
-    """Run a script's main through run_cli in-process, as a user would: (exit status, stderr)."""
-    main = load_script(ROOT / script).main if script != "-m voxdiff" else __import__("voxdiff.__main__").__main__.main
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        run_cli(main, argv)
-    return int(exc.value.code), capsys.readouterr().err
-
-
-def _one_line(code: int, err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _ae_cfg(data: Path, run_dir: Path, **kw: Any) -> AETrainConfig:
@@ -76,8 +61,8 @@ def test_1_pipeline_and_load_data_never_overwrite_a_users_hdf5(tmp_path: Path, c
     write_synthetic_partseg(theirs, COUNT_PRESETS["tiny"], seed=9)
     (theirs / PROCEDURAL_MARKER).unlink()  # now it is somebody's ShapeNet copy
     before = {p.name: _sha(p) for p in theirs.glob("*.h5")}
-    code, err = _cli(capsys, "load_data.py", ["--synthetic", "--dataset_path", str(theirs)])
-    _one_line(code, err, "did not generate", "choose another directory")
+    code, err = cli(capsys, "load_data.py", ["--synthetic", "--dataset_path", str(theirs)])
+    one_line(code, err, "did not generate", "choose another directory")
     # the pipeline voxelizes the user's files beside them instead of generating procedural shapes over them
     cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "run"), dataset_path=str(theirs),
                               device="cpu")
@@ -101,8 +86,8 @@ def test_2_rerun_without_resume_keeps_the_finished_run(tiny_voxel_dir: Path, tmp
     files = {n: _sha(run_dir / n) for n in ("last.pt", "best.pt", "log.jsonl")}
     argv = ["--dataset_path", str(tiny_voxel_dir), "--ckpt_path", str(run_dir), "--device", "cpu", "--num_steps", "1",
             "--resolution", "32", "--channels", "4", "8", "8"]
-    code, err = _cli(capsys, "autoencoder.py", argv)
-    _one_line(code, err, "already holds a run", "--resume", "--overwrite")
+    code, err = cli(capsys, "autoencoder.py", argv)
+    one_line(code, err, "already holds a run", "--resume", "--overwrite")
     assert {n: _sha(run_dir / n) for n in files} == files
     # --overwrite replaces it on purpose: a new run of 1 step, no stale best.pt of the old one
     train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir, num_steps=1, overwrite=True), progress=False)
@@ -181,8 +166,8 @@ def test_5_nan_and_degenerate_numbers_are_refused(script: str, argv: list[str], 
     if script == "diffusion/sample.py":
         argv = ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path", str(ckpts["ae"]), "--save_dir",
                 str(tmp_path / "s"), "--device", "cpu", *argv]
-    code, err = _cli(capsys, script, argv)
-    _one_line(code, err, needle)
+    code, err = cli(capsys, script, argv)
+    one_line(code, err, needle)
     assert not (tmp_path / "s").exists()
 
 
@@ -209,25 +194,25 @@ def test_6_bad_files_and_paths_give_one_line(tiny_voxel_dir: Path, ckpts: dict[s
                                              capsys: pytest.CaptureFixture) -> None:
     empty = tmp_path / "empty.npy"
     empty.write_bytes(b"")
-    _one_line(*_cli(capsys, "eval.py", ["chair", str(empty), "--dataset_path", str(tiny_voxel_dir)]), "empty.npy")
+    one_line(*cli(capsys, "eval.py", ["chair", str(empty), "--dataset_path", str(tiny_voxel_dir)]), "empty.npy")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    _one_line(*_cli(capsys, "autoencoder.py", ["--dataset_path", str(tiny_voxel_dir), "--ckpt_path", str(a_file),
+    one_line(*cli(capsys, "autoencoder.py", ["--dataset_path", str(tiny_voxel_dir), "--ckpt_path", str(a_file),
                                                "--device", "cpu"]), "is a file")
-    _one_line(*_cli(capsys, "diffusion/sample.py", ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
+    one_line(*cli(capsys, "diffusion/sample.py", ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
                                                     str(ckpts["ae"]), "--save_dir", str(a_file), "--device", "cpu",
                                                     "--resolution", "32"]), "is a file")
-    _one_line(*_cli(capsys, "-m voxdiff", ["--preset", "tiny", "--run_dir", str(a_file)]), "is a file")
-    _one_line(*_cli(capsys, "eval.py", ["chair", str(empty), "--json", str(tmp_path)]), "is a directory")
-    _one_line(*_cli(capsys, "autoencoder.py", ["--batch_size", "0"]), "batch_size must be >= 1")
-    _one_line(*_cli(capsys, "diffusion/train.py", ["--ckpt_every", "0"]), "ckpt_every must be >= 1")
+    one_line(*cli(capsys, VOXDIFF, ["--preset", "tiny", "--run_dir", str(a_file)]), "is a file")
+    one_line(*cli(capsys, "eval.py", ["chair", str(empty), "--json", str(tmp_path)]), "is a directory")
+    one_line(*cli(capsys, "autoencoder.py", ["--batch_size", "0"]), "batch_size must be >= 1")
+    one_line(*cli(capsys, "diffusion/train.py", ["--ckpt_every", "0"]), "ckpt_every must be >= 1")
     cfg_file = tmp_path / "empty.json"
     cfg_file.write_text("")
-    _one_line(*_cli(capsys, "-m voxdiff", ["--config", str(cfg_file)]), "empty.json")
+    one_line(*cli(capsys, VOXDIFF, ["--config", str(cfg_file)]), "empty.json")
     no_config = torch.load(ckpts["ae"], weights_only=True)
     no_config["model_config"] = {}
     torch.save(no_config, tmp_path / "ae_empty.pt")
-    _one_line(*_cli(capsys, "diffusion/sample.py", ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
+    one_line(*cli(capsys, "diffusion/sample.py", ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
                                                     str(tmp_path / "ae_empty.pt"), "--save_dir", str(tmp_path / "o"),
                                                     "--device", "cpu"]), "ae_empty.pt")
 
@@ -257,7 +242,7 @@ def test_6_full_disk_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.
     with pytest.raises(SystemExit) as exc:
         run_cli(main, [])
     err_text = capsys.readouterr().err
-    _one_line(int(exc.value.code), err_text, "last.pt", "disk full")
+    one_line(int(exc.value.code), err_text, "last.pt", "disk full")
     assert not list(tmp_path.glob(".*.tmp"))  # the half-written file is gone
 
     def full(argv: Any) -> None:
