@@ -21,7 +21,9 @@ AELoss = Literal["bce", "weighted_bce", "dice", "bce_dice", "focal"]
 AEBlock = Literal["seed", "resnet"]
 AENorm = Literal["batch", "group"]
 AEUpsample = Literal["transpose", "nearest"]
-BetaSchedule = Literal["linear", "cosine"]
+BetaSchedule = Literal["linear", "scaled_linear", "cosine"]
+PredictionType = Literal["epsilon", "v_prediction"]
+TimestepSpacing = Literal["leading", "trailing"]
 SamplerName = Literal["ddpm", "ddim"]
 Precision = Literal["auto", "fp32", "bf16"]
 BinarizeMode = Literal["threshold", "calibrated", "topk"]
@@ -109,6 +111,7 @@ class AEConfig:
     block: AEBlock = "seed"  # seed: the starter code's conv stack; resnet: a residual block at every resolution
     norm: AENorm = "batch"  # batch: BatchNorm3d (starter code); group: GroupNorm (batch-size independent)
     upsample: AEUpsample = "transpose"  # transpose: ConvTranspose3d (starter code); nearest: nearest upsample + conv
+    variational: bool = False  # the encoder predicts a mean and a log-variance (AutoencoderKL); the latent is the mean
 
     def __post_init__(self) -> None:
         check_literal(self.block, AEBlock, "block")
@@ -188,10 +191,21 @@ class SchedulerConfig:
     num_train_timesteps: int = 1000  # diffusion steps T
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    beta_schedule: BetaSchedule = "linear"  # linear (DDPM) or cosine (Nichol & Dhariwal 2021)
+    beta_schedule: BetaSchedule = "linear"  # linear (DDPM), scaled_linear (linear in √β: Stable Diffusion) or cosine
+    # (Nichol & Dhariwal 2021)
+    prediction_type: PredictionType = "epsilon"  # the network predicts the noise ε, or v = √ᾱ·ε − √(1−ᾱ)·x_0
+    # (Salimans & Ho 2022)
+    timestep_spacing: TimestepSpacing = "leading"  # inference timesteps: leading (T−k, ..., 0; DDIM's) or trailing
+    # (T−1, ..., k−1: sampling starts at the last trained step; Lin et al. 2024)
+    rescale_betas_zero_snr: bool = False  # rescale the schedule so ᾱ_T = 0: the last step is pure noise, as sampling
+    # assumes (Lin et al. 2024; needs v_prediction)
 
     def __post_init__(self) -> None:
         check_literal(self.beta_schedule, BetaSchedule, "beta_schedule")
+        check_literal(self.prediction_type, PredictionType, "prediction_type")
+        check_literal(self.timestep_spacing, TimestepSpacing, "timestep_spacing")
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise ValueError("rescale_betas_zero_snr needs prediction_type v_prediction (ε is undefined at SNR 0)")
         check_range("num_train_timesteps", self.num_train_timesteps, lo=2)
         check_range("beta_start", self.beta_start, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         check_range("beta_end", self.beta_end, lo=self.beta_start, hi=1.0, hi_open=True)
@@ -260,6 +274,8 @@ class AETrainConfig(TrainConfig):
     loss: AELoss = "bce"  # reconstruction loss (voxdiff/losses.py); bce gives the data's thickness at p > 0.5
     pos_weight: float | None = None  # weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data
     latent_noise: float = 0.0  # σ: decode latents + σ·(batch std)·ε in training, a decoder robust to imperfect latents
+    kl_weight: float = 0.0  # weight of the KL term to N(0, I) per latent number (needs model.variational; Stable
+    # Diffusion's AutoencoderKL uses about 1e-6 of a sum over pixels)
     holdout_fraction: float = 0.05  # per category, held out of TRAIN for best.pt and threshold calibration
     holdout_max: int = 100  # at most this many held-out shapes per category
     sync_bn: bool = False  # under torchrun: SyncBatchNorm (full-global-batch statistics; CUDA only)
@@ -270,6 +286,9 @@ class AETrainConfig(TrainConfig):
         check_literal(self.loss, AELoss, "loss")
         check_range("pos_weight", self.pos_weight, lo=0.0, lo_open=True, optional=True)
         check_range("latent_noise", self.latent_noise, lo=0.0, hi=10.0)
+        check_range("kl_weight", self.kl_weight, lo=0.0)
+        if self.kl_weight > 0 and not self.model.variational:
+            raise ValueError("kl_weight needs a variational AE (model.variational)")
         check_range("holdout_fraction", self.holdout_fraction, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         check_range("holdout_max", self.holdout_max, lo=1)
 
@@ -289,6 +308,8 @@ class LDMTrainConfig(TrainConfig):
     warmup_steps: int = 500  # linear LR warmup
     lr_schedule: LRSchedule = "constant"  # after warmup: constant, or cosine decay to lr/10
     ema_decay: float = 0.999
+    snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper); none: plain MSE
+    keep_steps: tuple[int, ...] = ()  # also keep the checkpoint of these steps as step{N}.pt (a learning curve)
     preview: bool = True  # render 2 samples per category at the end (and every preview_every steps)
     preview_every: int | None = None  # steps between preview renders; none: only at the end
     preview_threshold: float = 0.5  # previews binarise as p > this (the pipeline sets its sampling threshold)
@@ -302,6 +323,9 @@ class LDMTrainConfig(TrainConfig):
         check_range("warmup_steps", self.warmup_steps, lo=0)
         check_literal(self.lr_schedule, LRSchedule, "lr_schedule")
         check_range("ema_decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
+        check_range("snr_gamma", self.snr_gamma, lo=0.0, lo_open=True, optional=True)
+        for k in self.keep_steps:
+            check_range("keep_steps", k, lo=1)
         check_range("preview_every", self.preview_every, lo=1, optional=True)
         check_range("preview_threshold", self.preview_threshold, lo=0.0, hi=1.0, hi_open=True)
 
