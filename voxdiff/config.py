@@ -464,6 +464,24 @@ class TuneConfig:
 
 
 @dataclass
+class GoalConfig:
+    """What a run's report calls good enough, per category, against the oracle (a fresh draw of the data) and the
+    reference data itself. The defaults are the quality goal of the medium and full presets."""
+
+    cov: float = 0.9  # COV ≥ this × the oracle's
+    mmd: float = 1.25  # MMD ≤ this × the oracle's
+    jsd: float = 2.0  # JSD ≤ this × the oracle's
+    nna: float = 0.65  # 1-NNA on equal sets ≤ this (0.5 is indistinguishable from the data)
+    bloated: float = 0.01  # share of samples with more voxels than twice the largest training shape ≤ this
+    structure: float = 1.5  # stray voxels and fragmented samples ≤ this × the reference data's (+ 1 point of slack,
+    # so a data figure of 0 % allows 1 %)
+
+    def __post_init__(self) -> None:
+        for name in ("cov", "mmd", "jsd", "nna", "bloated", "structure"):
+            check_range(name, getattr(self, name), lo=0.0)
+
+
+@dataclass
 class PipelineConfig:
     """The main job end to end: data -> AE -> LDM -> sample -> eval -> render -> report (`voxdiff.pipeline.run`)."""
 
@@ -479,6 +497,7 @@ class PipelineConfig:
     baselines: tuple[str, ...] = ("train", "noise")  # trivial sets scored beside the model: train copies, noise
     oracle: bool = True  # score a fresh procedural draw: the best a model could do
     render_n: int = 16  # shapes per row in the PNG sheets
+    goals: GoalConfig = field(default_factory=GoalConfig)
     ae: AETrainConfig = field(default_factory=AETrainConfig)
     ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
