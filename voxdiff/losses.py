@@ -8,6 +8,8 @@ near-empty output. The variants re-balance occupied voxels:
 - "dice":         1 - soft Dice per shape (Milletari et al. 2016, eq. 1), averaged over the batch; scale-free in p.
 - "bce_dice":     bce + dice.
 - "focal":        focal loss (Lin et al. 2017, eq. 5) with alpha weighting the occupied class, gamma = 2.
+
+A variational AE adds `kl_to_standard_normal` (weighted by AETrainConfig.kl_weight) to the reconstruction loss.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "focal_loss",
     "reconstruction_loss",
     "pos_weight_from_occupancy",
+    "kl_to_standard_normal",
 ]
 
 
@@ -85,3 +88,11 @@ def reconstruction_loss(
     if kind == "bce_dice":
         return bce_loss(logits, target) + dice_loss(logits, target)
     return focal_loss(logits, target)
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per latent number, averaged over the batch and every latent number:
+    mean of 0.5·(μ² + σ² − 1 − log σ²) (Kingma & Welling 2014, appendix B), in fp32. A mean rather than Stable
+    Diffusion's sum, so its weight does not depend on the latent's size."""
+    mu, lv = mean.float(), logvar.float()
+    return 0.5 * (mu.square() + lv.exp() - 1.0 - lv).mean()

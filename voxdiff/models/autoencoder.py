@@ -8,18 +8,26 @@ block="resnet": a residual block (norm, act, conv, norm, act, conv, + skip) at e
 stride-2 steps, wider receptive fields for thin parts.
 norm="group" swaps BatchNorm3d for GroupNorm (independent of batch size and of train/eval mode); upsample="nearest"
 swaps each stride-2 transposed convolution for nearest upsampling + a k3 conv (no checkerboard artefacts).
+variational=True (Stable Diffusion's AutoencoderKL): the encoder's last conv gives 2 × latent_channels, a mean and a
+log-variance; training decodes a sample mean + σ·ε and adds a KL term, while `encode` (latent caches, sampling) is the
+mean, deterministic.
 A network only: it knows its own config (AEConfig) and nothing of training.
 """
 
 from __future__ import annotations
+
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from voxdiff.config import AEConfig
+from voxdiff.losses import kl_to_standard_normal
 
-__all__ = ["VoxelAutoencoder"]
+__all__ = ["VoxelAutoencoder", "LOGVAR_RANGE"]
+
+LOGVAR_RANGE = (-30.0, 20.0)  # a variational encoder's log-variance is clamped here (diffusers' DiagonalGaussian)
 
 
 def _norm(kind: str, ch: int) -> nn.Module:
@@ -55,6 +63,11 @@ def _up(cin: int, cout: int, mode: str) -> nn.Module:
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(cin, cout, 3, 1, 1))
 
 
+def _encoder_out(cfg: AEConfig) -> int:
+    """Channels of the encoder's last conv: the latent, or its mean and log-variance for a variational AE."""
+    return 2 * cfg.latent_channels if cfg.variational else cfg.latent_channels
+
+
 def _seed_layers(cfg: AEConfig) -> tuple[nn.Sequential, nn.Sequential]:
     ch, lat, s, nm = list(cfg.channels), cfg.latent_channels, cfg.negative_slope, cfg.norm
     n = len(ch)
@@ -63,7 +76,7 @@ def _seed_layers(cfg: AEConfig) -> tuple[nn.Sequential, nn.Sequential]:
         if i > 0:
             enc.append(_Act(nn.Conv3d(ch[i], ch[i], 4, 2, 1), ch[i], nm, s))
         enc.append(_Act(nn.Conv3d(ch[i], ch[i + 1], 3, 1, 1), ch[i + 1], nm, s) if i < n - 1
-                   else nn.Conv3d(ch[i], lat, 3, 1, 1))
+                   else nn.Conv3d(ch[i], _encoder_out(cfg), 3, 1, 1))
     # the seed's k3 decoder layers are ConvTranspose3d (the same map as a Conv3d); kept so its weights load
     k3 = (lambda a, b: nn.ConvTranspose3d(a, b, 3, 1, 1)) if cfg.upsample == "transpose" else \
         (lambda a, b: nn.Conv3d(a, b, 3, 1, 1))
@@ -84,7 +97,8 @@ def _resnet_layers(cfg: AEConfig) -> tuple[nn.Sequential, nn.Sequential]:
     enc: list[nn.Module] = [nn.Conv3d(1, ch[0], 4, 2, 1)]  # the first step is strided: the full grid is 1 channel
     for i in range(1, len(ch)):
         enc += [_ResBlock(ch[i - 1], ch[i], nm, s), nn.Conv3d(ch[i], ch[i], 3, 2, 1)]
-    enc += [_ResBlock(ch[-1], ch[-1], nm, s), _norm(nm, ch[-1]), nn.LeakyReLU(s), nn.Conv3d(ch[-1], lat, 3, 1, 1)]
+    enc += [_ResBlock(ch[-1], ch[-1], nm, s), _norm(nm, ch[-1]), nn.LeakyReLU(s),
+            nn.Conv3d(ch[-1], _encoder_out(cfg), 3, 1, 1)]
     dec: list[nn.Module] = [nn.Conv3d(lat, ch[-1], 3, 1, 1), _ResBlock(ch[-1], ch[-1], nm, s)]
     for i in range(len(ch) - 1, 0, -1):
         dec += [_up(ch[i], ch[i], cfg.upsample), _ResBlock(ch[i], ch[i - 1], nm, s)]
@@ -106,12 +120,26 @@ class VoxelAutoencoder(nn.Module):
         r = self.cfg.latent_resolution
         return (self.cfg.latent_channels, r, r, r)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,1,R,R,R) occupancy in [0,1] -> (B,latent_channels,r,r,r) latent (unnormalised)."""
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output: the latent, or mean and raw log-variance stacked on channels (variational)."""
         r = self.cfg.resolution
         if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[-3:]) != (r, r, r):
             raise ValueError(f"expected (B,1,{r},{r},{r}); got {tuple(x.shape)}")
         return self.encoder(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,1,R,R,R) occupancy in [0,1] -> (B,latent_channels,r,r,r) latent (unnormalised); a variational AE's is
+        its mean, so everything downstream (latent caches, the LDM, sampling) is deterministic."""
+        h = self._encode(x)
+        return h[:, : self.cfg.latent_channels] if self.cfg.variational else h
+
+    def encode_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log-variance), each (B,latent_channels,r,r,r), of a variational AE's Gaussian q(z | x); the
+        log-variance clamped to LOGVAR_RANGE (exp stays finite)."""
+        if not self.cfg.variational:
+            raise ValueError("encode_distribution needs a variational AE (AEConfig.variational)")
+        mean, logvar = self._encode(x).chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Latent -> (B,1,R,R,R) occupancy logits (train with BCE-with-logits for stability)."""
@@ -126,11 +154,30 @@ class VoxelAutoencoder(nn.Module):
             p = F.interpolate(p, scale_factor=resolution // p.shape[-1], mode="nearest")
         return p
 
-    def forward(self, x: torch.Tensor, latent_noise: float = 0.0) -> torch.Tensor:
-        """Reconstruction logits of x. With `latent_noise` σ > 0, Gaussian noise of σ times each latent channel's
-        batch std is added before decoding, so the decoder learns to map a neighbourhood of a latent to one clean shape
+    @overload
+    def forward(self, x: torch.Tensor, latent_noise: float = ..., return_kl: Literal[False] = ...) -> torch.Tensor:
+        ...
+
+    @overload
+    def forward(self, x: torch.Tensor, latent_noise: float = ..., *,
+                return_kl: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    def forward(self, x: torch.Tensor, latent_noise: float = 0.0,
+                return_kl: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction logits of x, and with `return_kl` the KL term (0 for a plain AE) as a second output: the
+        trainer's one call, through DDP's forward. A variational AE decodes a sample z = mean + σ·ε in training mode
+        and the mean in eval mode. With `latent_noise` σ > 0, Gaussian noise of σ times each latent channel's batch
+        std is added to z before decoding, so the decoder learns to map a neighbourhood of a latent to one clean shape
         (what a diffusion model's imperfect latents need; a fixed-variance VAE does the same)."""
-        z = self.encode(x)
+        if self.cfg.variational:
+            mean, logvar = self.encode_distribution(x)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.training else mean
+            kl = kl_to_standard_normal(mean, logvar)
+        else:
+            z = self.encode(x)
+            kl = z.new_zeros((), dtype=torch.float32)
         if latent_noise > 0:
             z = z + latent_noise * z.detach().std(dim=(0, 2, 3, 4), keepdim=True) * torch.randn_like(z)
-        return self.decode_logits(z)
+        logits = self.decode_logits(z)
+        return (logits, kl) if return_kl else logits

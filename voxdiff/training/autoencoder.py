@@ -5,6 +5,8 @@ training occupancy -> model, AdamW -> [resume] -> loop over steps (autocast in `
 non-finite stop) -> every `ckpt_every` steps and at the end: calibrate the threshold on the held-out slice, validate
 there (IoU / precision / recall), write last.pt and best.pt (best calibrated held-out IoU) -> at the end: Chamfer and
 top-k on the held-out slice, and the per-channel latent mean/std the LDM normalises with, stored in both checkpoints.
+A variational AE (cfg.model.variational) trains on reconstruction + kl_weight × KL and logs the KL as `kl`; latent_noise
+then applies on top of the sampled latent.
 
 The length is a number of steps (`num_steps`, or `num_epochs` passes); `max_minutes` is a safety cap whose stop is
 reported. Exact resume: the order of epoch e is a permutation seeded by (seed, e) and step s takes its batch from
@@ -175,6 +177,16 @@ def latent_stats(model: torch.nn.Module, grids: torch.Tensor,
     return mean.cpu().tolist(), std.cpu().tolist(), absmax.cpu().tolist()
 
 
+def training_loss(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, cfg: AETrainConfig,
+                  pos_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, KL or None) of a training forward's output: the logits, or (logits, KL) for a variational AE, whose loss
+    is reconstruction + kl_weight × KL. The one definition for the loop and the start-up checks."""
+    if isinstance(out, tuple):
+        logits, kl = out
+        return reconstruction_loss(logits, x, cfg.loss, pos_weight) + cfg.kl_weight * kl, kl
+    return reconstruction_loss(out, x, cfg.loss, pos_weight), None
+
+
 def _stale_best(best: Checkpoint, last: Checkpoint) -> bool:
     """best.pt is older than the best model last.pt records: last.pt is saved first, so a run stopped between the two
     saves of an improving validation leaves last.pt holding the best model and best.pt the one before."""
@@ -231,11 +243,16 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
         set_rng_state(resume_ckpt.rng)
         log.info("resumed from %s at step %d", last_file, step)
     probe_x = _to_device(grids[fit_idx[: order.per_rank]], device)  # the start-up checks' batch: real shapes
+    variational = cfg.model.variational
     runtime = common.choose_runtime(
-        cfg, info, unwrap(model), lambda m: reconstruction_loss(m(probe_x), probe_x, cfg.loss, pos_weight),
+        cfg, info, unwrap(model),
+        lambda m: training_loss(m(probe_x, return_kl=variational), probe_x, cfg, pos_weight)[0],
         "AE training", resume_ckpt.meta.runtime if resume_ckpt else None, log)
     topk_by_class = {CATEGORIES.index(c): int(round(k)) for c, k in occupancy[str(res)].items()}
     loss_desc = f"{cfg.loss} (pos_weight {pos_weight:.1f})" if cfg.loss == "weighted_bce" else cfg.loss
+    if variational:
+        loss_desc += f" + {cfg.kl_weight:g} × KL (variational)"
+    curves = ("loss", "kl") if variational else ("loss",)
     log.info("train %d (fit %d, held out %d); occupancy %.5f; loss %s; %d steps",
              len(train_set), len(fit_idx), len(held_idx), mean_frac, loss_desc, total_steps)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, evaluation and checkpoints use `model`
@@ -254,7 +271,7 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
         meta.threshold, _ = calibrate_threshold(model, held_grids, device)
         meta.heldout = evaluate(model, held_grids, held_labels, device, meta.threshold)
         runlog.log(step=step, **{f"val_{k}": v for k, v in meta.heldout.items()})
-        runlog.flush(("loss",))
+        runlog.flush(curves)
         log.info("step %d held-out %s", step, {k: round(v, 5) for k, v in meta.heldout.items()})
         improved = meta.heldout["iou_cal"] > meta.best_iou
         meta.best_iou = max(meta.best_iou, meta.heldout["iou_cal"])
@@ -275,9 +292,10 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
         x = _to_device(grids[fit_idx[order.batch(step).numpy()]], device)
         t0 = time.perf_counter()
         with autocast(device, runtime.amp):
-            logits = net(x, latent_noise=cfg.latent_noise)
-        loss = reconstruction_loss(logits, x, cfg.loss, pos_weight)
+            out = net(x, latent_noise=cfg.latent_noise, return_kl=variational)
+        loss, kl = training_loss(out, x, cfg, pos_weight)
         loss_all = mean_over_ranks(loss.detach())  # the global batch's loss: every rank decides the same below
+        kl_all = mean_over_ranks(kl.detach()) if kl is not None else None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -291,9 +309,10 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
         runtime.after_step(log)
         if step % cfg.log_every == 0:
             lv = float(loss_all)
-            bar.update(1, loss=f"{lv:.4g}")
+            kv = {} if kl_all is None else {"kl": float(kl_all)}
+            bar.update(1, loss=f"{lv:.4g}", **{k: f"{v:.4g}" for k, v in kv.items()})
             if runlog is not None:
-                runlog.log(step=step, loss=lv)
+                runlog.log(step=step, loss=lv, **kv)
         else:
             bar.update(1)
         if step % cfg.ckpt_every == 0 and step < total_steps:
@@ -322,7 +341,7 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
                 ck.meta.latent_mean, ck.meta.latent_std, ck.meta.latent_absmax = stats
                 ck.meta.final = final if name == "last.pt" else ck.meta.final
                 save_checkpoint(file, ck)
-            runlog.flush(("loss",))
+            runlog.flush(curves)
     seconds = cap.elapsed()
     result = {"step": step, "total_steps": total_steps, "stopped": stopped, "best_iou_cal": meta.best_iou,
               "seconds": seconds, "train_seconds": train_seconds,
