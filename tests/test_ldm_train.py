@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ENV, ROOT, TINY_UNET, make_ae_ckpt
@@ -14,7 +16,7 @@ from voxdiff.config import LDMTrainConfig, SchedulerConfig, UNetConfig, to_dict
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training.common import warmup_lr
-from voxdiff.training.ldm import diffusion_loss, ema_multi_avg_fn, train_ldm
+from voxdiff.training.ldm import diffusion_loss, ema_multi_avg_fn, min_snr_weight, train_ldm
 from voxdiff.utils import VoxdiffError
 
 TINY = UNetConfig(**{**to_dict(TINY_UNET), "dropout": 0.1})
@@ -153,3 +155,79 @@ def test_cosine_lr_decays_to_a_tenth_after_warmup() -> None:
     assert [warmup_lr(s, 1e-3, 10) for s in (10, 500)] == [1e-3, 1e-3]
     with pytest.raises(ValueError):
         LDMTrainConfig(lr_schedule="linear")  # type: ignore[arg-type]
+
+
+# ---- v-prediction, min-SNR-γ, kept steps -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_the_formula(pred: str) -> None:
+    """Hang et al. 2023: min(SNR, γ)/SNR for an ε target, min(SNR, γ)/(SNR + 1) for a v target; SNR = ᾱ/(1−ᾱ)."""
+    sched = DDPMScheduler(SchedulerConfig(prediction_type=pred))
+    t = torch.tensor([0, 10, 150, 500, 999])
+    a = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t.numpy()]
+    snr = a / (1 - a)
+    ref = np.minimum(snr, 5.0) / (snr if pred == "epsilon" else snr + 1)
+    w = min_snr_weight(sched, t, 5.0)
+    np.testing.assert_allclose(w.numpy(), ref, rtol=1e-10)
+    assert (w > 0).all() and (w <= 1).all()
+    # SNR = 0 (zero terminal SNR): the v weight is 0, the ε weight's 0/0 is taken as its limit 1, never NaN
+    zero = DDPMScheduler(SchedulerConfig(prediction_type="v_prediction", rescale_betas_zero_snr=True))
+    assert float(min_snr_weight(zero, torch.tensor([999]), 5.0)) == 0.0
+    sched.alphas_cumprod = sched.alphas_cumprod.clone()
+    sched.alphas_cumprod[-1] = 0.0
+    assert torch.isfinite(min_snr_weight(sched, t, 5.0)).all()
+    if pred == "epsilon":
+        assert float(min_snr_weight(sched, torch.tensor([999]), 5.0)) == 1.0
+
+
+def test_v_target_and_weighted_loss() -> None:
+    """The v target: a model returning the true v has zero loss; a zero model's loss is mean_i w_i · mean(v_i²), and
+    without γ the plain mean of v² (ε-prediction's loss is unchanged: mean of ε²)."""
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(4, 16, 2, 2, 2, generator=g), torch.randn(4, 16, 2, 2, 2, generator=g)
+    t, y = torch.tensor([0, 20, 45, 49]), torch.zeros(4, dtype=torch.long)
+    sched = DDPMScheduler(SchedulerConfig(num_train_timesteps=50, prediction_type="v_prediction",
+                                          rescale_betas_zero_snr=True))
+    v = sched.get_velocity(z0, noise, t)
+    assert float(diffusion_loss(lambda x, t, y: v, sched, z0, y, t, noise, snr_gamma=5.0)) < 1e-12
+    zero_model = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
+    w = min_snr_weight(sched, t, 5.0).float()
+    expected = (w * v.square().flatten(1).mean(1)).mean()
+    torch.testing.assert_close(diffusion_loss(zero_model, sched, z0, y, t, noise, snr_gamma=5.0), expected)
+    assert float(w[-1]) == 0.0  # t = T − 1 at zero SNR carries no weight
+    torch.testing.assert_close(diffusion_loss(zero_model, sched, z0, y, t, noise), v.square().mean())
+    eps_sched = DDPMScheduler(SchedulerConfig(num_train_timesteps=50))
+    assert torch.equal(diffusion_loss(zero_model, eps_sched, z0, y, t, noise), noise.square().mean())
+
+
+def test_v_prediction_min_snr_zero_snr_run_keeps_steps(tiny_voxel_dir: Path, ae_dir: Path, tmp_path: Path) -> None:
+    """A tiny run with v-prediction, min-SNR-γ, trailing spacing and zero terminal SNR trains with finite losses (and
+    renders its preview through the v sampler); keep_steps writes loadable step{N}.pt files, the last one equal to
+    last.pt; a resume with another γ is refused; --overwrite removes the replaced run's kept steps."""
+    sched = SchedulerConfig(num_train_timesteps=50, prediction_type="v_prediction", timestep_spacing="trailing",
+                            rescale_betas_zero_snr=True)
+    kw = dict(scheduler=sched, snr_gamma=5.0, keep_steps=(2, 4), num_steps=4, ckpt_every=3, preview=True)
+    run = tmp_path / "run"
+    res = train_ldm(_cfg(tiny_voxel_dir, ae_dir, run, **kw), progress=False)
+    assert res["step"] == 4 and np.isfinite(res["loss_smooth"]) and np.isfinite(res["best_heldout_loss"])
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 4 and np.isfinite(losses).all()
+    assert all(np.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
+    assert sorted(p.name for p in run.glob("step*.pt")) == ["step2.pt", "step4.pt"]
+    last = load_checkpoint(run / "last.pt", kind="ldm")
+    assert last.meta.scheduler["prediction_type"] == "v_prediction" and last.train_config["snr_gamma"] == 5.0
+    for n in (2, 4):
+        ck = load_checkpoint(run / f"step{n}.pt", kind="ldm")
+        assert ck.step == n and ck.meta.scheduler == last.meta.scheduler
+    kept = load_checkpoint(run / "step4.pt", kind="ldm")
+    assert all(torch.equal(kept.ema[k], last.ema[k]) for k in last.ema)
+    assert kept.meta.best_heldout_loss == last.meta.best_heldout_loss
+    assert (run / "samples_000004.png").is_file()
+    with pytest.raises(VoxdiffError, match="snr_gamma"):
+        train_ldm(_cfg(tiny_voxel_dir, ae_dir, run, **{**kw, "snr_gamma": None, "num_steps": 5}, resume=True),
+                  progress=False)
+    train_ldm(_cfg(tiny_voxel_dir, ae_dir, run, **{**kw, "keep_steps": (1,), "num_steps": 1, "preview": False},
+                   overwrite=True), progress=False)
+    assert sorted(p.name for p in run.glob("step*.pt")) == ["step1.pt"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from voxdiff.config import SchedulerConfig
-from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, expand_as_sample, make_scheduler
+from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, expand_as_sample, make_betas, make_scheduler
 
 
 def _np_tables(T: int = 1000, b0: float = 1e-4, b1: float = 0.02) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,3 +213,138 @@ def test_clipped_x0_stays_in_range_and_a_wide_clip_changes_nothing(sampler: str)
     sched.set_clip(torch.full((3,), 1e6))
     wide = sched.step(eps, t, x, torch.Generator().manual_seed(1))
     torch.testing.assert_close(wide.prev_sample, free.prev_sample, rtol=1e-6, atol=1e-6)
+
+
+# ---- scaled_linear, zero terminal SNR, trailing spacing, v-prediction ------------------------------------------------
+
+
+def _v_cfg(**kw) -> SchedulerConfig:
+    return SchedulerConfig(prediction_type="v_prediction", **kw)
+
+
+def test_scaled_linear_betas_are_linear_in_sqrt_beta() -> None:
+    """diffusers' scaled_linear: β = linspace(√β_start, √β_end, T)²; its ends are β_start and β_end."""
+    betas = make_betas(1000, 0.00085, 0.012, "scaled_linear")
+    ref = np.linspace(np.sqrt(0.00085), np.sqrt(0.012), 1000, dtype=np.float64) ** 2
+    assert betas.dtype == torch.float64
+    np.testing.assert_allclose(betas.numpy(), ref, rtol=1e-12, atol=0)
+    assert float(betas[0]) == pytest.approx(0.00085, rel=1e-12) and float(betas[-1]) == pytest.approx(0.012, rel=1e-12)
+    s = DDPMScheduler(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), np.cumprod(1 - ref), rtol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_zero_terminal_snr_rescale(schedule: str) -> None:
+    """Lin et al. 2024, Algorithm 1: ᾱ_T = 0 exactly, ᾱ_1 kept, and √ᾱ_t an affine map of the original √ᾱ_t."""
+    plain = DDPMScheduler(SchedulerConfig(beta_schedule=schedule))
+    zero = DDPMScheduler(_v_cfg(beta_schedule=schedule, rescale_betas_zero_snr=True))
+    ab, ab0 = zero.alphas_cumprod.numpy(), plain.alphas_cumprod.numpy()
+    assert ab[-1] == 0.0 and float(zero.betas[-1]) == 1.0 and float(zero.sqrt_alphas_cumprod[-1]) == 0.0
+    assert ab[0] == pytest.approx(ab0[0], rel=1e-12)  # the first step is unchanged
+    assert (np.diff(ab) < 0).all() and ((zero.betas > 0) & (zero.betas <= 1)).all()
+    s0 = np.sqrt(ab0)
+    ref = (s0 - s0[-1]) * s0[0] / (s0[0] - s0[-1])
+    np.testing.assert_allclose(np.sqrt(ab), ref, rtol=1e-9, atol=1e-12)
+    assert ab0[-1] > 0  # the original schedules never reach pure noise: what the rescale fixes
+
+
+def test_trailing_timesteps_and_their_previous_steps() -> None:
+    """diffusers' trailing: round(arange(T, 0, −T/n)) − 1, so T = 1000, n = 50 is 999, 979, ..., 19; each step goes
+    to the next listed timestep and the last to ᾱ = 1 (x_0)."""
+    s = make_scheduler("ddim", SchedulerConfig(timestep_spacing="trailing"), steps=50)
+    ts = s.timesteps.tolist()
+    assert ts[0] == 999 and ts[-1] == 19 and len(ts) == 50 and set(np.diff(ts)) == {-20}
+    assert ts == (np.round(np.arange(1000, 0, -1000 / 50)) - 1).astype(int).tolist()
+    for n in (50, 37, 1000, 1):  # 37: unequal gaps, the previous step must still be the next listed one
+        s.set_timesteps(n)
+        ts = s.timesteps.tolist()
+        assert len(ts) == n and ts[0] == 999 and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0
+        for i, t in enumerate(ts):
+            a_t, a_prev = s._alpha_cumprod_pair(t)
+            assert float(a_t) == float(s.alphas_cumprod[t])
+            assert float(a_prev) == (float(s.alphas_cumprod[ts[i + 1]]) if i + 1 < n else 1.0)
+        _, a_prev = s._alpha_cumprod_pair(torch.tensor(ts))  # per-sample timesteps alike
+        assert a_prev.tolist() == [float(s.alphas_cumprod[t]) for t in ts[1:]] + [1.0]
+    s.set_timesteps(37)
+    with pytest.raises(ValueError, match="not one of the 37 trailing timesteps"):
+        s.step(torch.zeros(1, 2), 500, torch.zeros(1, 2))
+    assert make_scheduler("ddpm", SchedulerConfig(timestep_spacing="trailing")).timesteps.tolist() == \
+        list(range(999, -1, -1))
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_v_round_trip(zero_snr: bool) -> None:
+    """x_0, ε -> x_t, v = √ᾱ ε − √(1−ᾱ) x_0 -> (x̂_0, ε̂) gives back x_0 and ε (float64), at ᾱ_T = 0 too."""
+    s = DDIMScheduler(_v_cfg(rescale_betas_zero_snr=zero_snr))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 3, 4, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 400, 998, 999])
+    xt = s.add_noise(x0, eps, t)
+    v = s.get_velocity(x0, eps, t)
+    a = s.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(v, a.sqrt() * eps - (1 - a).sqrt() * x0, rtol=0, atol=1e-12)
+    x0_hat, eps_hat = s.pred_x0_and_eps(v, t, xt)
+    torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(eps_hat, eps, rtol=0, atol=1e-6)
+    for i, ti in enumerate(t.tolist()):  # a scalar timestep gives the same
+        xi, ei = s.pred_x0_and_eps(v[i : i + 1], ti, xt[i : i + 1])
+        torch.testing.assert_close(xi, x0_hat[i : i + 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(ei, eps_hat[i : i + 1], rtol=0, atol=1e-12)
+    if zero_snr:  # at ᾱ_T = 0 the sample is pure noise and v = −x_0
+        assert torch.equal(xt[-1], eps[-1]) and torch.equal(v[-1], -x0[-1])
+    # ε-prediction: the helper passes ε through and solves for x_0
+    se = DDIMScheduler()
+    x0_e, eps_e = se.pred_x0_and_eps(eps, t, se.add_noise(x0, eps, t))
+    assert eps_e is eps
+    torch.testing.assert_close(x0_e, x0, rtol=0, atol=1e-6)
+
+
+_ORACLE_CASES = [(sampler, steps, eta, pred, spacing, zero)
+                 for sampler, steps, eta in [("ddim", 50, 0.0), ("ddim", 37, 0.0), ("ddim", 20, 1.0), ("ddpm", 37, 0.0)]
+                 for pred in ("epsilon", "v_prediction") for spacing in ("leading", "trailing")
+                 for zero in (False, True) if not (zero and pred == "epsilon")]
+
+
+@pytest.mark.parametrize(("sampler", "steps", "eta", "pred", "spacing", "zero"), _ORACLE_CASES)
+def test_oracle_recovers_x0_for_every_prediction_type_and_spacing(sampler: str, steps: int, eta: float, pred: str,
+                                                                  spacing: str, zero: bool) -> None:
+    """A perfect model (the true ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x_0, of the current sample for a known x_0) must bring
+    every reverse loop to x_0, with zero terminal SNR (first step at ᾱ = 0 with trailing spacing) too; every
+    intermediate sample stays finite. float64, 3D."""
+    cfg = SchedulerConfig(prediction_type=pred, timestep_spacing=spacing, rescale_betas_zero_snr=zero)
+    sched = make_scheduler(sampler, cfg, steps, eta)
+    if zero and spacing == "trailing":
+        assert float(sched.alphas_cumprod[int(sched.timesteps[0])]) == 0.0
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 16, 4, 4, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    for t in sched.timesteps:
+        a = sched.alphas_cumprod[int(t)]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        out = eps if pred == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        step = sched.step(out, int(t), x, g)
+        x = step.prev_sample
+        assert torch.isfinite(x).all() and torch.isfinite(step.pred_original_sample).all()
+    assert float((x - x0).abs().max()) < 1e-10
+
+
+def test_zero_snr_first_step_is_finite_in_both_posteriors() -> None:
+    """At ᾱ_t = 0 (trailing, zero SNR): DDPM's β'_t = 1, so its variance is 1 − ᾱ_prev (finite); x̂_0 = −v̂; and the
+    clipped path re-derives ε̂ = x_t (no division by √ᾱ_t anywhere)."""
+    cfg = _v_cfg(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(2, 3, 4, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, 4, generator=g,
+                                                                                       dtype=torch.float64)
+    for sched in (make_scheduler("ddpm", cfg, 50), make_scheduler("ddim", cfg, 50, eta=1.0)):
+        t = int(sched.timesteps[0])
+        a_prev = sched.alphas_cumprod[int(sched.timesteps[1])]
+        mean, std, x0 = sched.posterior(v, t, x)
+        assert torch.equal(x0, -v) and torch.isfinite(mean).all()
+        assert float(std) == pytest.approx(float((1 - a_prev).sqrt()), rel=1e-12)
+        torch.testing.assert_close(mean, a_prev.sqrt() * -v, rtol=1e-12, atol=1e-12)
+        sched.set_clip(torch.full((3,), 0.5))
+        mean_c, _, x0_c = sched.posterior(v, t, x)
+        assert torch.isfinite(mean_c).all() and (x0_c.abs() <= 0.5).all()
+        torch.testing.assert_close(mean_c, a_prev.sqrt() * x0_c, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(sched.pred_x0_and_eps(v, t, x)[1]).all()

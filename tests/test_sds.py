@@ -180,3 +180,42 @@ def test_cli_bad_flag_one_line(ckpts: dict[str, Path], tmp_path: Path, python: s
                         "--t_max", "0.4"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "t_min < t_max" in r.stderr, r.stderr
     assert not (tmp_path / "s").exists()
+
+
+class VOracle(torch.nn.Module):
+    """A perfect v-prediction model for known clean latents z: v = √ᾱ_t ε − √(1 − ᾱ_t) z, with ε read off z_t."""
+
+    null_class = 3
+
+    def __init__(self, sched, z: torch.Tensor) -> None:
+        super().__init__()
+        self.sched, self.z = sched, z.detach()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = self.z.repeat(len(x) // len(self.z), *[1] * (x.ndim - 1))
+        a = self.sched.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
+        eps = (x - a.sqrt() * z) / (1 - a).sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * z
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_v_prediction_output_is_converted_to_eps(zero_snr: bool) -> None:
+    """With a v-prediction LDM the guided output is v̂, turned into ε̂ = √ᾱ_t v̂ + √(1 − ᾱ_t) z_t: a perfect v model
+    gives a zero SDS gradient (read as ε it would not), and a real U-Net's gradient matches the hand conversion."""
+    cfg = SchedulerConfig(num_train_timesteps=T, prediction_type="v_prediction", rescale_betas_zero_snr=zero_snr)
+    sched = make_scheduler("ddpm", cfg)
+    model, _, z, y, _, eps = _setup(2)
+    t = torch.tensor([4, 57, T - 1])
+    oracle = VOracle(sched, z)
+    grad = sds_grad(oracle, sched, z, y, t, eps, 1.5, "uniform")
+    assert float(grad.abs().max()) < 1e-4  # float32 round-off of reading ε off z_t at small t
+    eps_sched = make_scheduler("ddpm", SchedulerConfig(num_train_timesteps=T))
+    assert float(sds_grad(oracle, eps_sched, z, y, t, eps, 1.5, "uniform").abs().max()) > 0.1
+    grad = sds_grad(model, sched, z, y, t, eps, 1.5, "sds")
+    a = sched.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
+    with torch.no_grad():
+        z_t = a.sqrt() * z + (1 - a).sqrt() * eps
+        v = 2.5 * model(z_t, t, y) - 1.5 * model(z_t, t, torch.full_like(y, 3))
+    expected = (1 - a) * (a.sqrt() * v + (1 - a).sqrt() * z_t - eps)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(grad).all()

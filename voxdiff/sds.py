@@ -6,7 +6,10 @@ for a random t and ε ~ N(0, I),
     ∇_z L_SDS = w(t) · (ε̂_cfg(z_t, t, c) − ε),    z_t = √ᾱ_t z + √(1 − ᾱ_t) ε        (DreamFusion eq. 3)
 
 with the U-Net Jacobian dropped (the U-Net gets no gradient) and ∂z/∂θ = I (the latents are the parameters; no
-renderer). Weighting w(t): "sds" = 1 − ᾱ_t (DreamFusion's choice, the noise variance σ_t²; it mutes the small-t
+renderer). An LDM trained with v-prediction has its (guided) output turned into ε̂ = √ᾱ_t v̂ + √(1 − ᾱ_t) z_t first
+(`pred_x0_and_eps` of its scheduler), so the gradient is the same ε-residual for either kind of model.
+
+Weighting w(t): "sds" = 1 − ᾱ_t (DreamFusion's choice, the noise variance σ_t²; it mutes the small-t
 terms whose ε-residual is mostly noise) or "uniform" = 1. The gradient is applied through the usual surrogate loss
 `(grad.detach() * z).sum()`, whose derivative in z is exactly `grad`, so any torch optimizer (Adam here) can step z.
 
@@ -69,13 +72,16 @@ def sds_grad(
     """The SDS gradient w(t) · (ε̂_cfg(z_t, t, c) − ε) for latents z (B, C, r, r, r), detached (no graph).
 
     t (B,) integer timesteps, noise ε (like z), labels (B,) class ids; cfg_scale w as in `guided_eps`
-    ((1 + w) ε_c − w ε_u; 0 = plain conditional). The U-Net runs under no_grad: it receives no gradient.
+    ((1 + w) ε_c − w ε_u; 0 = plain conditional). The U-Net runs under no_grad: it receives no gradient. When
+    `scheduler.config.prediction_type` is v_prediction the guided output is v̂, converted to ε̂ before the residual.
     """
     with torch.no_grad():
         # 1. forward process z_t = √ᾱ_t z + √(1 − ᾱ_t) ε (DDPM eq. 4)
         z_t = scheduler.add_noise(z.detach(), noise, t)
-        # 2. guided noise prediction ε̂ (CFG, both branches in one forward)
+        # 2. guided noise prediction ε̂ (CFG, both branches in one forward); a v-prediction model's v̂ -> ε̂
         eps_hat = guided_eps(model, z_t, t.to(z.device), labels, cfg_scale).to(z.dtype)
+        if scheduler.config.prediction_type == "v_prediction":
+            eps_hat = scheduler.pred_x0_and_eps(eps_hat, t, z_t)[1]
         # 3. per-sample weight w(t), broadcast to z's rank
         w = expand_as_sample(sds_weight(scheduler, t, weighting), z)
         # 4. DreamFusion eq. 3 with ∂z/∂θ = I: w(t) (ε̂ − ε)

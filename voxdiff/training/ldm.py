@@ -2,9 +2,12 @@
 
 setup (device, seed, run dir, resume) -> frozen AE -> latents encoded once and cached (voxdiff.latents), normalised by
 the AE's per-channel statistics -> UNet3D (label dropout p = cfg_dropout with use_cfg, else 0), AdamW, EMA ->
-loop: ε-prediction MSE at uniform t (DDPM eq. 14, "L_simple") in the precision checked at start-up
-(voxdiff.precision), gradient clipping, a step guard that skips non-finite or absurd steps -> every `ckpt_every`
-steps and at the end: held-out loss of the EMA model, last.pt / best.pt.
+loop: MSE to ε (DDPM eq. 14, "L_simple") or to v (`scheduler.prediction_type` v_prediction) at uniform t, optionally
+min-SNR-γ weighted (`snr_gamma`), in the precision checked at start-up (voxdiff.precision), gradient clipping, a step
+guard that skips non-finite or absurd steps -> every `ckpt_every` steps and at the end: held-out loss of the EMA model
+(weighted like the training loss), last.pt / best.pt. At each step listed in `keep_steps` the checkpoint is also kept
+as step{N}.pt (written like last.pt: atomically, the same contents), a learning curve to sample from later; a run
+started with --overwrite removes the step{N}.pt files of the run it replaces.
 
 Exact resume: the epoch order is a function of (seed, epoch); noise, timesteps, label dropout and dropout come from the
 global RNG, whose state is in the checkpoint with the model, EMA (and its count), optimizer and step. The held-out loss
@@ -51,7 +54,7 @@ from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training import common
 from voxdiff.utils import Progress, VoxdiffError, file_sha256, get_logger  # noqa: F401 (get_logger: used as ldm.get_logger)
 
-__all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "KIND"]
+__all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "min_snr_weight", "KIND"]
 
 KIND = "ldm"
 VAL_MAX = 512  # at most this many held-out latents score best.pt
@@ -74,6 +77,21 @@ def ema_multi_avg_fn(decay: float) -> Any:
     return fn
 
 
+def min_snr_weight(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weight per sample (Hang et al. 2023), float64 on the CPU, SNR_t = ᾱ_t / (1 − ᾱ_t):
+    min(SNR_t, γ) / SNR_t for an ε target, min(SNR_t, γ) / (SNR_t + 1) for a v target. Both make the loss
+    min(SNR_t, γ) · ‖x_0 − x̂_0‖² (‖Δε‖² = SNR_t ‖Δx_0‖², ‖Δv‖² = (SNR_t + 1) ‖Δx_0‖²).
+
+    The ε weight is computed as min(γ / SNR_t, 1), so SNR_t = 0 gives 1, not 0/0. The v weight is 0 at SNR_t = 0 and
+    about SNR_t near it: with zero terminal SNR, t = T − 1 (trailing sampling's first step) gets no training signal.
+    """
+    a = scheduler.alphas_cumprod[torch.as_tensor(t, dtype=torch.long).cpu()]
+    snr = a / (1 - a)
+    if scheduler.config.prediction_type == "v_prediction":
+        return snr.clamp(max=gamma) / (snr + 1)
+    return (gamma / snr).clamp(max=1.0)
+
+
 def diffusion_loss(
     model: torch.nn.Module,
     scheduler: DDPMScheduler,
@@ -82,20 +100,31 @@ def diffusion_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     amp: torch.dtype | None = None,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """L_simple = E‖ε − ε_θ(√ᾱ_t z_0 + √(1−ᾱ_t) ε, t, y)‖² (DDPM eq. 14), mean over elements, in float32.
+    """L_simple = E‖target − net(√ᾱ_t z_0 + √(1−ᾱ_t) ε, t, y)‖² (DDPM eq. 14), in float32; the target is ε, or
+    v = √ᾱ_t ε − √(1−ᾱ_t) z_0 when `scheduler.config.prediction_type` is v_prediction.
 
-    `amp`: autocast dtype of the network's forward (None: fp32)."""
+    `snr_gamma` None: the mean over all elements; γ: each sample's mean squared error times `min_snr_weight`, then
+    the mean over the batch. `amp`: autocast dtype of the network's forward (None: fp32)."""
     zt = scheduler.add_noise(z0, noise, t)
     with autocast(z0.device, amp):
-        eps = model(zt, t, y)
-    return F.mse_loss(eps.float(), noise)
+        out = model(zt, t, y)
+    target = scheduler.get_velocity(z0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    if snr_gamma is None:
+        return F.mse_loss(out.float(), target)
+    per_sample = (out.float() - target).square().flatten(1).mean(dim=1)
+    w = min_snr_weight(scheduler, t, snr_gamma).to(per_sample)
+    return (w * per_sample).mean()
 
 
 @torch.no_grad()
 def _heldout_loss(model: torch.nn.Module, scheduler: DDPMScheduler, z: torch.Tensor, y: torch.Tensor, seed: int,
-                  batch_size: int) -> float:
-    """Loss on fixed (t, noise) pairs drawn from a private generator: comparable across evaluations and resumes."""
+                  batch_size: int, snr_gamma: float | None = None) -> float:
+    """Loss on fixed (t, noise) pairs drawn from a private generator: comparable across evaluations and resumes.
+
+    Weighted like the training loss (`snr_gamma`), so best.pt is the model best at what the run optimises; the
+    setting is fixed across a resume, so a resumed run compares like with like."""
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, scheduler.num_train_timesteps, (len(z),), generator=g)
     noise = torch.randn(z.shape, generator=g)
@@ -105,7 +134,8 @@ def _heldout_loss(model: torch.nn.Module, scheduler: DDPMScheduler, z: torch.Ten
     for s in range(0, len(z), batch_size):
         sl = slice(s, s + batch_size)
         dev = z.device
-        loss = diffusion_loss(model, scheduler, z[sl], y[sl], t[sl].to(dev), noise[sl].to(dev))
+        loss = diffusion_loss(model, scheduler, z[sl], y[sl], t[sl].to(dev), noise[sl].to(dev),
+                              snr_gamma=snr_gamma)
         total += float(loss) * len(z[sl])
     model.train(was_training)
     return total / len(z)
@@ -117,8 +147,9 @@ def _stale_best(best: Checkpoint, last: Checkpoint) -> bool:
     return float(last.meta.best_heldout_loss) < float(best.meta.best_heldout_loss)
 
 
-# Settings a resumed run must share with its checkpoint: the network, the noise process, the conditioning, the data.
-_RESUME_FIXED = ("model", "scheduler", "use_cfg", "cfg_dropout", "categories", "batch_size", "seed")
+# Settings a resumed run must share with its checkpoint: the network, the noise process, the conditioning, the data,
+# and the loss weighting (the held-out loss that picks best.pt uses it).
+_RESUME_FIXED = ("model", "scheduler", "use_cfg", "cfg_dropout", "categories", "batch_size", "seed", "snr_gamma")
 
 
 def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -211,12 +242,17 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
         best_metric = float(resume_ckpt.meta.best_heldout_loss)
         set_rng_state(resume_ckpt.rng)
         log.info("resumed from %s at step %d", last_file, step)
-    probe_loss = _probe_loss(scheduler, z_train, y_train, order.per_rank, cfg.seed)
+    probe_loss = _probe_loss(scheduler, z_train, y_train, order.per_rank, cfg.seed, cfg.snr_gamma)
     runtime = common.choose_runtime(cfg, info, model, probe_loss, "LDM training",
                                     resume_ckpt.meta.runtime if resume_ckpt else None, log)
     share_device_rng(info)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, EMA and checkpoints use `model`
     files.commit()  # every check passed: the run's files are written from here on
+    if info.is_main and cfg.overwrite and not cfg.resume:  # the replaced run's kept steps go with its other files
+        for old in run_dir.glob("step*.pt"):
+            if old.stem[4:].isdigit():
+                old.unlink(missing_ok=True)
+    keep_steps = set(cfg.keep_steps)
     runlog = common.RunLogger(run_dir, "log", resume=resume_ckpt is not None, log=log) if info.is_main else None
     if runlog is not None and resume_ckpt is not None:
         runlog.truncate_after(step)
@@ -234,7 +270,7 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
 
     def checkpoint() -> None:
         nonlocal best_metric
-        metric = _heldout_loss(ema.module, scheduler, z_held, y_held, cfg.seed + 1, cfg.batch_size)
+        metric = _heldout_loss(ema.module, scheduler, z_held, y_held, cfg.seed + 1, cfg.batch_size, cfg.snr_gamma)
         improved = metric < best_metric
         best_metric = min(best_metric, metric)
         runlog.log(step=step, val_loss=metric)
@@ -243,6 +279,11 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
             save(best_file, best_metric)
         runlog.flush(("loss", "val_loss"))
         log.info("step %d: held-out loss %.5f (best %.5f)", step, metric, best_metric)
+
+    def keep() -> None:
+        """step{N}.pt: this step's checkpoint, written as last.pt is (atomically, the same contents)."""
+        save(run_dir / f"step{step}.pt", best_metric)
+        log.info("step %d: kept as step%d.pt", step, step)
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     start_step, stopped, train_seconds = step, "num_steps", 0.0
@@ -267,7 +308,7 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
         t = torch.randint(0, scheduler.num_train_timesteps, (g_batch,), device=device)[shard]
         noise = torch.randn((g_batch, *z0.shape[1:]), device=device)[shard]
         with rank_rng(info, cfg.seed, step):  # per-rank dropout / label-dropout masks in a distributed run
-            loss = diffusion_loss(net, scheduler, z0, y, t, noise, runtime.amp)
+            loss = diffusion_loss(net, scheduler, z0, y, t, noise, runtime.amp, cfg.snr_gamma)
         loss_all = mean_over_ranks(loss.detach())  # the global batch's loss: every rank decides the same below
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -294,6 +335,10 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
             with together():  # a failed write (a full disk) on rank 0 stops every rank at this step
                 if info.is_main:
                     checkpoint()
+        if step in keep_steps and step != total_steps:  # the last step's is kept after its final checkpoint
+            with together():
+                if info.is_main:
+                    keep()
         if info.is_main and cfg.preview and cfg.preview_every and step % cfg.preview_every == 0 \
                 and step != total_steps:
             _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
@@ -303,6 +348,8 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
     with together():  # rank 0's last writes: a failure there stops every rank here, none waits in check_in_sync
         if info.is_main and (step > start_step or not last_file.is_file()):
             checkpoint()
+            if step in keep_steps and step == total_steps:
+                keep()
         if info.is_main and cfg.preview:
             _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
     seconds = cap.elapsed()
@@ -322,14 +369,14 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
 
 
 def _probe_loss(scheduler: DDPMScheduler, z: torch.Tensor, y: torch.Tensor, batch: int,
-                seed: int) -> Any:
-    """The start-up checks' loss (precision, threads): L_simple of the first `batch` training latents at fixed (t, ε)
-    from a private generator, the shapes of a real training step."""
+                seed: int, snr_gamma: float | None = None) -> Any:
+    """The start-up checks' loss (precision, threads): the training loss (target and weighting) of the first `batch`
+    training latents at fixed (t, ε) from a private generator, the shapes of a real training step."""
     g = torch.Generator().manual_seed(seed + 3)
     zb, yb = z[:batch], y[:batch]
     t = torch.randint(0, scheduler.num_train_timesteps, (len(zb),), generator=g).to(zb.device)
     noise = torch.randn(zb.shape, generator=g).to(zb.device)
-    return lambda net: diffusion_loss(net, scheduler, zb, yb, t, noise)
+    return lambda net: diffusion_loss(net, scheduler, zb, yb, t, noise, snr_gamma=snr_gamma)
 
 
 @torch.no_grad()
