@@ -3,8 +3,10 @@
     python eval.py chair samples.npy [--dataset_path ./data/hdf5_data] [--threshold 0.5] [--json scores.json]
     python eval.py all samples/            # samples/{airplane,chair,table}.npy, one block per category
 
-Prints the reference's four lines (JSD, MMD, COV, 1-NNA), then 1-NNA on equal-size sets and the counts of empty and
-bloated samples (more occupied voxels than twice the category's largest training shape). Definitions and the
+Prints the reference's four lines (JSD, MMD, COV, 1-NNA), then 1-NNA on equal-size sets, the counts of empty and
+bloated samples (more occupied voxels than twice the category's largest training shape), and the stray voxels (no face
+neighbour occupied) and fragmented samples (largest connected part under half the shape) beside the references' own
+shares; --json records them all (sample_stray, ref_stray, sample_fragmented, ref_fragmented). Definitions and the
 conventions for empty shapes: voxdiff/metrics.py; the scorer and its provenance record: voxdiff/scoring.py. 1-NNA is
 printed as a fraction in [0, 1] (0.5 is ideal).
 """
@@ -54,7 +56,8 @@ def sample_files(category: str, samples: str) -> dict[str, Path]:
 
 
 def report_lines(result: dict[str, Any]) -> list[str]:
-    """The printed block: the reference's four lines (full repr), 1-NNA on equal sets, empty and bloated counts."""
+    """The printed block: the reference's four lines (full repr), 1-NNA on equal sets, empty and bloated counts, and
+    stray / fragmented shares of the samples beside the references' own (what the eye sees as noise)."""
     n = result["n_samples"]
     if result["bloated_above_voxels"] is None:
         bloated = "bloated: not counted (no train split)"
@@ -68,6 +71,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         f"1-NNA: {result['nna']}",
         f"1-NNA (equal sets): {result['nna_balanced']}",
         f"empty samples: {result['n_empty_samples']} of {n}; {bloated}",
+        f"stray voxels: {result['sample_stray']:.2%} (references {result['ref_stray']:.2%}); "
+        f"fragmented samples: {result['sample_fragmented']:.1%} (references {result['ref_fragmented']:.1%})",
     ]
 
 

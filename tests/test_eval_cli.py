@@ -1,5 +1,5 @@
-"""eval.py: the reference's output lines (+ 1-NNA on equal sets, empty / bloated counts), the JSON record with its
-provenance, `eval.py all DIR`, and one-line errors for every bad input."""
+"""eval.py: the reference's output lines (+ 1-NNA on equal sets, empty / bloated counts, stray / fragmented beside the
+references'), the JSON record with its provenance, `eval.py all DIR`, and one-line errors for every bad input."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def _refs(d: Path, cat: str = "chair") -> np.ndarray:
 
 
 def _want_lines(samples: np.ndarray, refs: np.ndarray, train: np.ndarray) -> list[str]:
-    """eval.py's block computed with the library: the reference's four lines, then 1-NNA (equal sets) and counts."""
+    """eval.py's block computed with the library: the reference's four lines, then 1-NNA (equal sets), counts, and
+    the stray / fragmented shares of the samples beside the references'."""
     want = metrics.evaluate(samples, refs, progress=False)
     bound = 2 * int(train.reshape(len(train), -1).sum(1).max())
     n_bloated = int((samples.reshape(len(samples), -1).sum(1) > bound).sum())
@@ -57,6 +58,8 @@ def _want_lines(samples: np.ndarray, refs: np.ndarray, train: np.ndarray) -> lis
         f"1-NNA: {want['nna']}",
         f"1-NNA (equal sets): {want['nna_balanced']}",
         f"empty samples: {want['n_empty_samples']} of {n}; bloated samples: {n_bloated} of {n} (over {bound} voxels)",
+        f"stray voxels: {want['sample_stray']:.2%} (references {want['ref_stray']:.2%}); "
+        f"fragmented samples: {want['sample_fragmented']:.1%} (references {want['ref_fragmented']:.1%})",
     ]
 
 
@@ -73,6 +76,7 @@ def test_cli_prints_reference_lines_and_writes_json(python, tiny_voxel_dir, samp
     train = np.load(tiny_voxel_dir / "chair_voxels_train.npy")
     assert lines == _want_lines(np.load(samples_file), _refs(tiny_voxel_dir), train)
     assert lines[5].startswith("empty samples: 1 of 8; bloated samples: 0 of 8 (over ")
+    assert lines[6].startswith("stray voxels: ") and "; fragmented samples: " in lines[6]
     assert 0.0 <= values[3] <= 1.0
     assert "1 of 8 samples are empty" in proc.stderr
     rec = json.loads(out_json.read_text())
@@ -87,6 +91,10 @@ def test_cli_prints_reference_lines_and_writes_json(python, tiny_voxel_dir, samp
     assert prov["seed"] == 7 and prov["voxdiff_version"] and rec["elapsed_s"] > 0
     assert prov["train_max_voxels"] * 2 == rec["bloated_above_voxels"] and "chamfer" in prov["definitions"]
     assert rec["sample_mean_occupancy"] > 0 and rec["ref_mean_occupancy"] > 0
+    want = metrics.evaluate(np.load(samples_file), _refs(tiny_voxel_dir), progress=False)
+    for key in ("sample_stray", "ref_stray", "sample_fragmented", "ref_fragmented"):
+        assert rec[key] == want[key] and 0.0 <= rec[key] <= 1.0, key
+    assert "stray" in prov["definitions"] and "fragmented" in prov["definitions"]
 
 
 def test_cli_all_scores_each_category(eval_cli, tiny_voxel_dir, tmp_path, capsys):
@@ -104,9 +112,10 @@ def test_cli_all_scores_each_category(eval_cli, tiny_voxel_dir, tmp_path, capsys
     for k, cat in enumerate(("airplane", "chair", "table")):
         train = np.load(tiny_voxel_dir / f"{cat}_voxels_train.npy")
         want = _want_lines(train[:5], _refs(tiny_voxel_dir, cat), train)
-        assert out[7 * k : 7 * k + 7] == [f"== {cat}", *want]
+        assert out[8 * k : 8 * k + 8] == [f"== {cat}", *want]
         cat_rec = rec["categories"][cat]
         assert cat_rec["provenance"]["category"] == cat and got[cat]["jsd"] == cat_rec["jsd"]
+        assert cat_rec["sample_fragmented"] == got[cat]["sample_fragmented"] and "ref_stray" in cat_rec
     # a directory missing one category fails before anything is scored, in one line
     (sdir / "table.npy").unlink()
     with pytest.raises(SystemExit) as e:

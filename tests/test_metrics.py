@@ -240,6 +240,82 @@ def test_one_nna_balanced_uses_equal_sets():
     assert plain > 0.8 and abs(balanced - 0.5) < 0.2
 
 
+# ------------------------------------------------------------------------------------------------------ structure
+
+
+def _grid(r: int, *voxels: tuple[int, int, int]) -> np.ndarray:
+    g = np.zeros((r, r, r), np.uint8)
+    for v in voxels:
+        g[v] = 1
+    return g
+
+
+def _structure(*grids: np.ndarray) -> dict[str, float]:
+    return metrics.structure(metrics.extract_points(np.stack(grids)))
+
+
+def _box(g: np.ndarray, lo: tuple[int, int, int], side: int) -> None:
+    g[lo[0] : lo[0] + side, lo[1] : lo[1] + side, lo[2] : lo[2] + side] = 1
+
+
+@pytest.mark.parametrize(
+    "voxels, stray",
+    [
+        ([(3, 3, 3)], 1.0),  # an isolated voxel
+        ([(3, 3, 3), (3, 3, 4)], 0.0),  # a face pair: each has a face neighbour
+        ([(3, 3, 3), (4, 4, 3)], 1.0),  # edge-only neighbours: still stray
+        ([(3, 3, 3), (4, 4, 4)], 1.0),  # corner-only neighbours: still stray
+        ([(3, 3, 3), (3, 3, 4), (6, 6, 6)], 1 / 3),  # a face pair and one speck
+        ([(0, 0, 0), (7, 0, 0)], 1.0),  # opposite borders of the grid are not neighbours (no wrap-around)
+    ],
+)
+def test_structure_stray_counts_voxels_without_a_face_neighbour(voxels, stray):
+    got = _structure(_grid(8, *voxels))
+    assert got["stray"] == pytest.approx(stray)
+    assert got["fragmented"] == 0.0  # one part holds at least half of each of these shapes
+
+
+def test_structure_fragmented_and_empty_shapes():
+    """Two equal far-apart blobs plus specks: the largest part holds under half the voxels (fragmented). One big blob
+    plus a few specks: not fragmented. Exactly half is not "less than half". Empty shapes are skipped."""
+    r = 16
+    two_blobs = np.zeros((r, r, r), np.uint8)
+    _box(two_blobs, (1, 1, 1), 2)
+    _box(two_blobs, (10, 10, 10), 2)  # 8 + 8 voxels, far apart
+    two_blobs[5, 12, 2] = two_blobs[12, 3, 7] = 1  # two specks: the largest part is 8 of 18
+    big_blob = np.zeros((r, r, r), np.uint8)
+    _box(big_blob, (4, 4, 4), 3)  # 27 voxels
+    for v in ((0, 0, 15), (15, 0, 0), (0, 15, 0)):
+        big_blob[v] = 1  # 27 of 30
+    halves = np.zeros((r, r, r), np.uint8)
+    _box(halves, (1, 1, 1), 2)
+    _box(halves, (10, 10, 10), 2)  # 8 of 16: exactly half
+    empty = np.zeros((r, r, r), np.uint8)
+    assert _structure(two_blobs)["fragmented"] == 1.0
+    assert _structure(big_blob)["fragmented"] == 0.0
+    assert _structure(halves)["fragmented"] == 0.0
+    # parts are 26-connected: a diagonal chain touching by edges and corners is one part (3 of 5 voxels), though every
+    # voxel of it is stray
+    chain = _grid(r, (2, 2, 2), (3, 3, 2), (4, 4, 3), (12, 2, 2), (2, 12, 12))
+    assert _structure(chain) == {"stray": 1.0, "fragmented": 0.0}
+    got = _structure(two_blobs, empty, big_blob, empty)
+    assert got["fragmented"] == 0.5  # 1 of the 2 non-empty shapes; the empty ones count nowhere
+    assert got["stray"] == pytest.approx(5 / 48)  # 2 + 3 specks among 18 + 30 voxels
+    assert _structure(empty, empty) == {"stray": 0.0, "fragmented": 0.0}
+
+
+def test_evaluate_carries_structure_of_both_sets(sets):
+    s, ref = sets[16]
+    noisy = s.copy()
+    noisy[:, 0, 0, ::2] = 1  # isolated voxels along one border edge of every sample
+    got = metrics.evaluate(noisy, ref, progress=False)
+    want_s, want_r = metrics.structure(metrics.extract_points(noisy)), metrics.structure(metrics.extract_points(ref))
+    assert got["sample_stray"] == want_s["stray"] and got["sample_fragmented"] == want_s["fragmented"]
+    assert got["ref_stray"] == want_r["stray"] and got["ref_fragmented"] == want_r["fragmented"]
+    assert got["sample_stray"] > metrics.evaluate(s, ref, progress=False)["sample_stray"]
+    assert all(0.0 <= got[k] <= 1.0 for k in ("sample_stray", "ref_stray", "sample_fragmented", "ref_fragmented"))
+
+
 # -------------------------------------------------------------------------------------------- voxdiff.scoring
 
 
@@ -285,8 +361,10 @@ def test_score_sets_provenance(tiny_voxel_dir):
     assert prov["engine"] == "numpy" and prov["device"] == "cpu" and prov["threshold"] is None
     assert prov["reference_sha256"] == refs.sha256 and "table_voxels_test.npy then" in prov["sha256_of"]
     defs = prov["definitions"]
-    assert {"points", "chamfer", "mmd", "cov", "jsd", "nna", "nna_balanced", "bloated"} <= set(defs)
+    assert {"points", "chamfer", "mmd", "cov", "jsd", "nna", "nna_balanced", "bloated", "stray",
+            "fragmented"} <= set(defs)
     assert list(out["sets"]) == ["x"] and "file" not in out["sets"]["x"]
+    assert {"sample_stray", "ref_stray", "sample_fragmented", "ref_fragmented"} <= set(out["sets"]["x"])
 
 
 def test_score_sets_counts_empty_and_bloated(tiny_voxel_dir, tmp_path):

@@ -12,9 +12,21 @@ import pytest
 import torch
 
 from voxdiff.__main__ import main
-from voxdiff.config import CATEGORIES, PIPELINE_PRESETS, PipelineConfig, from_dict, pipeline_preset, to_dict
-from voxdiff.pipeline import run
+from voxdiff.config import (
+    CATEGORIES,
+    PIPELINE_PRESETS,
+    GoalConfig,
+    PipelineConfig,
+    from_dict,
+    pipeline_preset,
+    to_dict,
+)
+from voxdiff.pipeline import run, stage_key
+from voxdiff.report import goal_check, reading, summary_lines
 from voxdiff.utils import VoxdiffError
+
+STRUCTURE_KEYS = ("sample_stray", "ref_stray", "sample_fragmented", "ref_fragmented")
+READINGS = ("close to the data", "partly there: misses ", "far from the data")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +63,17 @@ def test_tiny_pipeline_artefacts(tiny_run: tuple[Path, dict]) -> None:
         for name in ("model", "oracle", "baseline_train", "baseline_noise"):
             assert all(math.isfinite(res[name][k]) for k in ("jsd", "mmd", "cov", "nna"))
             assert res[name]["n_refs"] == 8 and res[name]["n_bloated_samples"] is not None
+            assert all(0.0 <= res[name][k] <= 1.0 for k in STRUCTURE_KEYS), name
+        # every set is scored against the same references: the data's own figures agree across sets
+        data = {(res[n]["ref_stray"], res[n]["ref_fragmented"]) for n in ("model", "oracle", "baseline_noise")}
+        assert len(data) == 1
+        # noise of the training occupancy is nearly all stray voxels, far above the data's share
+        assert res["baseline_noise"]["sample_stray"] > 0.5 > res["baseline_noise"]["ref_stray"]
+        goal = res["goal"]
+        assert {"cov", "mmd", "jsd", "nna", "bloated", "empty", "stray", "fragmented"} == set(goal)
+        assert goal["stray"]["value"] == res["model"]["sample_stray"] and goal["stray"]["data"] == res["model"][
+            "ref_stray"]
+        assert goal["fragmented"]["data"] == res["model"]["ref_fragmented"]
         # The oracle is a real draw of the same family: it must beat occupancy-matched noise on MMD.
         assert res["oracle"]["mmd"] < res["baseline_noise"]["mmd"]
         # the copying check catches the baseline that copies training shapes: distance 0 to its nearest one
@@ -65,6 +88,8 @@ def test_tiny_pipeline_artefacts(tiny_run: tuple[Path, dict]) -> None:
     assert on_disk["eval"]["chair"]["model"]["mmd"] == report["eval"]["chair"]["model"]["mmd"]
     md = (run_dir / "report.md").read_text()
     assert "| oracle |" in md and "## table" in md and "renders/chair.png" in md
+    assert "| bloated | stray | fragmented | mean voxels |" in md and "of their voxels are stray and" in md
+    assert "Goals: COV " in md and "; stray " in md and "(goal ≤ 1.5× data + 1%: " in md and "Reading: " in md
     # how it ran: one thread count for every stage (recorded in config.json), each stage's precision and why
     assert json.loads((run_dir / "config.json").read_text())["threads"] == "1"
     rt = report["runtime"]
@@ -141,3 +166,114 @@ def test_time_cap_is_reported(tmp_path: Path) -> None:
     assert report["notes"] == [line]
     assert json.loads((tmp_path / "capped" / "stages.json").read_text())["ae"]["result"]["note"] == line
     assert line in (tmp_path / "capped" / "report.md").read_text()
+
+
+# ---- goals and the console summary --------------------------------------------------------------------------------
+
+
+def _result(**model: float) -> dict:
+    """A category's scores: a model equal to the oracle on the distances, the data 1 % stray and never fragmented."""
+    base = {"jsd": 0.02, "mmd": 0.004, "cov": 0.5, "nna": 0.6, "nna_balanced": 0.55, "n_samples": 100,
+            "n_empty_samples": 0, "n_bloated_samples": 0, "sample_mean_voxels": 300.0, "ref_mean_voxels": 300.0,
+            "sample_stray": 0.012, "ref_stray": 0.01, "sample_fragmented": 0.0, "ref_fragmented": 0.0}
+    res = {"provenance": {"reference_count": 100}, "model": {**base, **model},
+           "oracle": {**base, "sample_stray": 0.01}}
+    res["goal"] = goal_check(res)
+    return res
+
+
+def test_goals_on_stray_and_fragmented_against_the_data() -> None:
+    """stray and fragmented meet their goal at ≤ structure × the data's share + 1 point (1.5× by default)."""
+    ok = _result()
+    assert all(g["met"] for g in ok["goal"].values()) and reading(ok) == "close to the data"
+    assert ok["goal"]["stray"] == {"value": 0.012, "data": 0.01, "bound": pytest.approx(0.025),
+                                   "goal": "≤ 1.5× data + 1%", "met": True}
+    stray = _result(sample_stray=0.03)  # 3× the data's 1 %: above 1.5 × 1 % + 1 %
+    assert not stray["goal"]["stray"]["met"] and stray["goal"]["fragmented"]["met"]
+    assert reading(stray) == "partly there: misses stray"
+    frag = _result(sample_fragmented=0.02)  # the data has none: 1 % allowed
+    assert frag["goal"]["fragmented"]["bound"] == pytest.approx(0.01) and not frag["goal"]["fragmented"]["met"]
+    assert _result(sample_fragmented=0.01)["goal"]["fragmented"]["met"]
+    both = _result(sample_stray=0.03, sample_fragmented=0.02, ref_fragmented=0.005, jsd=0.05)  # JSD 2.5× too
+    assert reading(both) == "partly there: misses JSD, stray, fragmented"
+    # the preset's goals decide: a looser structure goal passes the same samples, a stricter one fails clean ones
+    assert goal_check(stray, GoalConfig(structure=3.0))["stray"]["met"]
+    assert not goal_check(ok, GoalConfig(structure=0.0))["stray"]["met"]
+    loose = goal_check(both, GoalConfig(jsd=3.0, structure=4.0))
+    assert all(g["met"] for g in loose.values()) and loose["jsd"]["goal"] == "≤ 3.0× oracle"
+    # empty samples block every goal, these two included
+    empty = _result(n_empty_samples=3)
+    assert not any(g["met"] for g in empty["goal"].values())
+    assert empty["goal"]["stray"]["why"] == "3 empty samples"
+    # results of an older scorer carry no structure figures: those two goals are left out, the rest still judged
+    old = _result()
+    for k in STRUCTURE_KEYS:
+        del old["model"][k]
+    old["goal"] = goal_check(old)
+    assert "stray" not in old["goal"] and "fragmented" not in old["goal"] and reading(old) == "close to the data"
+
+
+def test_reading_far_from_the_data() -> None:
+    """Far: 1-NNA on equal sets ≥ 0.95, or fragmented above 3× the data's share + 5 points; else the goals decide."""
+    assert reading(_result(nna_balanced=0.95)) == "far from the data"
+    assert reading(_result(nna_balanced=0.94)) == "partly there: misses 1-NNA"
+    assert reading(_result(sample_fragmented=0.06)) == "far from the data"  # data 0 %: above 5 %
+    assert reading(_result(sample_fragmented=0.05)) == "partly there: misses fragmented"
+    assert reading(_result(sample_fragmented=0.34, ref_fragmented=0.10)) == "partly there: misses fragmented"
+    assert reading(_result(sample_fragmented=0.36, ref_fragmented=0.10)) == "far from the data"
+    no_oracle = _result()
+    del no_oracle["oracle"]
+    no_oracle["goal"] = goal_check(no_oracle)
+    assert no_oracle["goal"] == {} and not reading(no_oracle).startswith(READINGS)
+
+
+def test_summary_says_what_the_run_got(tmp_path: Path) -> None:
+    """The console summary: the teaser, per category the model beside the oracle and the data and a reading, the
+    stage times, the report; a dozen lines for three categories."""
+    report = {"notes": [], "renders": {"teaser": "renders/teaser.png"},
+              "eval": {"airplane": _result(), "chair": _result(sample_stray=0.03, jsd=0.05, nna_balanced=0.7),
+                       "table": _result(nna_balanced=0.97, n_bloated_samples=4)},
+              "timings": {"data": 2.0, "ae": 300.0, "ldm": 45.2, "sample": 0.4}}
+    (tmp_path / "report.md").write_text("x")
+    lines = summary_lines(report, tmp_path)
+    assert lines[0] == f"teaser: {tmp_path / 'renders' / 'teaser.png'}"
+    assert lines[1] == ("airplane  model/oracle JSD 1.00× MMD 1.00× COV 1.00×; 1-NNA 0.55 (oracle 0.55); "
+                        "stray 1.2% (data 1.0%); fragmented 0.0% (data 0.0%)")
+    assert lines[2].split() == ["reading:", "close", "to", "the", "data"]
+    assert "JSD 2.50×" in lines[3] and "stray 3.0% (data 1.0%)" in lines[3]
+    assert lines[4].strip() == "reading: partly there: misses JSD, 1-NNA, stray"
+    assert lines[5].endswith("; bloated 4/100") and lines[6].strip() == "reading: far from the data"
+    assert lines[7] == "stage times: data 2.0s, ae 5.0 min, ldm 45s, sample 0.4s; total 5.8 min"
+    assert lines[8] == f"report: {tmp_path / 'report.md'}" and len(lines) == 9
+
+
+def test_a_changed_goal_rewrites_the_report_only(tiny_run: tuple[Path, dict],
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """Goals are in no stage key: a rerun with other goals runs no stage (stages.json untouched) and judges the same
+    scores anew; the console summary names the teaser, reads each category and gives the stage times."""
+    run_dir, _ = tiny_run
+    cfg = from_dict(PipelineConfig, json.loads((run_dir / "config.json").read_text()))
+    strict = dataclasses.replace(cfg, goals=GoalConfig(structure=0.0, nna=1.0))
+    assert all(stage_key(s, cfg, None) == stage_key(s, strict, None)
+               for s in ("data", "ae", "ldm", "tune", "sample", "eval", "render"))
+    records = (run_dir / "stages.json").read_bytes()
+    capsys.readouterr()
+    again = main(["--config", str(run_dir / "config.json"), "--structure", "0", "--nna", "1.0", "--device", "cpu"])
+    assert (run_dir / "stages.json").read_bytes() == records  # nothing ran
+    assert json.loads((run_dir / "config.json").read_text())["goals"]["structure"] == 0.0
+    for cat in CATEGORIES:
+        model, goal = again["eval"][cat]["model"], again["eval"][cat]["goal"]
+        assert model == json.loads(records)["eval"]["result"][cat]["model"]  # the recorded scores, judged anew
+        assert goal["stray"]["goal"] == "≤ 0.0× data + 1%" and goal["nna"]["goal"] == "≤ 1.0"
+        assert goal["stray"]["met"] == (model["sample_stray"] <= 0.01 and model["n_empty_samples"] == 0)
+    assert "(goal ≤ 0.0× data + 1%: " in (run_dir / "report.md").read_text()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) <= 15
+    assert f"teaser: {run_dir / 'renders' / 'teaser.png'}" in out
+    for cat in CATEGORIES:
+        i = next(i for i, line in enumerate(out) if line.startswith(f"{cat} "))
+        assert "model/oracle JSD " in out[i] and "1-NNA " in out[i] and "(data " in out[i]
+        assert out[i + 1].strip().startswith("reading: ") and out[i + 1].split("reading: ")[1].startswith(READINGS)
+    times = next(line for line in out if line.startswith("stage times: "))
+    assert all(f"{s} " in times for s in ("data", "ae", "ldm", "tune", "sample", "eval", "render"))
+    assert out[-1] == f"report: {run_dir / 'report.md'}"

@@ -1,5 +1,6 @@
-"""The tune stage: the pick is the setting with the lowest rank sum over JSD, MMD, COV, 1-NNA and thickness; held-out
-TRAIN shapes only; the pipeline samples with the pick."""
+"""The tune stage: the pick is the setting with the lowest rank sum over JSD, MMD, COV, 1-NNA, thickness and structure
+(stray voxels, fragmented samples against the data's); held-out TRAIN shapes only; the pipeline samples with the
+pick."""
 
 from __future__ import annotations
 
@@ -8,23 +9,55 @@ from pathlib import Path
 
 import pytest
 
+from voxdiff import tuning
 from voxdiff.tuning import CRITERIA, pick
 
+STRUCTURE_KEYS = ("sample_stray", "sample_fragmented", "ref_stray", "ref_fragmented")
 
-def _row(cat: str, w: float, t: float, jsd: float, mmd: float, cov: float, nna: float, voxels: float) -> dict:
+
+def _row(cat: str, w: float, t: float, jsd: float, mmd: float, cov: float, nna: float, voxels: float,
+         stray: float = 0.01, fragmented: float = 0.0) -> dict:
+    """A tune row; the held-out data has 1 % stray voxels and no fragmented shape."""
     return {"category": cat, "cfg_scale": w, "rescale": 0.0, "threshold": t, "jsd": jsd, "mmd": mmd, "cov": cov,
-            "nna_balanced": nna, "sample_mean_voxels": voxels, "ref_mean_voxels": 100.0}
+            "nna_balanced": nna, "sample_mean_voxels": voxels, "ref_mean_voxels": 100.0, "sample_stray": stray,
+            "sample_fragmented": fragmented, "ref_stray": 0.01, "ref_fragmented": 0.0}
 
 
 def test_pick_weighs_thickness_and_jsd_not_only_chamfer() -> None:
     """A thick setting with the best MMD loses to one with the data's voxel count and better JSD / 1-NNA."""
-    assert CRITERIA == ("jsd", "mmd", "cov", "nna", "voxels")
+    assert CRITERIA == ("jsd", "mmd", "cov", "nna", "voxels", "structure")
     rows = []
     for cat in ("chair", "table"):
-        rows += [_row(cat, 3.0, 0.3, jsd=0.20, mmd=0.0040, cov=0.50, nna=0.80, voxels=250),  # thick, best MMD
-                 _row(cat, 1.0, 0.5, jsd=0.10, mmd=0.0045, cov=0.50, nna=0.70, voxels=101),  # right thickness
-                 _row(cat, 0.0, 0.7, jsd=0.15, mmd=0.0050, cov=0.45, nna=0.75, voxels=60)]
+        rows += [_row(cat, 3.0, 0.3, jsd=0.20, mmd=0.0040, cov=0.50, nna=0.80, voxels=250, stray=0.02),  # thick
+                 _row(cat, 1.0, 0.5, jsd=0.10, mmd=0.0045, cov=0.50, nna=0.70, voxels=101, stray=0.01),  # right
+                 _row(cat, 0.0, 0.7, jsd=0.15, mmd=0.0050, cov=0.45, nna=0.75, voxels=60, stray=0.03)]
     assert pick(rows) == (1.0, 0.0, 0.5)
+
+
+def test_structure_badness_is_noise_in_multiples_of_the_data() -> None:
+    """stray / data's stray + fragmented / max(data's fragmented, 1 %); clean data (0 %) divides by the floors."""
+    row = _row("chair", 1.0, 0.5, 0.1, 0.004, 0.5, 0.6, 100, stray=0.03, fragmented=0.05)
+    assert tuning._badness(row, "structure") == pytest.approx(0.03 / 0.01 + 0.05 / 0.01)
+    row.update(ref_stray=0.02, ref_fragmented=0.10)
+    assert tuning._badness(row, "structure") == pytest.approx(1.5 + 0.5)
+    row.update(ref_stray=0.0, ref_fragmented=0.0)
+    assert tuning._badness(row, "structure") == pytest.approx(0.03 / tuning.STRAY_FLOOR + 0.05 / 0.01)
+
+
+def test_structure_turns_the_pick_away_from_noisy_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting a little better on JSD, MMD and 1-NNA but with stray voxels around and shapes broken into specks
+    wins on the five distance criteria; with structure among the criteria the clean setting wins."""
+    rows = []
+    for cat in ("chair", "table"):
+        rows += [_row(cat, 4.0, 0.3, jsd=0.10, mmd=0.0040, cov=0.48, nna=0.60, voxels=110, stray=0.06,
+                      fragmented=0.30),  # noisy
+                 _row(cat, 2.0, 0.5, jsd=0.11, mmd=0.0042, cov=0.50, nna=0.62, voxels=100, stray=0.012,
+                      fragmented=0.02),  # clean
+                 _row(cat, 0.0, 0.7, jsd=0.20, mmd=0.0050, cov=0.40, nna=0.80, voxels=60, stray=0.03,
+                      fragmented=0.10)]
+    assert pick(rows) == (2.0, 0.0, 0.5)
+    monkeypatch.setattr(tuning, "CRITERIA", tuple(c for c in CRITERIA if c != "structure"))
+    assert pick(rows) == (4.0, 0.0, 0.3)
 
 
 def test_tiny_pipeline_samples_with_the_pick(tmp_path: Path) -> None:
@@ -36,7 +69,13 @@ def test_tiny_pipeline_samples_with_the_pick(tmp_path: Path) -> None:
     cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "run"), device="cpu")
     report = run(cfg, stages=("data", "ae", "ldm", "tune", "sample"), progress=False)
     chosen = report["stages"]["tune"]["pick"]
-    assert {r["category"] for r in report["stages"]["tune"]["rows"]} == {"airplane", "chair", "table"}
+    rows = report["stages"]["tune"]["rows"]
+    assert {r["category"] for r in rows} == {"airplane", "chair", "table"}
+    assert "structure" in report["stages"]["tune"]["criteria"]
+    for r in rows:  # each setting's noise, beside the held-out shapes' own
+        assert all(0.0 <= r[k] <= 1.0 for k in STRUCTURE_KEYS), r
+    for cat in ("airplane", "chair", "table"):  # one held-out set per category: the same data figures in every row
+        assert len({(r["ref_stray"], r["ref_fragmented"]) for r in rows if r["category"] == cat}) == 1
     sample_cfg = json.loads((tmp_path / "run" / "samples" / "sample.json").read_text())["config"]
     assert sample_cfg["cfg_scale"] == chosen["cfg_scale"] and sample_cfg["threshold"] == pytest.approx(
         chosen["threshold"])

@@ -14,7 +14,8 @@ Layout of a run directory:
     oracle/{cat}.npy       a fresh procedural draw of the same size (the best a model could do)
     baselines/             trivial baselines: training shapes copied ("train"), occupancy-matched noise ("noise")
     renders/               PNG sheets: data vs samples vs oracle per category; teaser.png
-    report.json, report.md per category JSD / MMD / COV / 1-NNA for samples, oracle and baselines; timings
+    report.json, report.md per category JSD / MMD / COV / 1-NNA, stray voxels and fragmented shapes for samples,
+                           oracle and baselines; the goals (cfg.goals) met or missed; timings
 A stage recorded as complete in `stages.json` for the same settings, whose outputs (`stage_outputs`) all exist, is
 skipped on a rerun; a stage that ran makes every later stage run again. A stage is recorded only once all its outputs
 exist. A `stages.json` that cannot be read is rebuilt from the run's files (`_Stages.recover`).
@@ -92,11 +93,15 @@ def resolve(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def stage_key(stage: str, cfg: PipelineConfig, external_data: str | None) -> str:
-    """What a stage's output depends on, without paths or devices (a moved run directory keeps its keys)."""
+    """What a stage's output depends on, without paths or devices (a moved run directory keeps its keys).
+
+    The goals (`cfg.goals`) are in no key: they only judge the scores, so a changed goal rewrites the report and
+    reruns nothing. The eval key names the scorer's version: a scorer with new figures rescores a finished run.
+    """
     what: Any = {"data": lambda: [external_data, cfg.data_preset, cfg.resolution, cfg.seed],
                  "ae": lambda: _strip(to_dict(cfg.ae)), "ldm": lambda: _strip(to_dict(cfg.ldm)),
                  "tune": lambda: _strip(to_dict(cfg.tune)), "sample": lambda: _strip(to_dict(cfg.sample)),
-                 "eval": lambda: [cfg.oracle, list(cfg.baselines), "scorer-3"],
+                 "eval": lambda: [cfg.oracle, list(cfg.baselines), "scorer-4"],
                  "render": lambda: [cfg.render_n]}[stage]()
     return _key(what)
 
@@ -508,7 +513,7 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
     if "eval" in stages_out:
         report["eval"] = stages_out["eval"]
         for res in report["eval"].values():
-            res["goal"] = goal_check(res)
+            res["goal"] = goal_check(res, cfg.goals)
     if "render" in stages_out:
         report["renders"] = stages_out["render"]
     if "report" in stages:

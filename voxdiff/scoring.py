@@ -7,7 +7,8 @@
 The numbers are voxdiff.metrics.evaluate's (the definitions live there); this module adds what a report needs around
 them: one provenance record (what was compared, hashed and how) and a count of "bloated" samples, i.e. shapes with
 more than twice the occupied voxels of the largest training shape (a generator that fills space scores badly on
-Chamfer-based metrics for a reason the four numbers do not name). Torch is never imported here.
+Chamfer-based metrics for a reason the four numbers do not name). Every set also carries evaluate's stray and
+fragmented shares, its own (sample_*) beside the references' (ref_*). Torch is never imported here.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ DEFINITIONS: dict[str, str] = {
     "nna": "leave-one-out 1-NN accuracy over samples and references under CD; a fraction in [0, 1], 0.5 is ideal",
     "nna_balanced": "1-NNA on the first min(N_sample, N_ref) items of each set (its 0.5 optimum assumes equal sizes)",
     "bloated": f"samples with more occupied voxels than {BLOAT_FACTOR} x the largest training shape of the category",
+    "stray": "share of the set's occupied voxels with none of their 6 face neighbours occupied (sample_stray; "
+             "ref_stray for the references)",
+    "fragmented": "share of the set's non-empty shapes whose largest 26-connected component holds less than half of "
+                  "their voxels (sample_fragmented; ref_fragmented for the references)",
 }
 
 
@@ -149,7 +154,8 @@ def score_sets(
     """Score any number of sample sets against the same references (extracted once).
 
     sets: name -> (N,R,R,R) array / list of arrays / VoxelPoints, or the path of a .npy (memory-mapped). Each result
-    is metrics.evaluate's dict plus `n_bloated_samples` and `bloated_above_voxels` (None when the references have no
+    is metrics.evaluate's dict (sample_stray / ref_stray, sample_fragmented / ref_fragmented included) plus
+    `n_bloated_samples` and `bloated_above_voxels` (None when the references have no
     train bound), and `file` for a set given as a path. `threshold` binarises every set (x > threshold); `seed` is
     recorded only. Returns {"provenance": {...}, "sets": {name: result}} in the order of `sets`.
     """
