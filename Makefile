@@ -4,10 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# the shipped model's sampling settings, picked by its tune stage on held-out training shapes (docs/MODEL_CARD.md)
-MEDIUM_CFG_SCALE := 2.0
-MEDIUM_RESCALE := 0.0
-MEDIUM_THRESHOLD := 0.58
 
 .PHONY: demo sample test lint bench clean
 
@@ -22,10 +18,10 @@ demo: $(STAMP)
 	$(PY) -m voxdiff --preset demo --run_dir runs/demo
 
 # 16 shapes per category from the shipped model (docs/MODEL_CARD.md), no training: samples/medium/{category}.npy/.png
+# with the sampling settings stored in models/medium/ldm.pt (picked by its tune stage on held-out training shapes)
 sample: $(STAMP)
 	$(PY) diffusion/sample.py --ldm_ckpt_path models/medium/ldm.pt --ae_ckpt_path models/medium/ae.pt \
-		--save_dir samples/medium --category all --num_samples 16 --batch_size 16 --resolution 32 \
-		--cfg_scale $(MEDIUM_CFG_SCALE) --guidance_rescale $(MEDIUM_RESCALE) --threshold $(MEDIUM_THRESHOLD)
+		--save_dir samples/medium --category all --num_samples 16 --batch_size 16 --resolution 32
 
 test: $(STAMP)
 	$(PY) -m ruff check .

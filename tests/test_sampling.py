@@ -220,3 +220,249 @@ def test_guidance_rescale_matches_its_formula() -> None:
     torch.testing.assert_close(full.std(dim=(1, 2, 3, 4)), eps_c.std(dim=(1, 2, 3, 4)))
     half = guided_eps(spy, x, 5, y, 3.0, rescale=0.5)
     torch.testing.assert_close(half, 0.5 * full + 0.5 * plain)
+
+
+# ---- the library API: LatentVoxelPipeline.from_pretrained(...)(...), stored sampling settings ------------------------
+STORED = {"sampler": "ddim", "steps": 3, "cfg_scale": 0.5, "guidance_rescale": 0.25, "threshold": 0.3,
+          "clamp_latents": False, "binarize": "threshold"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny AE + LDM exported as a model directory (ae.pt, ldm.pt) with stored sampling settings."""
+    from voxdiff.checkpoint import export_model
+
+    out = tmp_path_factory.mktemp("model")
+    export_model(ckpts["ae"], ckpts["ldm"], out, sampling=STORED)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(model_dir: Path) -> LatentVoxelPipeline:
+    return LatentVoxelPipeline.from_pretrained(model_dir, device="cpu")
+
+
+def test_from_pretrained_loads_an_exported_model_and_a_run_dir(ckpts: dict[str, Path], model_dir: Path,
+                                                               pretrained: LatentVoxelPipeline, tmp_path: Path) -> None:
+    import shutil
+
+    assert pretrained.ldm_file == model_dir / "ldm.pt" and pretrained.ae_file == model_dir / "ae.pt"
+    assert pretrained.ae_matches and pretrained.stored_sampling == STORED
+    run = tmp_path / "run"
+    (run / "ae").mkdir(parents=True)
+    (run / "ldm").mkdir()
+    shutil.copy(ckpts["ae"], run / "ae" / "best.pt")
+    shutil.copy(ckpts["ae"], run / "ae" / "last.pt")
+    shutil.copy(ckpts["ldm"], run / "ldm" / "last.pt")  # no best.pt: last.pt
+    pipe = LatentVoxelPipeline.from_pretrained(run, device="cpu", precision="fp32")
+    assert pipe.ae_file == run / "ae" / "best.pt" and pipe.ldm_file == run / "ldm" / "last.pt"
+    assert pipe.stored_sampling == {}  # a training checkpoint stores none: the library defaults
+    # the same weights give the same shapes at the same settings, however they were loaded
+    kw = dict(seed=0, **{k: v for k, v in STORED.items() if k not in ("cfg_scale",)}, guidance=0.5)
+    assert np.array_equal(pipe("chair", 2, **kw).grids, pretrained("chair", 2, **kw).grids)
+
+
+@pytest.mark.parametrize(("output", "resolution", "shape", "dtype"), [
+    ("grids", None, (3, 32, 32, 32), np.bool_), ("grids", 64, (3, 64, 64, 64), np.bool_),
+    ("probabilities", None, (3, 32, 32, 32), np.float32), ("latents", None, (3, 16, 4, 4, 4), np.float32)])
+def test_each_output_kind_has_its_shape_and_dtype(pretrained: LatentVoxelPipeline, output: str,
+                                                  resolution: int | None, shape: tuple, dtype: type) -> None:
+    out = pretrained("table", 3, seed=1, output=output, resolution=resolution)
+    arr = getattr(out, output)
+    assert arr.shape == shape and arr.dtype == dtype
+    assert [k for k in ("grids", "probabilities", "latents") if getattr(out, k) is not None] == [output]
+    assert out.labels.tolist() == [2, 2, 2] and out.settings["resolution"] == (resolution or 32)
+    if output == "probabilities":
+        assert ((arr >= 0) & (arr <= 1)).all()
+
+
+def test_grids_are_the_probabilities_above_the_threshold(pretrained: LatentVoxelPipeline) -> None:
+    probs = pretrained("chair", 2, seed=4, output="probabilities").probabilities
+    grids = pretrained("chair", 2, seed=4).grids
+    assert np.array_equal(grids, probs > STORED["threshold"])  # the stored threshold is the one applied
+    z = pretrained("chair", 2, seed=4, output="latents").latents
+    torch.testing.assert_close(pretrained.decode(torch.from_numpy(z)).numpy(), probs)
+
+
+def test_labels_and_category_names_give_the_same_shapes(pretrained: LatentVoxelPipeline) -> None:
+    mixed = pretrained(["table", "chair"], 2, seed=5)
+    assert mixed.labels.tolist() == [2, 2, 1, 1] and mixed.grids.shape == (4, 32, 32, 32)
+    # each category's shapes are its own seeded stream: the same as asking for that category alone
+    assert np.array_equal(mixed.grids[:2], pretrained("table", 2, seed=5).grids)
+    assert np.array_equal(mixed.grids[2:], pretrained("chair", 2, seed=5).grids)
+    for labels in ([2, 1], np.array([2, 1]), torch.tensor([2, 1])):
+        same = pretrained(labels, 2, seed=5)
+        assert same.labels.tolist() == [2, 2, 1, 1] and np.array_equal(same.grids, mixed.grids)
+    assert pretrained(["chair", "chair"], seed=5).labels.tolist() == [1, 1]  # num_samples defaults to 1 per entry
+
+
+def test_stored_settings_are_the_defaults_and_arguments_override_them(pretrained: LatentVoxelPipeline) -> None:
+    out = pretrained("airplane", 2, seed=2)
+    assert {k: out.settings[k] for k in STORED} == STORED
+    assert {k for k, v in out.sources.items() if v == "model"} == set(STORED)
+    assert out.sources["eta"] == out.sources["topk"] == "default" and out.settings["eta"] == 0.0
+    assert out.settings["batch_size"] == SampleConfig.batch_size and out.settings["seed"] == 2
+    given = pretrained("airplane", 2, seed=2, steps=2, guidance=1.5, guidance_rescale=0.0, threshold=0.6,
+                       clamp_latents=True, output="probabilities")
+    assert given.settings["steps"] == 2 and given.settings["cfg_scale"] == 1.5 and given.settings["threshold"] == 0.6
+    assert {k for k, v in given.sources.items() if v == "given"} == {"steps", "cfg_scale", "guidance_rescale",
+                                                                      "threshold", "clamp_latents"}
+    assert given.sources["binarize"] == "model"
+    grids = pretrained("airplane", 2, seed=2, steps=2, guidance=1.5, guidance_rescale=0.0, threshold=0.6,
+                       clamp_latents=True).grids
+    assert np.array_equal(grids, given.probabilities > 0.6)
+    assert not np.array_equal(grids, out.grids)  # other settings, other shapes
+    # the model's steps go with its sampler: another sampler runs its own default (all T for DDPM)
+    ddpm = pretrained("airplane", 1, seed=2, sampler="ddpm", output="latents")
+    assert ddpm.settings["steps"] == 100 and ddpm.sources["steps"] == "default"
+
+
+def test_resolve_sampling_sources_and_conflicts() -> None:
+    from voxdiff.sampling import resolve_sampling
+
+    base = SampleConfig(threshold=0.4)
+    cfg, src = resolve_sampling(base, {"threshold": 0.58, "steps": 50}, ["threshold", "steps", "cfg_scale"])
+    assert cfg.threshold == 0.58 and cfg.steps == 50 and cfg.cfg_scale == 1.0
+    assert src["threshold"] == src["steps"] == "model" and src["cfg_scale"] == "default" and src["sampler"] == "given"
+    cfg, src = resolve_sampling(base, {"threshold": 0.58}, [])
+    assert cfg == base and set(src.values()) == {"given"}
+    with pytest.raises(VoxdiffError, match="threshold acts only with binarize 'threshold'.*stored binarize is 'topk'"):
+        resolve_sampling(base, {"binarize": "topk"}, ["binarize"])  # a given threshold would be ignored
+
+
+def test_call_is_deterministic_with_a_generator_or_a_drawn_seed(pretrained: LatentVoxelPipeline) -> None:
+    a = pretrained("chair", 3, generator=torch.Generator().manual_seed(0), batch_size=2)
+    b = pretrained("chair", 3, generator=torch.Generator().manual_seed(0), batch_size=2)
+    assert np.array_equal(a.grids, b.grids) and a.settings["seed"] is None
+    torch.manual_seed(11)
+    c = pretrained("chair", 2, output="latents")
+    torch.manual_seed(11)
+    d = pretrained("chair", 2, output="latents")
+    assert np.array_equal(c.latents, d.latents) and isinstance(c.settings["seed"], int)
+    again = pretrained("chair", 2, output="latents", seed=c.settings["seed"])  # the recorded seed reproduces it
+    assert np.array_equal(again.latents, c.latents)
+
+
+def test_call_equals_sample_to_files(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """Several batches (the last one short), two categories, DDIM with η > 0 (noise drawn in every step), 2x upsampling:
+    __call__ returns exactly the rows sample_to_files writes with the same settings and seed."""
+    sample_to_files(_cfg(ckpts, tmp_path, threshold=0.52), progress=False)
+    pipe = LatentVoxelPipeline.from_checkpoints(ckpts["ae"], ckpts["ldm"], device="cpu", precision="auto")
+    out = pipe(["table", "chair"], 5, seed=3, batch_size=2, steps=4, eta=0.5, threshold=0.52, resolution=64)
+    assert np.array_equal(out.grids[:5], np.load(tmp_path / "table.npy").astype(bool))
+    assert np.array_equal(out.grids[5:], np.load(tmp_path / "chair.npy").astype(bool))
+
+
+def test_pipe_100_chairs_equals_sample_py_seed_0(model_dir: Path, pretrained: LatentVoxelPipeline,
+                                                 tmp_path: Path) -> None:
+    """`pipe("chair", 100, seed=0)` is diffusion/sample.py's chair.npy with --seed 0: both take the model's stored
+    settings when none are given, and sample.json says which values were used and where each came from."""
+    from voxdiff.cli import load_script
+
+    script = load_script(ROOT / "diffusion" / "sample.py")
+    script.main(["--ldm_ckpt_path", str(model_dir / "ldm.pt"), "--ae_ckpt_path", str(model_dir / "ae.pt"),
+                 "--save_dir", str(tmp_path), "--category", "chair", "--num_samples", "100", "--seed", "0",
+                 "--resolution", "32", "--device", "cpu", "--render", "none"])
+    out = pretrained("chair", 100, seed=0)
+    assert out.grids.shape == (100, 32, 32, 32)
+    assert np.array_equal(out.grids, np.load(tmp_path / "chair.npy").astype(bool))
+    settings = json.loads((tmp_path / "sample.json").read_text())["settings"]
+    assert {k: settings[k]["value"] for k in STORED} == STORED and {settings[k]["from"] for k in STORED} == {"model"}
+    assert settings["eta"] == {"value": 0.0, "from": "default"}
+
+
+def test_sample_py_flags_override_the_stored_settings(model_dir: Path, tmp_path: Path) -> None:
+    from voxdiff.cli import load_script
+
+    script = load_script(ROOT / "diffusion" / "sample.py")
+    script.main(["--ldm_ckpt_path", str(model_dir / "ldm.pt"), "--ae_ckpt_path", str(model_dir / "ae.pt"),
+                 "--save_dir", str(tmp_path), "--category", "chair", "--num_samples", "2", "--resolution", "32",
+                 "--device", "cpu", "--render", "none", "--threshold", "0.45", "--cfg_scale", "0", "--steps", "2"])
+    summary = json.loads((tmp_path / "sample.json").read_text())
+    assert summary["settings"]["threshold"] == {"value": 0.45, "from": "given"}
+    assert summary["settings"]["steps"] == {"value": 2, "from": "given"} and summary["timesteps"] == 2
+    assert summary["settings"]["cfg_scale"] == {"value": 0.0, "from": "given"} and summary["cfg_scale_effective"] == 0
+    assert summary["settings"]["guidance_rescale"] == {"value": 0.25, "from": "model"}
+    assert summary["config"]["threshold"] == 0.45 and summary["config"]["clamp_latents"] is False
+    helps = {a.dest: a.help for a in script.build_parser()[0]._actions}
+    assert "(default: the model's stored setting, else 0.5)" in helps["threshold"]
+    assert "model's stored" not in helps["batch_size"]
+
+
+def test_no_label_dropout_means_no_guidance_by_default(ckpts: dict[str, Path]) -> None:
+    pipe = LatentVoxelPipeline.from_checkpoints(ckpts["ae"], ckpts["ldm_nocfg"], device="cpu")
+    out = pipe("chair", 1, seed=0, steps=2)
+    assert out.settings["cfg_scale"] == 0.0 and out.grids.shape == (1, 32, 32, 32)
+    with pytest.raises(VoxdiffError, match="label dropout"):
+        pipe("chair", 1, seed=0, steps=2, guidance=1.0)
+
+
+def test_from_pretrained_bad_paths_are_one_line(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    (tmp_path / "half").mkdir()
+    shutil.copy(ckpts["ae"], tmp_path / "half" / "ae.pt")  # no ldm.pt
+    (tmp_path / "emptyrun" / "ae").mkdir(parents=True)
+    (tmp_path / "emptyrun" / "ldm").mkdir()
+    for path, match in [(tmp_path / "nowhere", "model not found"), (tmp_path / "half", "not a voxdiff model"),
+                        (ckpts["ae"], "not a voxdiff model"), (tmp_path / "emptyrun", "no checkpoint")]:
+        with pytest.raises(VoxdiffError, match=match) as err:
+            LatentVoxelPipeline.from_pretrained(path, device="cpu")
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("args", "kw", "error", "match"), [
+    (("sofa",), {}, ValueError, "unknown category 'sofa'"),
+    ((7,), {}, ValueError, "neither a category"),
+    (([],), {}, ValueError, "no category"),
+    (("chair", 0), {}, ValueError, "num_samples must be"),
+    (("chair",), {"output": "mesh"}, ValueError, "output must be one of grids, probabilities, latents"),
+    (("chair",), {"seed": 1, "generator": torch.Generator()}, ValueError, "not both"),
+    (("chair",), {"seed": -1}, ValueError, "seed must be"),
+    (("chair",), {"threshold": 1.5}, ValueError, "threshold must be < 1.0"),
+    (("chair",), {"resolution": 48}, VoxdiffError, "impossible"),
+    (("chair",), {"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+])
+def test_bad_calls_are_one_line_errors(pretrained: LatentVoxelPipeline, args: tuple, kw: dict, error: type,
+                                       match: str) -> None:
+    with pytest.raises(error, match=match) as err:
+        pretrained(*args, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_write_sampling_settings_keeps_everything_else(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from voxdiff.checkpoint import load_checkpoint, write_sampling_settings
+
+    path = Path(shutil.copy(ckpts["ldm"], tmp_path / "ldm.pt"))
+    before = torch.load(path, weights_only=True)
+    assert write_sampling_settings(path, {**STORED, "cfg_scale": np.float64(2.0)}) == path  # numpy scalars unwrapped
+    after = torch.load(path, weights_only=True)
+    assert after["meta"]["sampling"] == {**STORED, "cfg_scale": 2.0} and type(after["meta"]["sampling"]["cfg_scale"]) \
+        is float
+    assert after["digest"] == before["digest"] and after["version"] == before["version"]
+    assert {k: v for k, v in after["meta"].items() if k != "sampling"} == \
+        {k: v for k, v in before["meta"].items() if k != "sampling"}
+    assert load_checkpoint(path).meta.sampling["threshold"] == 0.3  # digest and finite checks pass
+    data = path.read_bytes()
+    for bad, match in [({"cfg": 1.0}, "unknown sampling settings"), ({"threshold": 1.5}, "threshold must be < 1.0"),
+                       ({"steps": "50"}, "steps must be an integer"), ({"sampler": "euler"}, "sampler")]:
+        with pytest.raises(ValueError, match=match):
+            write_sampling_settings(path, bad)
+    assert path.read_bytes() == data  # a refused setting leaves the file as it was
+    with pytest.raises(VoxdiffError, match="expected 'ldm'"):
+        write_sampling_settings(Path(shutil.copy(ckpts["ae"], tmp_path / "ae.pt")), STORED)
+
+
+def test_checkpoints_without_stored_settings_load(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    from voxdiff.checkpoint import export_model, load_checkpoint
+
+    raw = torch.load(ckpts["ldm"], weights_only=True)
+    del raw["meta"]["sampling"]  # as written before the key existed
+    torch.save(raw, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").meta.sampling == {}
+    _, ldm = export_model(ckpts["ae"], tmp_path / "old.pt", tmp_path / "export")  # sampling=None keeps what it had
+    assert load_checkpoint(ldm).meta.sampling == {}
+    pipe = LatentVoxelPipeline.from_pretrained(tmp_path / "export", device="cpu", precision="fp32")
+    assert set(pipe("chair", 1, seed=0, steps=1).sources.values()) <= {"default", "given"}

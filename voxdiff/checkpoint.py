@@ -3,9 +3,10 @@
 Layout (format 2): {"format": 2, "version", "kind": "autoencoder" | "ldm", "model_config", "train_config", "model",
 "ema", "optimizer", "step", "rng", "meta"}. A network is rebuilt from `model_config` alone (nanoGPT's `model_args`);
 `train_config` is kept for resuming and provenance; `meta` is an `AEMeta` / `LDMMeta` (what later stages need: the
-AE's latent scale, calibrated threshold, training occupancy and held-out slice; the LDM's noise schedule and the AE it
-was trained on). Loaded with `torch.load(weights_only=True)`: modules are never pickled, and `module.` /
-`_orig_mod.` prefixes are stripped on save so a DDP or torch.compile run loads into a plain model.
+AE's latent scale, calibrated threshold, training occupancy and held-out slice; the LDM's noise schedule, the AE it
+was trained on and the sampling settings a tune stage picked for it). Loaded with `torch.load(weights_only=True)`:
+modules are never pickled, and `module.` / `_orig_mod.` prefixes are stripped on save so a DDP or torch.compile run
+loads into a plain model.
 Format 1 files (voxdiff 0.1) are upgraded in memory when loaded: they sample and decode, but cannot be resumed.
 
 Every file carries `digest`: a SHA-256 of the tensors of `model`, `ema` and `optimizer` (each separately: dtype,
@@ -20,8 +21,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
+import math
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from voxdiff import __version__
-from voxdiff.config import CATEGORIES, AEConfig, SchedulerConfig, UNetConfig, from_dict, to_dict
+from voxdiff.config import CATEGORIES, AEConfig, SampleConfig, SchedulerConfig, UNetConfig, from_dict, to_dict
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.utils import VoxdiffError, atomic_path, file_sha256
@@ -40,6 +44,9 @@ Kind = Literal["autoencoder", "ldm"]
 _PREFIXES = ("module.", "_orig_mod.")
 DIGESTED = ("model", "ema", "optimizer")  # the parts of a checkpoint whose tensors the digest covers
 DIGEST_OF = "sha256 over each part's tensors (dtype, shape, raw bytes) in key order"
+# The sampling settings an LDM checkpoint may store (`LDMMeta.sampling`): SampleConfig's fields of the same names.
+SAMPLING_KEYS = ("sampler", "steps", "eta", "cfg_scale", "guidance_rescale", "clamp_latents", "binarize", "threshold",
+                 "topk")
 
 
 @dataclass
@@ -77,6 +84,8 @@ class LDMMeta:
     holdout: dict[str, list[int]] = field(default_factory=dict)
     num_train: int = 0
     runtime: dict[str, Any] = field(default_factory=dict)  # precision, threads and skipped steps of the run (and why)
+    sampling: dict[str, Any] = field(default_factory=dict)  # settings a tune stage picked (SAMPLING_KEYS); missing
+    # keys: the library defaults. Samplers use them where the caller leaves a setting unset
 
 
 @dataclass
@@ -373,20 +382,91 @@ def _load_state(model: torch.nn.Module, state: dict[str, Any], ckpt: Checkpoint)
         raise VoxdiffError(f"{ckpt.file}: weights do not fit the {ckpt.kind} config it records ({first})") from None
 
 
+def check_sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated sampling settings to store in an LDM checkpoint: only SAMPLING_KEYS, each a plain JSON value that
+    SampleConfig accepts (a ValueError naming the setting otherwise). Returns a plain dict (numpy scalars unwrapped:
+    the file must load with weights_only=True)."""
+    if not isinstance(sampling, Mapping):
+        raise ValueError(f"sampling settings must be a mapping; got {type(sampling).__name__}")
+    unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown sampling settings {unknown}; known: {', '.join(SAMPLING_KEYS)}")
+    defaults = SampleConfig()
+    out: dict[str, Any] = {}
+    for key, value in sampling.items():
+        value = value.item() if isinstance(value, (np.generic, torch.Tensor)) else value
+        default = getattr(defaults, key)
+        kind = int if default is None else type(default)  # steps and topk: an int, or None
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = (value is None or isinstance(value, int)) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a finite number"}.get(kind, "a string")
+            raise ValueError(f"sampling setting {key} must be {what}; got {value!r}")
+        out[key] = value
+    dataclasses.replace(defaults, **out)  # SampleConfig's own checks: ranges and choices
+    json.dumps(out)
+    return out
+
+
 def export_model(ae_path: str | os.PathLike[str], ldm_path: str | os.PathLike[str],
-                 out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+                 out_dir: str | os.PathLike[str], *, sampling: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """Write a trained AE + LDM as a compact pair for sampling: `{out_dir}/ae.pt` and `{out_dir}/ldm.pt`.
 
     Weights, model configs, training configs and metadata are kept; optimizer and RNG states go, and the LDM keeps
     its EMA weights as its only weights. The LDM's link to its AE is re-pointed to the exported AE's content hash,
-    so the pair loads together without a mismatch warning. Not resumable (nothing to resume with).
+    so the pair loads together without a mismatch warning. Not resumable (nothing to resume with). `sampling` (the
+    settings a tune stage picked, see `check_sampling`) replaces the LDM's stored sampling settings; None keeps them.
     """
+    stored = check_sampling(sampling) if sampling is not None else None  # refused before anything is written
     out = Path(out_dir)
     ae = load_checkpoint(ae_path, kind="autoencoder")
     ldm = load_checkpoint(ldm_path, kind="ldm")
     ae_out, ldm_out = out / "ae.pt", out / "ldm.pt"
     save_checkpoint(ae_out, dataclasses.replace(ae, optimizer=None, rng=None, ema=None))
     meta = dataclasses.replace(ldm.meta, ae_sha256=file_sha256(ae_out), ae_file=ae_out.name)
+    if stored is not None:
+        meta.sampling = stored
     weights = ldm.ema if ldm.ema is not None else ldm.model
     save_checkpoint(ldm_out, dataclasses.replace(ldm, model=weights, ema=None, optimizer=None, rng=None, meta=meta))
     return ae_out, ldm_out
+
+
+def write_sampling_settings(ldm_path: str | os.PathLike[str], sampling: Mapping[str, Any]) -> Path:
+    """Store `sampling` (see `check_sampling`) as the sampling settings of an LDM checkpoint file, in place.
+
+    For the stage runner after a tune stage, and for an exported model. Only `meta.sampling` changes: the weights,
+    configs, version and tensor digest are written back as they were loaded (the file is verified first, so a damaged
+    one is never rewritten as if it were sound), into a temporary file that is loaded and verified again before it
+    replaces the original (atomic: readers see the old file or the new one). Returns the file.
+    """
+    stored = check_sampling(sampling)
+    file = Path(ldm_path)
+    if not file.is_file():
+        raise VoxdiffError(f"LDM checkpoint file not found: {file}" + (" (a directory: name the file)"
+                                                                        if file.is_dir() else ""))
+    raw = _torch_load(file, "cpu")
+    if not isinstance(raw, dict) or raw.get("format") not in (1, FORMAT) or "model" not in raw:
+        raise VoxdiffError(f"{file} is corrupt or not a voxdiff checkpoint (format {FORMAT} expected)")
+    if raw.get("kind") != "ldm":
+        raise VoxdiffError(f"{file} is a {raw.get('kind')!r} checkpoint, expected 'ldm'")
+    if raw["format"] != FORMAT:
+        raise VoxdiffError(f"{file} is a format-{raw['format']} checkpoint (voxdiff {raw.get('version', '0.1')}); "
+                           "export it with export_model first, then store its sampling settings")
+    verify_payload(raw, file)
+    raw["meta"] = {**(raw.get("meta") or {}), "sampling": stored}
+    with atomic_path(file) as tmp:
+        try:
+            torch.save(raw, tmp)
+        except RuntimeError as e:  # as in save_checkpoint: a full disk or a failed write
+            first = str(e).splitlines()[0] if str(e) else "write failed"
+            raise OSError(errno.EIO, f"could not write the checkpoint ({first}); is the disk full?", str(file)) \
+                from None
+        load_checkpoint(tmp, kind="ldm")  # the digest and finite checks hold for what replaces the file
+    return file

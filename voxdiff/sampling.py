@@ -2,35 +2,54 @@
 turns a trained LDM + AE into voxel grids (`LatentVoxelPipeline`), used by sampling-to-files, SDS, the tuning, the
 trainer's preview and the main pipeline alike.
 
-    pipe = LatentVoxelPipeline.from_checkpoints("runs/medium/ae", "runs/medium/ldm", device="cpu")
+As a library (diffusers' pipelines are the model):
+
+    pipe = LatentVoxelPipeline.from_pretrained("models/medium")     # an exported model, or a run directory
+    out = pipe("chair", num_samples=16, seed=0)                      # out.grids: (16, R, R, R) bool
+
+Every setting left unset takes the model's stored sampling settings (what its tune stage picked, `LDMMeta.sampling`),
+else the library defaults (SampleConfig's). Step by step:
+
     z = pipe.sample_latents(labels, pipe.scheduler("ddim", 50), cfg_scale=1.0, generator=g)
     grids = pipe.to_grids(z, labels, pipe.binarization("threshold", 0.5), resolution=64)   # uint8 (B, 64, 64, 64)
 
 The network and the scheduler are arguments of the loop: nothing here builds or knows a noise process. Per-batch seeds
-make every batch of `sample_to_files` a pure function of (seed, category, batch index), so an interrupted job that is
-rerun writes exactly the arrays an uninterrupted one would.
+make every batch a pure function of (settings, seed, category, batch index): an interrupted `sample_to_files` job that
+is rerun writes exactly the arrays an uninterrupted one would, and `pipe(category, n, seed=s)` returns exactly the
+shapes `sample_to_files` writes with seed s (same settings and batch size; on a CPU, same thread count).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from voxdiff import __version__
 from voxdiff.binarize import Binarization
-from voxdiff.checkpoint import AEMeta, LDMMeta, load_autoencoder, load_unet, resolve_checkpoint_file, unwrap
+from voxdiff.checkpoint import (
+    SAMPLING_KEYS,
+    AEMeta,
+    LDMMeta,
+    check_sampling,
+    load_autoencoder,
+    load_unet,
+    resolve_checkpoint_file,
+    unwrap,
+)
 from voxdiff.config import (
+    ACTS_ONLY_WITH,
     CATEGORIES,
     BinarizeMode,
     Precision,
@@ -57,9 +76,14 @@ from voxdiff.utils import (
     get_logger,
     open_npy,
     open_npy_memmap,
+    resolve_device,
 )
 
-__all__ = ["guided_eps", "sample_latents", "upsample_nearest", "batch_seed", "LatentVoxelPipeline", "sample_to_files"]
+__all__ = ["guided_eps", "sample_latents", "upsample_nearest", "batch_seed", "resolve_sampling", "SamplingPlan",
+           "VoxelPipelineOutput", "LatentVoxelPipeline", "sample_to_files"]
+
+OutputKind = Literal["grids", "probabilities", "latents"]
+OUTPUT_KINDS: tuple[str, ...] = ("grids", "probabilities", "latents")
 
 
 def guided_eps(
@@ -140,6 +164,73 @@ def batch_seed(seed: int, category: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, category, batch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def resolve_sampling(cfg: SampleConfig, stored: Mapping[str, Any],
+                     unset: Collection[str] = ()) -> tuple[SampleConfig, dict[str, str]]:
+    """`cfg` with each setting named in `unset` (of SAMPLING_KEYS) taken from the model's stored sampling settings
+    where it has one (else cfg's value is kept: the library default), and where each of SAMPLING_KEYS came from:
+    "given" (set by the caller), "model" or "default".
+
+    The model's steps and eta go with its sampler: they are not taken when another sampler is used. A given setting
+    that acts only with another one's value (config.ACTS_ONLY_WITH: threshold with binarize "threshold") is refused
+    when the model's stored value of that other setting says otherwise, instead of being silently ignored.
+    """
+    unknown = sorted(set(unset) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"not sampling settings: {unknown}; known: {', '.join(SAMPLING_KEYS)}")
+    sampler = stored.get("sampler", cfg.sampler) if "sampler" in unset else cfg.sampler
+    stored_sampler = stored.get("sampler", SampleConfig.sampler)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in SAMPLING_KEYS:
+        if key not in unset:
+            sources[key] = "given"
+        elif key in stored and (key not in ("steps", "eta") or stored_sampler == sampler):
+            values[key], sources[key] = stored[key], "model"
+        else:
+            sources[key] = "default"
+    try:
+        out = dataclasses.replace(cfg, **values)
+    except (TypeError, ValueError) as e:
+        raise VoxdiffError(f"the model's stored sampling settings are unusable ({e})") from None
+    for key, (other, needed) in ACTS_ONLY_WITH.items():
+        if sources.get(key) == "given" and sources.get(other) == "model" and getattr(out, other) != needed:
+            raise VoxdiffError(f"{key} acts only with {other} {needed!r}, but the model's stored {other} is "
+                               f"{getattr(out, other)!r}: set {other} {needed!r} too, or leave {key} unset")
+    return out, sources
+
+
+@dataclass
+class SamplingPlan:
+    """What every batch of one sampling job shares, made once from its settings (`LatentVoxelPipeline.plan`): the
+    scheduler, the guidance scale w and rescale φ in effect, the binarisation and the output resolution."""
+
+    scheduler: DDPMScheduler | DDIMScheduler
+    scale: float
+    rescale: float
+    binarization: Binarization
+    resolution: int
+
+
+@dataclass
+class VoxelPipelineOutput:
+    """What `LatentVoxelPipeline.__call__` returns: one of grids / probabilities / latents (the `output` asked for; the
+    others None), as numpy arrays on the CPU, row i of the class `labels[i]`.
+
+    grids: (N, R, R, R) bool, occupied voxels. probabilities: (N, R, R, R) float32, the decoder's occupancy
+    probabilities (nearest-upsampled to R like the grids). latents: (N, *latent_shape) float32, normalised latents
+    (`pipe.decode` takes them back). `settings`: the values used (`steps` the number of denoising steps run, `cfg_scale`
+    the guidance scale w in effect, `seed` None when a generator was given); `sources`: where each stored-able setting
+    came from, "given", "model" (the model's stored settings) or "default".
+    """
+
+    labels: np.ndarray
+    settings: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+    grids: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    latents: np.ndarray | None = None
+
+
 @dataclass(eq=False)
 class LatentVoxelPipeline:
     """A trained latent diffusion model and its autoencoder, and every step from noise to voxel grids.
@@ -201,6 +292,27 @@ class LatentVoxelPipeline:
                    ae_meta=ae_ckpt.meta, ldm_meta=meta, ae_file=ae_file, ldm_file=ldm_file, ldm_step=ldm_ckpt.step,
                    ae_matches=matches, amp=choice.dtype, precision=choice)
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], *, device: Any = None, precision: Precision = "auto",
+                        use_ema: bool = True) -> LatentVoxelPipeline:
+        """Load a model for sampling: a directory holding `ae.pt` and `ldm.pt` (an exported model, `export_model`,
+        like models/medium) or a run directory holding `ae/` and `ldm/` (each's best.pt, else last.pt).
+
+        `device`: None picks CUDA when available, else the CPU. `precision`: the U-Net's autocast dtype; "auto" uses
+        bf16 only where a start-up check against fp32 passes on this machine (see `from_checkpoints`).
+        """
+        root = Path(path)
+        if (root / "ae.pt").is_file() and (root / "ldm.pt").is_file():
+            ae, ldm = root / "ae.pt", root / "ldm.pt"
+        elif (root / "ae").is_dir() and (root / "ldm").is_dir():
+            ae, ldm = root / "ae", root / "ldm"
+        elif not root.exists():
+            raise VoxdiffError(f"model not found: {root}")
+        else:
+            raise VoxdiffError(f"{root} is not a voxdiff model: expected ae.pt and ldm.pt (an exported model) or ae/ "
+                               "and ldm/ (a run directory)")
+        return cls.from_checkpoints(ae, ldm, device=resolve_device(device), use_ema=use_ema, precision=precision)
+
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
@@ -212,6 +324,18 @@ class LatentVoxelPipeline:
     @property
     def ae_resolution(self) -> int:
         return self.ae.cfg.resolution
+
+    @property
+    def stored_sampling(self) -> dict[str, Any]:
+        """The sampling settings stored with the LDM (what its tune stage picked; {} when none). Keys this version
+        does not know are left out; a stored value it cannot use is a VoxdiffError naming the file."""
+        stored = self.ldm_meta.sampling if self.ldm_meta is not None else {}
+        if not isinstance(stored, dict):
+            raise VoxdiffError(f"{self.ldm_file}: its stored sampling settings are unreadable ({stored!r})")
+        try:
+            return check_sampling({k: v for k, v in stored.items() if k in SAMPLING_KEYS})
+        except (TypeError, ValueError) as e:
+            raise VoxdiffError(f"{self.ldm_file}: its stored sampling settings are unusable ({e})") from None
 
     def scheduler(self, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
                   clamp: bool = False) -> DDPMScheduler | DDIMScheduler:
@@ -233,6 +357,26 @@ class LatentVoxelPipeline:
             raise VoxdiffError("this LDM was trained without label dropout, so it has no unconditional model: sample "
                                "it with --no_use_cfg")
         return w
+
+    def plan(self, cfg: SampleConfig) -> SamplingPlan:
+        """The scheduler, guidance, binarisation and resolution of `cfg`'s settings, checked against this model (a
+        VoxdiffError before any sampling when they do not fit it)."""
+        scale = self.guidance(cfg.use_cfg, cfg.cfg_scale)
+        scheduler = self.scheduler(cfg.sampler, cfg.steps, cfg.eta, clamp=cfg.clamp_latents)
+        binarization = self.binarization(cfg.binarize, cfg.threshold, cfg.topk, cfg.resolution)
+        R = cfg.resolution
+        if self.ae_resolution > R or R % self.ae_resolution:
+            raise VoxdiffError(f"--resolution {R} is impossible: it must be a multiple of the AE's "
+                               f"{self.ae_resolution}")
+        return SamplingPlan(scheduler, scale, cfg.guidance_rescale if scale else 0.0, binarization, R)
+
+    def category_batch(self, plan: SamplingPlan, seed: int, category: int, batch: int,
+                       n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `batch` (n shapes) of the seeded stream of class `category`: its labels and normalised latents, a pure
+        function of (plan, seed, category, batch, n). The unit `sample_to_files` and `__call__` both sample in."""
+        gen = torch.Generator(device=self.device).manual_seed(batch_seed(seed, category, batch))
+        labels = torch.full((n,), category, dtype=torch.long, device=self.device)
+        return labels, self.sample_latents(labels, plan.scheduler, plan.scale, gen, rescale=plan.rescale)
 
     def check_categories(self, categories: Sequence[str]) -> None:
         trained = self.ldm_meta.categories if self.ldm_meta is not None else list(CATEGORIES)
@@ -290,6 +434,124 @@ class LatentVoxelPipeline:
         grids = binarization(self.decode(z.detach()), labels)
         return upsample_nearest(grids.to(torch.uint8), resolution // r).cpu().numpy()
 
+    @torch.no_grad()
+    def __call__(
+        self,
+        category_or_labels: str | Sequence[str] | Sequence[int] | np.ndarray | torch.Tensor,
+        num_samples: int | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        guidance_rescale: float | None = None,
+        sampler: str | None = None,
+        eta: float | None = None,
+        clamp_latents: bool | None = None,
+        binarize: BinarizeMode | None = None,
+        threshold: float | None = None,
+        topk: int | None = None,
+        resolution: int | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        output: OutputKind = "grids",
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> VoxelPipelineOutput:
+        """Sample shapes: `num_samples` (default 1) of each entry of `category_or_labels` (a category name or class
+        index, or a sequence / array / tensor of them), entries in order, each repeated `num_samples` times.
+
+        Every setting left None takes the model's stored sampling settings, else the library defaults (SampleConfig's;
+        `resolution` the AE's, `batch_size` 100). `guidance` is w in ε̂ = (1 + w)·ε_c − w·ε_u (0: the plain
+        conditional model; for an LDM trained without label dropout the default is 0). `output`: "grids" (bool),
+        "probabilities" or "latents" (see VoxelPipelineOutput).
+
+        Randomness: with `seed`, each category's shapes come in batches of `batch_size` seeded by
+        `batch_seed(seed, category, batch)`, exactly as `sample_to_files` writes them (`pipe("chair", 100, seed=0)` is
+        diffusion/sample.py's chair.npy with --seed 0 at the same settings), and the k-th chair of a call does not
+        depend on the other categories asked for. With `generator`, the batches follow the labels in order and draw
+        from it. With neither, a seed is drawn from torch's global generator (recorded in `settings`).
+        """
+        if output not in OUTPUT_KINDS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUT_KINDS)}; got {output!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("give a generator or a seed, not both")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+        labels = _labels(category_or_labels, num_samples)
+        self.check_categories([CATEGORIES[c] for c in sorted(set(labels.tolist()))])
+        given = {k: v for k, v in {"sampler": sampler, "steps": steps, "eta": eta, "cfg_scale": guidance,
+                                   "guidance_rescale": guidance_rescale, "clamp_latents": clamp_latents,
+                                   "binarize": binarize, "threshold": threshold, "topk": topk}.items() if v is not None}
+        if generator is None and seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        base = SampleConfig(**given, resolution=self.ae_resolution if resolution is None else resolution,
+                            batch_size=SampleConfig.batch_size if batch_size is None else batch_size,
+                            seed=0 if seed is None else seed)
+        cfg, sources = resolve_sampling(base, self.stored_sampling, [k for k in SAMPLING_KEYS if k not in given])
+        if self.ldm_meta is not None and not self.ldm_meta.use_cfg and sources["cfg_scale"] != "given":
+            cfg = dataclasses.replace(cfg, use_cfg=False)  # no unconditional model: plain conditional by default
+        plan = self.plan(cfg)
+        flush_denormals(self.device)  # as sample_to_files computes
+        R, bs, n = plan.resolution, cfg.batch_size, len(labels)
+        shape = (n, *self.latent_shape) if output == "latents" else (n, R, R, R)
+        result = np.empty(shape, dtype=bool if output == "grids" else np.float32)
+        bar = Progress(n, "sample", unit="shape", enabled=progress)
+        for rows, y, z in self._batches(labels, plan, bs, seed, generator):
+            if output == "grids":
+                result[rows] = self.to_grids(z, y, plan.binarization, R).astype(bool)
+            elif output == "probabilities":
+                result[rows] = upsample_nearest(self.decode(z), R // self.ae_resolution).float().cpu().numpy()
+            else:
+                result[rows] = z.float().cpu().numpy()
+            bar.update(len(rows))
+        bar.close()
+        settings = {**{k: getattr(cfg, k) for k in SAMPLING_KEYS}, "steps": len(plan.scheduler.timesteps),
+                    "cfg_scale": plan.scale, "guidance_rescale": plan.rescale, "resolution": R, "batch_size": bs,
+                    "seed": seed if generator is None else None}
+        return VoxelPipelineOutput(labels=labels, settings=settings, sources=sources, **{output: result})
+
+    def _batches(self, labels: np.ndarray, plan: SamplingPlan, batch_size: int, seed: int | None,
+                 generator: torch.Generator | None) -> Any:
+        """(rows, labels, latents) per batch of `__call__`: each category's seeded stream (`category_batch`), or the
+        labels in order drawing from `generator`."""
+        if generator is not None:
+            for s in range(0, len(labels), batch_size):
+                rows = np.arange(s, min(len(labels), s + batch_size))
+                y = torch.as_tensor(labels[rows], device=self.device)
+                yield rows, y, self.sample_latents(y, plan.scheduler, plan.scale, generator, rescale=plan.rescale)
+            return
+        assert seed is not None
+        for c in sorted(set(labels.tolist())):
+            where = np.flatnonzero(labels == c)
+            for b, s in enumerate(range(0, len(where), batch_size)):
+                rows = where[s : s + batch_size]
+                y, z = self.category_batch(plan, seed, c, b, len(rows))
+                yield rows, y, z
+
+
+def _labels(category_or_labels: Any, num_samples: int | None) -> np.ndarray:
+    """Class indices (N,) int64 of `__call__`'s request: each entry (a category name or an index) `num_samples`
+    times. A ValueError names what is wrong (an unknown category, an index out of range, nothing asked for)."""
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
+        raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
+    one = isinstance(category_or_labels, (str, int, np.integer)) and not isinstance(category_or_labels, bool)
+    entries = [category_or_labels] if one else category_or_labels
+    if isinstance(entries, torch.Tensor):
+        entries = entries.detach().cpu().numpy()
+    entries = list(np.asarray(entries).reshape(-1)) if isinstance(entries, np.ndarray) else list(entries)
+    if not entries:
+        raise ValueError("no category or label given")
+    out = []
+    for e in entries:
+        if isinstance(e, str):
+            out.append(category_index(e))
+        elif isinstance(e, (int, np.integer)) and not isinstance(e, bool) and 0 <= int(e) < len(CATEGORIES):
+            out.append(int(e))
+        else:
+            raise ValueError(f"label {e!r} is neither a category ({', '.join(CATEGORIES)}) nor a class index "
+                             f"0..{len(CATEGORIES) - 1}")
+    return np.repeat(np.asarray(out, dtype=np.int64), num_samples or 1)
+
 
 def _unet_probe(unet: torch.nn.Module, latent_shape: tuple[int, ...], batch: int) -> Any:
     """A forward of `unet` on `batch` fixed latents (a private generator), guided-batch style: conditional and null
@@ -315,13 +577,18 @@ def _progress_key(cfg: SampleConfig, category: str, pipe: LatentVoxelPipeline) -
     return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int | None = None) -> dict[str, Any]:
+def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int | None = None, *,
+                    unset: Collection[str] = ()) -> dict[str, Any]:
     """Sample `cfg.num_samples` shapes per category into `{save_dir}/{category}.npy`: (N, R, R, R) uint8 in {0, 1}.
+
+    `unset` names the sampling settings (SAMPLING_KEYS) the caller left open: each takes the LDM's stored setting
+    where it has one, else cfg's value (the library default); see `resolve_sampling`. The others are cfg's as given.
 
     Resumable: batches go into `.{category}.partial.npy` (a memmap) with `.{category}.progress.json` (the run's key
     and finished batches); a rerun with the same settings skips finished batches and categories, and the final file
     appears by rename only when complete. `max_batches` stops after that many new batches (a time-sliced run).
-    Writes `{save_dir}/sample.json` (config, checkpoints, timings, occupancy) and `sample.log`; returns that summary.
+    Writes `{save_dir}/sample.json` (config, checkpoints, timings, occupancy, and `settings`: each sampling setting's
+    value and where it came from, "given", "model" or "default") and `sample.log`; returns that summary.
     Under torchrun each rank samples whole batches (rank r the r-th pending batch of every round) with the same
     per-batch seeds into rank 0's memmap (save_dir must be shared by the ranks): the file equals a one-process run's.
     """
@@ -332,47 +599,42 @@ def sample_to_files(cfg: SampleConfig, progress: bool = True, max_batches: int |
     pipe = LatentVoxelPipeline.from_checkpoints(cfg.ae_ckpt_path, cfg.ldm_ckpt_path, device=device,
                                                 use_ema=cfg.use_ema, precision=cfg.precision)
     pipe.check_categories(cfg.categories)
-    scale = pipe.guidance(cfg.use_cfg, cfg.cfg_scale)
-    scheduler = pipe.scheduler(cfg.sampler, cfg.steps, cfg.eta, clamp=cfg.clamp_latents)
-    binarization = pipe.binarization(cfg.binarize, cfg.threshold, cfg.topk, cfg.resolution)
-    R = cfg.resolution
-    if pipe.ae_resolution > R or R % pipe.ae_resolution:
-        raise VoxdiffError(f"--resolution {R} is impossible: it must be a multiple of the AE's {pipe.ae_resolution}")
+    cfg, sources = resolve_sampling(cfg, pipe.stored_sampling, unset)
+    plan = pipe.plan(cfg)
     save_dir = Path(cfg.save_dir)
-    probe = _unet_probe(pipe.unet, pipe.latent_shape, cfg.batch_size * (1 + (scale != 0)))  # a guided batch
+    probe = _unet_probe(pipe.unet, pipe.latent_shape, cfg.batch_size * (1 + (plan.scale != 0)))  # a guided batch
     threads = choose_threads(cfg.threads, lambda: probe(pipe.amp), device)
     with contextlib.ExitStack() as stack:
         with together():  # a lock refused on rank 0 stops every rank here, none waits in a later collective
             if info.is_main:  # one sampling job per directory; leftovers of killed jobs are cleared
                 stack.enter_context(dir_lock(save_dir, "sampling job"))
-        return _sample_all(cfg, pipe, scheduler, scale, binarization, info, progress, max_batches, threads)
+        return _sample_all(cfg, pipe, plan, sources, info, progress, max_batches, threads)
 
 
-def _sample_all(cfg: SampleConfig, pipe: LatentVoxelPipeline, scheduler: Any, scale: float,
-                binarization: Binarization, info: Any, progress: bool, max_batches: int | None,
-                threads: ThreadChoice) -> dict[str, Any]:
+def _sample_all(cfg: SampleConfig, pipe: LatentVoxelPipeline, plan: SamplingPlan, sources: dict[str, str],
+                info: Any, progress: bool, max_batches: int | None, threads: ThreadChoice) -> dict[str, Any]:
     """The body of `sample_to_files`, with the save directory locked."""
     save_dir, device = Path(cfg.save_dir), pipe.device
     log = get_logger("voxdiff.sample", save_dir / "sample.log" if info.is_main else None)
     precision = pipe.precision or PrecisionChoice(cfg.precision, pipe.amp, "set by the caller")
     log.info("precision %s: %s", precision.name, precision.reason)
     log.info("threads %d: %s", threads.threads, threads.reason)
-    watch = BusyWatch(threads, "sampling", steps_per_probe_step=len(scheduler.timesteps))
+    watch = BusyWatch(threads, "sampling", steps_per_probe_step=len(plan.scheduler.timesteps))
     if not pipe.ae_matches:
         log.warning("AE checkpoint %s differs from the one the LDM was trained with (%s)", pipe.ae_file,
                     pipe.ldm_meta.ae_file if pipe.ldm_meta else "?")
     nb = -(-cfg.num_samples // cfg.batch_size)
     summary: dict[str, Any] = {"config": to_dict(cfg), "version": __version__, "device": str(device),
                                "ldm_ckpt": str(pipe.ldm_file), "ldm_step": pipe.ldm_step, "ae_ckpt": str(pipe.ae_file),
-                               "cfg_scale_effective": scale, "binarization": binarization.describe(),
-                               "timesteps": len(scheduler.timesteps), "categories": {}, "complete": True,
+                               "settings": {k: {"value": getattr(cfg, k), "from": sources[k]} for k in SAMPLING_KEYS},
+                               "cfg_scale_effective": plan.scale, "binarization": plan.binarization.describe(),
+                               "timesteps": len(plan.scheduler.timesteps), "categories": {}, "complete": True,
                                "runtime": {"precision": precision.record(), "threads": threads.record()}}
     if info.distributed:
         summary["world_size"] = info.world_size
     budget = max_batches
     for cat in cfg.categories:
-        result = _sample_category(cfg, cat, pipe, scheduler, scale, binarization, info, log, progress, nb, budget,
-                                  watch)
+        result = _sample_category(cfg, cat, pipe, plan, info, log, progress, nb, budget, watch)
         if result is None:
             summary["complete"] = False
             break
@@ -388,9 +650,9 @@ def _sample_all(cfg: SampleConfig, pipe: LatentVoxelPipeline, scheduler: Any, sc
     return summary
 
 
-def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, scheduler: Any, scale: float,
-                     binarization: Binarization, info: Any, log: logging.Logger, progress: bool, nb: int,
-                     budget: int | None, watch: BusyWatch) -> tuple[dict[str, Any], int] | None:
+def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, plan: SamplingPlan, info: Any,
+                     log: logging.Logger, progress: bool, nb: int, budget: int | None,
+                     watch: BusyWatch) -> tuple[dict[str, Any], int] | None:
     """One category of `sample_to_files`; None when the batch budget is already spent."""
     save_dir, R, c = Path(cfg.save_dir), cfg.resolution, category_index(cat)
     final, partial = save_dir / f"{cat}.npy", save_dir / f".{cat}.partial.npy"
@@ -438,13 +700,11 @@ def _sample_category(cfg: SampleConfig, cat: str, pipe: LatentVoxelPipeline, sch
         record: dict[str, Any] = {}
         for b in chunk[info.rank : info.rank + 1]:  # this rank's batch (none in a short last round)
             s, e = b * cfg.batch_size, min(cfg.num_samples, (b + 1) * cfg.batch_size)
-            gen = torch.Generator(device=pipe.device).manual_seed(batch_seed(cfg.seed, c, b))
-            labels = torch.full((e - s,), c, dtype=torch.long, device=pipe.device)
-            z = pipe.sample_latents(labels, scheduler, scale, gen, rescale=cfg.guidance_rescale if scale else 0.0)
-            grids = pipe.to_grids(z, labels, binarization, R)
+            labels, z = pipe.category_batch(plan, cfg.seed, c, b, e - s)
+            grids = pipe.to_grids(z, labels, plan.binarization, R)
             arr[s:e] = grids
             arr.flush()
-            note = watch.update(len(scheduler.timesteps))
+            note = watch.update(len(plan.scheduler.timesteps))
             if note is not None:
                 log.warning(note)
             occ = grids.reshape(len(grids), -1).sum(1)
