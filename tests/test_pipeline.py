@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from voxdiff.__main__ import main
+from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import (
     CATEGORIES,
     PIPELINE_PRESETS,
@@ -23,6 +24,7 @@ from voxdiff.config import (
 )
 from voxdiff.pipeline import run, stage_key
 from voxdiff.report import goal_check, reading, summary_lines
+from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.utils import VoxdiffError
 
 STRUCTURE_KEYS = ("sample_stray", "ref_stray", "sample_fragmented", "ref_fragmented")
@@ -98,6 +100,20 @@ def test_tiny_pipeline_artefacts(tiny_run: tuple[Path, dict]) -> None:
         assert rt[stage]["threads"]["threads"] == 1 and rt[stage]["skipped_steps"] == 0
         assert rt[stage]["precision"]["precision"] in ("fp32", "bf16") and rt[stage]["precision"]["reason"]
     assert "## How it ran on this machine" in md and "| ldm |" in md
+
+
+def test_the_run_exports_its_model_with_the_tuned_settings(tiny_run: tuple[Path, dict]) -> None:
+    """run_dir/model holds the pair for sampling, its ldm.pt the settings the tune stage picked: what from_pretrained
+    and diffusion/sample.py use when not told otherwise."""
+    run_dir, report = tiny_run
+    pick = report["stages"]["tune"]["pick"]
+    meta = load_checkpoint(run_dir / "model" / "ldm.pt", kind="ldm").meta
+    assert meta.sampling["cfg_scale"] == pick["cfg_scale"] and meta.sampling["threshold"] == pick["threshold"]
+    assert meta.sampling["sampler"] == "ddim" and meta.sampling["steps"] == 3
+    pipe = LatentVoxelPipeline.from_pretrained(run_dir / "model", precision="fp32")
+    out = pipe("chair", 2, seed=0)
+    assert out.grids.shape == (2, 32, 32, 32) and out.sources["threshold"] == "model"
+    assert out.settings["cfg_scale"] == pick["cfg_scale"]
 
 
 def test_rerun_skips_completed_stages(tiny_run: tuple[Path, dict]) -> None:

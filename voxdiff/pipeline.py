@@ -10,6 +10,8 @@ Layout of a run directory:
     data/                  procedural PartSeg HDF5 + {category}_voxels_{split}.npy (unless --dataset_path is given)
     ae/, ldm/              checkpoints, train.log, log.csv / log.png (loss curves)
     tune.log               the tune stage (when on): guidance scale and threshold picked on held-out TRAIN shapes
+    model/ae.pt, ldm.pt    the trained pair for sampling, with the final sampling settings stored in ldm.pt
+                           (`LatentVoxelPipeline.from_pretrained(run_dir + "/model")`, diffusion/sample.py)
     samples/{cat}.npy      the model's samples, exactly what eval.py scores
     oracle/{cat}.npy       a fresh procedural draw of the same size (the best a model could do)
     baselines/             trivial baselines: training shapes copied ("train"), occupancy-matched noise ("noise")
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from voxdiff import __version__
-from voxdiff.checkpoint import load_checkpoint, resolve_checkpoint_file
+from voxdiff.checkpoint import SAMPLING_KEYS, export_model, load_checkpoint, resolve_checkpoint_file
 from voxdiff.config import CATEGORIES, SPLITS, PipelineConfig, to_dict
 from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
 from voxdiff.data.shapes import generate_split
@@ -220,7 +222,8 @@ def stage_outputs(stage: str, cfg: PipelineConfig) -> list[Path]:
     if stage in ("ae", "ldm"):
         return [run / stage / "last.pt"]
     if stage == "sample":
-        return [Path(cfg.sample.save_dir) / f"{c}.npy" for c in cats]
+        return [Path(cfg.sample.save_dir) / f"{c}.npy" for c in cats] + [run / "model" / "ae.pt",
+                                                                          run / "model" / "ldm.pt"]
     if stage == "eval":
         out = [run / "oracle" / f"{c}.npy" for c in cats] if cfg.oracle else []
         return out + [run / "baselines" / f"{b}_{c}.npy" for b in ("train", "noise") if b in cfg.baselines
@@ -367,6 +370,26 @@ def stage_tune(cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     return tune_sampling(pipe, cfg.dataset_path, cfg.sample.categories, cfg.tune, cfg.resolution, progress, log)
 
 
+def sampling_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The final sampling's settings (after the tune stage's pick), as an exported model stores them."""
+    s = cfg.sample
+    out = {k: getattr(s, k) for k in SAMPLING_KEYS if hasattr(s, k)}
+    if not s.use_cfg:
+        out["cfg_scale"], out["guidance_rescale"] = 0.0, 0.0
+    return out
+
+
+def stage_sample(cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
+    """Export the trained pair with its sampling settings to {run_dir}/model (what `from_pretrained` and
+    diffusion/sample.py read, and what is shipped), then draw the final samples with those settings."""
+    run = Path(cfg.run_dir)
+    export_model(resolve_checkpoint_file(cfg.sample.ae_ckpt_path), resolve_checkpoint_file(cfg.sample.ldm_ckpt_path),
+                 run / "model", sampling=sampling_settings(cfg))
+    out = sample_to_files(cfg.sample, progress=progress)
+    out["model"] = "model"
+    return out
+
+
 def _train_stage(train: Any, stage_cfg: Any, run_dir: Path, force: bool) -> dict[str, Any]:
     """Run a trainer: continue an interrupted (or time-capped) run of the same settings, replace one with --force."""
     resume = (run_dir / "last.pt").is_file() and not force
@@ -469,7 +492,7 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
         "ae": lambda c: _train_stage(lambda x: train_autoencoder(x, progress), c.ae, run_dir / "ae", force),
         "ldm": lambda c: _train_stage(lambda x: train_ldm(x, progress), c.ldm, run_dir / "ldm", force),
         "tune": lambda c: _limited(threads.threads, stage_tune, c, progress),
-        "sample": lambda c: sample_to_files(c.sample, progress=progress),
+        "sample": lambda c: stage_sample(c, progress),
         "eval": lambda c: _limited(threads.threads, stage_eval, c, log, progress),
         "render": lambda c: stage_render(c),
     }
