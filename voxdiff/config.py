@@ -517,40 +517,63 @@ def _preset_tiny() -> PipelineConfig:
     )
 
 
-# The CPU presets' networks: 32³ grids -> a (16, 8, 8, 8) latent (two stride-2 stages), the starter code's BatchNorm and
-# transposed convolutions, plain BCE (docs/BENCHMARKS.md, "autoencoder recipes"); the U-Net "small" at 8³.
-_CPU_AE = AEConfig(resolution=32, channels=(24, 48))
+def _cpu_ae() -> AEConfig:
+    """The CPU presets' AE, a fresh object per preset: 32³ grids -> a (4, 8, 8, 8) latent (two stride-2 stages of
+    24 and 48 channels), the starter code's BatchNorm and transposed convolutions, plain BCE. Four latent channels,
+    not 16: a 16×8³ latent (8,192 numbers for a 32³ shape) reconstructs better but its diffusion model makes clouds at
+    CPU budgets; the sample-quality screen in docs/BENCHMARKS.md ("Quality run 3") chose 4×8³."""
+    return AEConfig(resolution=32, channels=(24, 48), latent_channels=4)
+
+
+def _cpu_unet() -> UNetConfig:
+    """The CPU presets' U-Net: "small" (ch 32, levels 8³ / 4³ / 2³) over the 4-channel latent."""
+    return unet_preset("small", in_channels=4)
+
+
+def _cpu_scheduler() -> SchedulerConfig:
+    """v-prediction with zero terminal SNR and trailing timesteps (Lin et al. 2024): sampling starts from pure noise
+    at the last trained step, as training saw it."""
+    return SchedulerConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
 
 
 def _preset_demo() -> PipelineConfig:
-    """The README's main job on 2 CPU cores in under ten minutes: 256 train shapes per category at 32³.
+    """The README's main job on 2 CPU cores in under ten minutes, fp32 included: 256 train shapes per category at 32³,
+    the medium preset's recipe scaled down. Its report checks the demo's own goals (GoalConfig below).
 
     Training lengths are steps (the same command gives the same model on a busy machine); `max_minutes` is only a
-    safety cap that the report flags when it bites.
+    safety cap that the report flags when it bites. Samples are binarised at the AE's calibrated threshold (the one
+    that gives held-out training shapes their own voxel count), since the demo has no tune stage.
     """
     return PipelineConfig(
         name="demo", run_dir="runs/demo", data_preset="small", resolution=32, render_n=8,
-        ae=AETrainConfig(model=_CPU_AE, batch_size=16, num_steps=1200, max_minutes=8.0, lr=2e-3, log_every=10,
+        goals=GoalConfig(cov=0.6, mmd=3.0, jsd=2.0, nna=0.9, bloated=0.01, structure=2.0),
+        ae=AETrainConfig(model=_cpu_ae(), batch_size=16, num_steps=800, max_minutes=8.0, lr=2e-3, log_every=10,
                          ckpt_every=400),
-        ldm=LDMTrainConfig(model=unet_preset("small"), batch_size=32, num_steps=1000, max_minutes=8.0, lr=1e-3,
-                           warmup_steps=100, ckpt_every=250, ema_decay=0.995),
-        sample=SampleConfig(num_samples=100, batch_size=100, sampler="ddim", steps=50, resolution=32),
+        ldm=LDMTrainConfig(model=_cpu_unet(), scheduler=_cpu_scheduler(), batch_size=32, num_steps=1000,
+                           max_minutes=8.0, lr=1e-3, warmup_steps=100, lr_schedule="cosine", ckpt_every=250,
+                           ema_decay=0.995),
+        sample=SampleConfig(num_samples=100, batch_size=100, sampler="ddim", steps=30, resolution=32,
+                            binarize="calibrated"),
     )
 
 
 def _preset_medium() -> PipelineConfig:
-    """The CPU quality run: about an hour on 2 CPU cores, ShapeNet-sized training splits, 1,000 samples per category.
+    """The CPU quality run: under 75 minutes on 2 CPU cores, ShapeNet-sized training splits, 1,000 samples per
+    category. The LDM keeps its checkpoints at 1k, 2k, 4k and 8k steps for a learning curve
+    (bench/learning_curve.py).
 
     The guidance scale and the threshold of the final sampling are picked by the tune stage on held-out training
     shapes. The `full` preset is the 64³ / 128³ configuration for a GPU.
     """
     return PipelineConfig(
         name="medium", run_dir="runs/medium", data_preset="medium", resolution=32, render_n=16,
-        ae=AETrainConfig(model=_CPU_AE, batch_size=16, num_steps=4500, max_minutes=30, lr=2e-3, log_every=20,
+        ae=AETrainConfig(model=_cpu_ae(), batch_size=16, num_steps=3500, max_minutes=25, lr=2e-3, log_every=20,
                          ckpt_every=500),
-        ldm=LDMTrainConfig(model=unet_preset("small"), batch_size=32, num_steps=8500, max_minutes=50, lr=1e-3,
-                           warmup_steps=200, lr_schedule="cosine", ckpt_every=500, ema_decay=0.998, log_every=20),
-        tune=TuneConfig(enabled=True, cfg_scales=(2.0, 4.0), rescales=(0.0, 0.7), num_samples=100, steps=50),
+        ldm=LDMTrainConfig(model=_cpu_unet(), scheduler=_cpu_scheduler(), batch_size=32, num_steps=9000,
+                           max_minutes=40, lr=1e-3, warmup_steps=200, lr_schedule="cosine", ckpt_every=500,
+                           ema_decay=0.998, log_every=20, keep_steps=(1000, 2000, 4000, 8000)),
+        tune=TuneConfig(enabled=True, cfg_scales=(0.5, 1.0, 2.0), rescales=(0.0,), thresholds=(0.3, 0.4, 0.5),
+                        num_samples=100, steps=50),
         sample=SampleConfig(num_samples=1000, batch_size=250, sampler="ddim", steps=50, resolution=32),
     )
 
