@@ -34,7 +34,7 @@ def time_sampler(model: UNet3D, name: str, steps: int, labels: torch.Tensor, sha
     gen = torch.Generator(device=labels.device).manual_seed(0)
     _sync(labels.device)
     t0 = time.perf_counter()
-    sample_latents(model, sched, labels, gen, scale, latent_shape=shape)
+    sample_latents(model, labels, sched, scale, gen, latent_shape=shape)
     _sync(labels.device)
     return time.perf_counter() - t0
 

@@ -117,8 +117,8 @@ def sampling(ae_cfg: AEConfig, unet_cfg: Any, n: int, batch: int, steps: int, re
     z, t, y = (torch.randn(8, *ae.latent_shape, device=device), torch.randint(0, 1000, (8,), device=device),
                torch.arange(8, device=device) % 4)
     choice = choose_precision("auto", device, forward_probe(unet, lambda m: m(z, t, y)))  # as sample_to_files does
-    pipe = LatentVoxelPipeline(unet=unet, ae=ae, scheduler_config=SchedulerConfig(), ae_meta=meta, amp=choice.dtype,
-                               precision=choice)
+    pipe = LatentVoxelPipeline(unet=unet, ae=ae, scheduler_config=SchedulerConfig(), ae_meta=meta,
+                               autocast_dtype=choice.dtype, precision=choice)
     binar = pipe.binarization("threshold", 0.5)
     out: dict[str, Any] = {"n": n, "batch": batch, "steps": steps, "resolution": resolution, "per_category_s": {},
                            "precision": choice.record()}
@@ -129,7 +129,7 @@ def sampling(ae_cfg: AEConfig, unet_cfg: Any, n: int, batch: int, steps: int, re
         for s in range(0, n, batch):
             labels = torch.full((min(batch, n - s),), k, device=device)
             g = torch.Generator(device=device).manual_seed(s)
-            z = pipe.sample_latents(labels, pipe.scheduler("ddim", steps), 1.0, g)
+            z = pipe.sample_latents(labels, pipe.make_scheduler("ddim", steps), 1.0, g)
             occupied += int(pipe.to_grids(z, labels, binar, resolution).sum())
         _sync(device)
         out["per_category_s"][cat] = time.perf_counter() - t0

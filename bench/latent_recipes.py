@@ -131,7 +131,7 @@ def run_recipe(name: str, recipe: dict[str, Any], a: Any, root: Path) -> list[di
     ldm = train_ldm(ldm_cfg, progress=False)
     ldm_minutes = (time.perf_counter() - t1) / 60
     pipe = LatentVoxelPipeline.from_checkpoints(ae_dir, ldm_dir, precision="auto", device=a.device)
-    sched = pipe.scheduler("ddim", a.steps, clamp=True)
+    sched = pipe.make_scheduler("ddim", a.steps, clamp=True)
     rows = []
     for cat in CATEGORIES:
         t2 = time.perf_counter()

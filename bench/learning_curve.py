@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for step, file in kept:
         t0 = time.perf_counter()
         pipe = LatentVoxelPipeline.from_checkpoints(run / "ae", file, precision=s.precision, device=a.device)
-        sched = pipe.scheduler(s.sampler, s.steps, s.eta, clamp=s.clamp_latents)
+        sched = pipe.make_scheduler(s.sampler, s.steps, s.eta, clamp=s.clamp_latents)
         for cat in CATEGORIES:
             c = category_index(cat)
             labels = torch.full((a.n,), c, dtype=torch.long)

@@ -564,7 +564,7 @@ WRITE_POINTS = {
 def test_sample_crash_at_each_write_point_then_rerun_is_bit_identical(point: str, models: Path,
                                                                       reference: dict[str, bytes], tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from voxdiff import sampling
+    from voxdiff.sampling import writer as sampling
 
     name, nth, after = WRITE_POINTS[point]
     save = tmp_path / "s"
@@ -586,7 +586,7 @@ def test_sample_never_trusts_rows_of_a_partial_file_remade_by_other_settings(mod
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A job half done; a run with other settings in the same directory remakes the partial file and is killed
     before its first record; the first settings again must not take the zeros of the new file for finished rows."""
-    from voxdiff import sampling
+    from voxdiff.sampling import writer as sampling
 
     save = _copy(half_done, tmp_path / "s")
     crash_at(monkeypatch, sampling, "open_npy_memmap", 1)

@@ -151,6 +151,21 @@ def test_pointclouds_and_sheet(tmp_path: Path) -> None:
     assert col[:100, left:].sum() > 200 and col[100:, left:].sum() == 0  # second row: empty samples only
 
 
+def test_render_samples_file_draws_the_first_shapes_beside_the_file(tmp_path: Path) -> None:
+    """The sampling job's PNG: the first n shapes of a samples file, `{category}.png` beside it (or at `png`), 200 px
+    panels, at most 8 per row; n beyond the file draws what there is."""
+    samples = np.stack([box_grid(), np.zeros((16, 16, 16), np.uint8), box_grid(lo=(2, 2, 2), hi=(5, 14, 5))])
+    np.save(tmp_path / "chair.npy", samples)
+    out = render.render_samples_file(tmp_path / "chair.npy", 2, "chair")
+    assert out == tmp_path / "chair.png"
+    img = mpimg.imread(out)
+    assert img.shape[:2] == (200, 400)
+    col = coloured(img)
+    assert col[:, :200].sum() > 200 and col[:, 200:].sum() == 0  # the box, then the empty shape
+    other = render.render_samples_file(tmp_path / "chair.npy", 20, "chair", tmp_path / "all.png")
+    assert other == tmp_path / "all.png" and mpimg.imread(other).shape[:2] == (200, 600)
+
+
 def test_plot_curves_still_works(tmp_path: Path) -> None:
     rows = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(20)] + [{"step": 3, "other": 2.0}]
     render.plot_curves(rows, ["loss", "other", "missing"], tmp_path / "c.png")

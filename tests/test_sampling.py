@@ -62,10 +62,44 @@ def test_sample_latents_is_seeded() -> None:
     model = UNet3D(TINY).eval()
     sched = make_scheduler("ddpm", SchedulerConfig(num_train_timesteps=6))
     y = torch.tensor([0, 1])
-    runs = [sample_latents(model, sched, y, torch.Generator().manual_seed(s), 1.0, latent_shape=(16, 4, 4, 4))
+    runs = [sample_latents(model, y, sched, 1.0, torch.Generator().manual_seed(s), latent_shape=(16, 4, 4, 4))
             for s in (3, 3, 4)]
     assert runs[0].shape == (2, 16, 4, 4, 4) and torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_sample_latents_function_and_method_take_the_same_arguments_in_order() -> None:
+    """The method is the function with the pipeline's U-Net bound: after `model` / `self`, the same parameters in the
+    same order (a positional call means the same thing to both)."""
+    import inspect
+
+    function = list(inspect.signature(sample_latents).parameters)
+    method = list(inspect.signature(LatentVoxelPipeline.sample_latents).parameters)
+    assert function[0] == "model" and method[0] == "self"
+    assert method[1:] == function[1 : len(method)]
+    assert method[1:5] == ["labels", "scheduler", "cfg_scale", "generator"]
+
+
+def test_sampling_imports_no_plotting(python: str) -> None:
+    """`import voxdiff.sampling` loads no matplotlib: renders are voxdiff.render's, loaded only when a job renders."""
+    code = "import sys, voxdiff.sampling; print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
+    r = subprocess.run([python, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_sampling_modules_import_one_way() -> None:
+    """Inside voxdiff.sampling imports run guidance <- pipeline <- writer (each module's imports, from its source)."""
+    import ast
+
+    allowed = {"guidance": set(), "pipeline": {"guidance"}, "writer": {"guidance", "pipeline"}}
+    for name, ok in allowed.items():
+        tree = ast.parse((ROOT / "voxdiff" / "sampling" / f"{name}.py").read_text())
+        siblings = {node.module.split(".")[2] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module and node.module.startswith("voxdiff.sampling.")}
+        siblings |= {alias.name.split(".")[2] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for alias in node.names if alias.name.startswith("voxdiff.sampling.")}
+        assert siblings <= ok, (name, siblings - ok)
 
 
 def test_upsample_nearest() -> None:
@@ -128,7 +162,7 @@ def test_pipeline_object_is_the_path_of_sample_to_files(ckpts: dict[str, Path], 
     sample_to_files(cfg, progress=False)
     pipe = LatentVoxelPipeline.from_checkpoints(ckpts["ae"], ckpts["ldm"], device="cpu")
     labels = torch.full((2,), 2)
-    z = pipe.sample_latents(labels, pipe.scheduler("ddim", 4, eta=0.5), 1.0,
+    z = pipe.sample_latents(labels, pipe.make_scheduler("ddim", 4, eta=0.5), 1.0,
                             torch.Generator().manual_seed(batch_seed(3, 2, 0)))
     grids = pipe.to_grids(z, labels, pipe.binarization("threshold", 0.52), resolution=64)
     assert np.array_equal(grids, np.load(tmp_path / "table.npy"))

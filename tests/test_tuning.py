@@ -60,6 +60,38 @@ def test_structure_turns_the_pick_away_from_noisy_samples(monkeypatch: pytest.Mo
     assert pick(rows) == (4.0, 0.0, 0.3)
 
 
+def test_tune_scores_the_pipelines_own_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each (scale, rescale, threshold) row scores exactly `pipe(category, n, seed=tune seed, batch_size=n, ...)`'s
+    grids at that threshold: the tune decodes once per scale and binarises the call's probabilities itself."""
+    import numpy as np
+    from conftest import make_ae_ckpt, make_ldm_ckpt, make_voxel_dir
+
+    from voxdiff.config import TuneConfig
+    from voxdiff.sampling import LatentVoxelPipeline
+
+    ae = make_ae_ckpt(tmp_path / "ae.pt", holdout={"chair": [0, 1, 2]})
+    pipe = LatentVoxelPipeline.from_checkpoints(ae, make_ldm_ckpt(tmp_path / "ldm.pt"))
+    data = make_voxel_dir(tmp_path / "data", r=32, n={"train": 3})
+    scored: list[np.ndarray] = []
+
+    def spy(grids: np.ndarray, refs: np.ndarray, progress: bool = False) -> dict:
+        scored.append(grids.copy())
+        return {**dict.fromkeys(("jsd", "mmd", "cov", "nna", "nna_balanced", "n_empty_samples", "sample_stray",
+                                 "sample_fragmented", "ref_stray", "ref_fragmented"), 0.0),
+                "sample_mean_voxels": 1.0, "ref_mean_voxels": 1.0}
+
+    monkeypatch.setattr(tuning, "evaluate", spy)
+    cfg = TuneConfig(cfg_scales=(0.0, 1.0), rescales=(0.5,), thresholds=(0.488, 0.49), num_samples=3, steps=3)
+    report = tuning.tune_sampling(pipe, str(data), ("chair",), cfg, 32, progress=False)
+    assert len(scored) == len(report["rows"]) == 2 * 3  # the AE's calibrated threshold 0.5 joins the two
+    for row, grids in zip(report["rows"], scored):
+        out = pipe("chair", 3, seed=cfg.seed, batch_size=3, sampler="ddim", steps=3, eta=0.0,
+                   guidance=row["cfg_scale"], guidance_rescale=row["rescale"], clamp_latents=cfg.clamp_latents,
+                   threshold=row["threshold"])
+        assert np.array_equal(grids, out.grids.astype(np.uint8)), row
+    assert any(g.any() for g in scored) and not all(g.all() for g in scored)  # thresholds that tell shapes apart
+
+
 def test_tiny_pipeline_samples_with_the_pick(tmp_path: Path) -> None:
     import dataclasses
 

@@ -335,6 +335,20 @@ def render_voxels(grids: Any, path: str | os.PathLike[str], titles: Sequence[str
     return _sheet(n, titles, style, path, points)
 
 
+def render_samples_file(path: str | os.PathLike[str], n: int, category: str,
+                        png: str | os.PathLike[str] | None = None) -> Path:
+    """`{category}.png` beside a samples file (or at `png`): its first n shapes exactly as saved (what eval.py
+    scores), each titled with its index and occupancy. Only those n shapes are read from the (memory-mapped) file.
+    Used by the sampling job (voxdiff.sampling.writer), which imports this module only when it renders."""
+    path = Path(path)
+    samples = np.load(path, mmap_mode="r")
+    k = min(n, len(samples))
+    occupancy = np.asarray(samples[:k]).reshape(k, -1).mean(1)
+    titles = [f"{category} #{i}  {100 * o:.2g}%" for i, o in enumerate(occupancy)]
+    return render_voxels(samples[:k], png or path.with_suffix(".png"), titles,
+                         style=Style(ncols=min(k, 8), panel_px=200))
+
+
 def plot_pointclouds(points: Any, path: str | os.PathLike[str], titles: Sequence[str] | None = None,
                      style: Style = Style()) -> Path:
     """Write a PNG grid of raw point clouds (N,P,3) in (x, y-up, z), drawn with the same camera and look as voxels.

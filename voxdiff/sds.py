@@ -15,7 +15,11 @@ terms whose ε-residual is mostly noise) or "uniform" = 1. The gradient is appli
 
 The model, the CFG helper, the schedulers, checkpoint loading and decode/binarise all come from the same
 `LatentVoxelPipeline` as `diffusion/sample.py`, so SDS shapes are decoded and binarised exactly like its samples.
-With `init="ddim"` and the same seed, the starting latents are bit-identical to `sample_to_files`' DDIM (η = 0) samples.
+With `init="ddim"` the starting latents are the pipeline's own samples (`pipe(..., output="latents")`, DDIM η = 0):
+with the same seed, bit-identical to `sample_to_files`' DDIM samples.
+
+Imports voxdiff.sampling and voxdiff.render (the PNGs of the optimisation); no voxdiff module imports it (its entry
+point is sds/main.py).
 """
 
 from __future__ import annotations
@@ -150,73 +154,88 @@ def run_sds(cfg: SDSConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.resolution < pipe.ae_resolution or cfg.resolution % pipe.ae_resolution:
         raise VoxdiffError(f"--resolution {cfg.resolution} is impossible: it must be a multiple of the AE's "
                            f"{pipe.ae_resolution}")
-    init_sched = pipe.scheduler("ddim", cfg.steps, eta=0.0, clamp=cfg.clamp_latents) if cfg.init == "ddim" else None
+    if cfg.init == "ddim":
+        pipe.make_scheduler("ddim", cfg.steps)  # the DDIM init's --steps refused here, before anything is written
     save_dir = Path(cfg.save_dir)
     with dir_lock(save_dir, "SDS job"):  # one writer per directory; leftovers of killed jobs are cleared
         log = get_logger("voxdiff.sds", save_dir / "sds.log")
         if not pipe.ae_matches:
             log.warning("AE checkpoint %s differs from the one the LDM was trained with", pipe.ae_file)
-        return {cat: _sds_category(cfg, cat, pipe, scale, binarization, init_sched, log, progress)
-                for cat in cfg.categories}
+        return {category: _sds_category(cfg, category, pipe, scale, binarization, log, progress)
+                for category in cfg.categories}
+
+
+def _ddim_init(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scale: float) -> np.ndarray:
+    """The DDIM (η = 0) samples SDS starts from with `init="ddim"`: normalised latents (num_samples, *latent_shape),
+    from the pipeline's call with the job's seed and batch size, so batch b starts from batch b of `sample_to_files`'
+    DDIM samples (the same per-batch seeds)."""
+    return pipe(category, cfg.num_samples, sampler="ddim", steps=cfg.steps, eta=0.0, guidance=scale,
+                guidance_rescale=cfg.guidance_rescale, clamp_latents=cfg.clamp_latents,
+                binarize="threshold",  # latents only: SDS binarises its own latents at the end
+                seed=cfg.seed, batch_size=cfg.batch_size, output="latents").latents
 
 
 def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scale: float,
-                  binarization: Binarization, init_sched: Any, log: Any, progress: bool) -> dict[str, Any]:
+                  binarization: Binarization, log: Any, progress: bool) -> dict[str, Any]:
     """SDS for one category: batches of latents optimised, decoded like diffusion/sample.py, written atomically."""
     t_start = time.perf_counter()
     device, save_dir = pipe.device, Path(cfg.save_dir)
-    noise_sched = pipe.scheduler("ddpm")  # add_noise and ᾱ only
-    T = pipe.scheduler_config.num_train_timesteps
-    c, R = category_index(category), cfg.resolution
+    noise_scheduler = pipe.make_scheduler("ddpm")  # add_noise and ᾱ only
+    num_train_timesteps = pipe.scheduler_config.num_train_timesteps
+    class_id, side = category_index(category), cfg.resolution
     log.info("SDS %s: %d samples, %d steps, t in [%s, %s] of T=%d, w(t)=%s, guidance %s, init=%s", category,
-             cfg.num_samples, cfg.num_steps, *timestep_range(cfg, T), T, cfg.weighting, scale, cfg.init)
-    nb = -(-cfg.num_samples // cfg.batch_size)
+             cfg.num_samples, cfg.num_steps, *timestep_range(cfg, num_train_timesteps), num_train_timesteps,
+             cfg.weighting, scale, cfg.init)
+    num_batches = -(-cfg.num_samples // cfg.batch_size)
     timing = {"init_s": 0.0, "optimise_s": 0.0, "decode_s": 0.0, "render_s": 0.0}
     step_norm = np.zeros(cfg.num_steps)  # mean per-sample ‖grad‖ at each step, averaged over batches
     final_norms: list[np.ndarray] = []
-    occ_sum, empty = 0.0, 0
+    occupied_sum, empty = 0.0, 0
     out = save_dir / f"{category}.npy"
-    bar = Progress(nb * cfg.num_steps, f"sds {category}", enabled=progress, log=log)
-    with atomic_memmap(out, (cfg.num_samples, R, R, R), np.uint8) as arr:
-        for b in range(nb):
-            s, e = b * cfg.batch_size, min(cfg.num_samples, (b + 1) * cfg.batch_size)
-            gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, c, b))
-            labels = torch.full((e - s,), c, dtype=torch.long, device=device)
-            # 1. initial latents: N(0, I), or DDIM (η = 0) samples drawn exactly as sample_to_files draws them
+    t0 = time.perf_counter()
+    init_latents = _ddim_init(cfg, category, pipe, scale) if cfg.init == "ddim" else None
+    timing["init_s"] += time.perf_counter() - t0
+    bar = Progress(num_batches * cfg.num_steps, f"sds {category}", enabled=progress, log=log)
+    with atomic_memmap(out, (cfg.num_samples, side, side, side), np.uint8) as samples:
+        for batch in range(num_batches):
+            start, end = batch * cfg.batch_size, min(cfg.num_samples, (batch + 1) * cfg.batch_size)
+            generator = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, class_id, batch))
+            labels = torch.full((end - start,), class_id, dtype=torch.long, device=device)
+            # 1. initial latents: x_T ~ N(0, I), or the DDIM samples that start from this same draw (so the steps
+            # below draw the same t and ε after either init: DDIM with η = 0 draws nothing more)
             t0 = time.perf_counter()
-            if init_sched is not None:
-                z0 = pipe.sample_latents(labels, init_sched, scale, gen, rescale=cfg.guidance_rescale if scale else 0.0)
-            else:
-                z0 = torch.randn((e - s, *pipe.latent_shape), generator=gen, device=device)
+            z0 = torch.randn((end - start, *pipe.latent_shape), generator=generator, device=device)
+            if init_latents is not None:
+                z0 = torch.from_numpy(init_latents[start:end]).to(device)
             z = z0.detach().clone().requires_grad_(True)
-            opt = torch.optim.Adam([z], lr=cfg.lr)
+            optimizer = torch.optim.Adam([z], lr=cfg.lr)
             timing["init_s"] += time.perf_counter() - t0
 
             def render(z: torch.Tensor, labels: torch.Tensor, name: str, title: str) -> None:
                 t0 = time.perf_counter()
-                grids = pipe.to_grids(z[: cfg.render_n], labels[: cfg.render_n], binarization, R)
+                grids = pipe.to_grids(z[: cfg.render_n], labels[: cfg.render_n], binarization, side)
                 _render(grids, save_dir / "renders" / f"{category}_step_{name}.png", title)
                 timing["render_s"] += time.perf_counter() - t0
 
-            render_here = b == 0 and cfg.render_every is not None  # none: only the final decode
+            render_here = batch == 0 and cfg.render_every is not None  # none: only the final decode
             if render_here:
                 render(z, labels, "00000", "init")
             # 2. SDS steps: t ~ U[lo, hi] per sample, ε ~ N(0, I), surrogate loss -> Adam
-            norms = torch.zeros(e - s)
+            norms = torch.zeros(end - start)
             for i in range(cfg.num_steps):
                 t0 = time.perf_counter()
-                lo, hi = timestep_range(cfg, T, i)
-                t = torch.randint(lo, hi + 1, (e - s,), generator=gen, device=device)
-                noise = torch.randn(z.shape, generator=gen, device=device)
-                opt.zero_grad(set_to_none=True)
-                with autocast(device, pipe.amp):
-                    grad = sds_grad(pipe.unet, noise_sched, z, labels, t, noise, scale, cfg.weighting).float()
+                lo, hi = timestep_range(cfg, num_train_timesteps, i)
+                t = torch.randint(lo, hi + 1, (end - start,), generator=generator, device=device)
+                noise = torch.randn(z.shape, generator=generator, device=device)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device, pipe.autocast_dtype):
+                    grad = sds_grad(pipe.unet, noise_scheduler, z, labels, t, noise, scale, cfg.weighting).float()
                 if not torch.isfinite(grad).all():
-                    raise VoxdiffError(f"non-finite SDS gradient at step {i} of batch {b}; check the checkpoints")
+                    raise VoxdiffError(f"non-finite SDS gradient at step {i} of batch {batch}; check the checkpoints")
                 sds_surrogate(z, grad).backward()
-                opt.step()
+                optimizer.step()
                 norms = grad.flatten(1).norm(dim=1).cpu()
-                step_norm[i] += float(norms.mean()) * (e - s) / cfg.num_samples
+                step_norm[i] += float(norms.mean()) * (end - start) / cfg.num_samples
                 timing["optimise_s"] += time.perf_counter() - t0
                 bar.update(1)
                 if render_here and (i + 1) % cfg.render_every == 0:
@@ -224,27 +243,27 @@ def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scal
             final_norms.append(norms.numpy())
             # 3. decode + binarise exactly like diffusion/sample.py, into the memmap
             t0 = time.perf_counter()
-            grids = pipe.to_grids(z, labels, binarization, R)
-            arr[s:e] = grids
-            occ = grids.reshape(len(grids), -1).sum(1)
-            occ_sum += float(occ.sum())
-            empty += int((occ == 0).sum())
+            grids = pipe.to_grids(z, labels, binarization, side)
+            samples[start:end] = grids
+            occupied = grids.reshape(len(grids), -1).sum(1)
+            occupied_sum += float(occupied.sum())
+            empty += int((occupied == 0).sum())
             timing["decode_s"] += time.perf_counter() - t0
-            log.info("batch %d/%d: mean final grad norm %.4f, mean occupancy %.5f", b + 1, nb,
-                     float(norms.mean()) if cfg.num_steps else float("nan"), float(occ.mean()) / R**3)
+            log.info("batch %d/%d: mean final grad norm %.4f, mean occupancy %.5f", batch + 1, num_batches,
+                     float(norms.mean()) if cfg.num_steps else float("nan"), float(occupied.mean()) / side**3)
         bar.close()
     timing["total_s"] = time.perf_counter() - t_start
     final = float(np.concatenate(final_norms).mean()) if cfg.num_steps else None
     summary: dict[str, Any] = {
         "config": to_dict(cfg), "version": __version__, "device": str(device), "file": str(out),
         "ldm_ckpt": str(pipe.ldm_file), "ldm_step": pipe.ldm_step, "ae_ckpt": str(pipe.ae_file),
-        "num_train_timesteps": T, "t_range": list(timestep_range(cfg, T)), "cfg_scale_effective": scale,
-        "binarization": binarization.describe(),
+        "num_train_timesteps": num_train_timesteps, "t_range": list(timestep_range(cfg, num_train_timesteps)),
+        "cfg_scale_effective": scale, "binarization": binarization.describe(),
         "weighting": "1 - alpha_bar_t (DreamFusion)" if cfg.weighting == "sds" else "1",
-        "timings": timing, "s_per_step": timing["optimise_s"] / max(1, nb * cfg.num_steps),
+        "timings": timing, "s_per_step": timing["optimise_s"] / max(1, num_batches * cfg.num_steps),
         "final_grad_norm_mean": final, "grad_norm_per_step": [round(float(x), 6) for x in step_norm],
-        "mean_occupancy": occ_sum / cfg.num_samples / R**3, "empty": empty,
+        "mean_occupancy": occupied_sum / cfg.num_samples / side**3, "empty": empty,
     }
     _write_summary(save_dir / "sds.json", category, summary, log)
-    log.info("wrote %s %s in %.1fs", out, (cfg.num_samples, R, R, R), timing["total_s"])
+    log.info("wrote %s %s in %.1fs", out, (cfg.num_samples, side, side, side), timing["total_s"])
     return summary

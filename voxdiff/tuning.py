@@ -11,6 +11,10 @@ COV (high), |1-NNA − 0.5| (low), |log(voxels of samples / voxels of data)| (lo
 (low: stray / max(data's stray, 0.1 %) + fragmented / max(data's fragmented, 1 %), the noise in multiples of the
 data's). Chamfer distances alone reward shapes thicker than the data (they cover the reference) and barely see stray
 voxels or a shape broken into specks; the voxel, structure and JSD criteria do.
+
+The samples are the pipeline's own (`pipe(..., output="probabilities")`, one batch per category and scale, seeded like
+the final sampling's batch 0 with the tune seed), binarised here once per threshold. Imports voxdiff.sampling and
+voxdiff.metrics; the pipeline stages (voxdiff.pipeline) import this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ import numpy as np
 import torch
 
 from voxdiff.binarize import Binarization
-from voxdiff.config import TuneConfig, category_index
+from voxdiff.config import TuneConfig
 from voxdiff.data.voxelize import open_voxels, voxel_path
 from voxdiff.metrics import evaluate
-from voxdiff.sampling import LatentVoxelPipeline, batch_seed
+from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.utils import Progress, VoxdiffError
 
 CRITERIA = ("jsd", "mmd", "cov", "nna", "voxels", "structure")
@@ -79,32 +83,33 @@ def tune_sampling(pipe: LatentVoxelPipeline, dataset_path: str, categories: tupl
     Each row carries the setting's figures, its stray / fragmented shares (sample_*) and the held-out shapes' own
     (ref_*)."""
     thresholds = sorted({*cfg.thresholds, round(pipe.ae_meta.threshold, 3)})
-    scheduler = pipe.scheduler("ddim", cfg.steps, clamp=cfg.clamp_latents)
-    guidance = [(w, r) for w in cfg.cfg_scales for r in (cfg.rescales if w else (0.0,))]
+    guidance = [(scale, rescale) for scale in cfg.cfg_scales for rescale in (cfg.rescales if scale else (0.0,))]
     rows: list[dict[str, Any]] = []
     bar = Progress(len(categories) * len(guidance), "tune", unit="setting", enabled=progress, log=log)
-    for cat in categories:
-        refs = heldout_shapes(dataset_path, cat, pipe)
+    for category in categories:
+        refs = heldout_shapes(dataset_path, category, pipe)
         if refs.shape[-1] != resolution:
             raise VoxdiffError(f"held-out shapes are {refs.shape[-1]}³ but sampling runs at {resolution}³")
-        c = category_index(cat)
-        labels = torch.full((cfg.num_samples,), c, dtype=torch.long)
-        for w, rescale in guidance:
+        for scale, rescale in guidance:
             t0 = time.perf_counter()
-            gen = torch.Generator(device=pipe.device).manual_seed(batch_seed(cfg.seed, c, 0))
-            z = pipe.sample_latents(labels, scheduler, pipe.guidance(True, w), gen, rescale=rescale)
-            for t in thresholds:
-                grids = pipe.to_grids(z, labels, Binarization(threshold=t), resolution)
+            # decoded once (at the AE's resolution), binarised at every threshold below
+            out = pipe(category, cfg.num_samples, sampler="ddim", steps=cfg.steps, eta=0.0, guidance=scale,
+                       guidance_rescale=rescale, clamp_latents=cfg.clamp_latents, binarize="threshold",
+                       seed=cfg.seed, batch_size=cfg.num_samples, output="probabilities")
+            probabilities, labels = torch.from_numpy(out.probabilities), torch.from_numpy(out.labels)
+            for threshold in thresholds:
+                grids = pipe.binarize_probabilities(probabilities, labels, Binarization(threshold=threshold),
+                                                    resolution)
                 res = evaluate(grids, refs, progress=False)
-                rows.append({"category": cat, "cfg_scale": w, "rescale": rescale, "threshold": t,
+                rows.append({"category": category, "cfg_scale": scale, "rescale": rescale, "threshold": threshold,
                              **{k: res[k] for k in ("jsd", "mmd", "cov", "nna", "nna_balanced", "n_empty_samples",
                                                     "sample_mean_voxels", "ref_mean_voxels", "sample_stray",
                                                     "sample_fragmented", "ref_stray", "ref_fragmented")},
                              "seconds": time.perf_counter() - t0})
             bar.update(1)
     bar.close()
-    w, rescale, t = pick(rows)
-    return {"rows": rows, "pick": {"cfg_scale": w, "guidance_rescale": rescale, "threshold": t},
+    scale, rescale, threshold = pick(rows)
+    return {"rows": rows, "pick": {"cfg_scale": scale, "guidance_rescale": rescale, "threshold": threshold},
             "criteria": list(CRITERIA), "clamp_latents": cfg.clamp_latents,
             "num_samples": cfg.num_samples, "steps": cfg.steps, "seed": cfg.seed,
             "heldout": {c: len(pipe.ae_meta.holdout.get(c, [])) for c in categories}}
