@@ -7,9 +7,11 @@ not happen on every machine, so it is reproduced here by a monkeypatched kernel:
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,9 +21,11 @@ from voxdiff import precision as precision_mod
 from voxdiff import threads as threads_mod
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import LDMTrainConfig, SchedulerConfig, UNetConfig, to_dict
+from voxdiff.distributed import DistInfo
 from voxdiff.precision import check_bf16, choose_precision, gradient_probe
 from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.threads import BusyWatch, ThreadChoice, available_cores, candidates, choose_threads
+from voxdiff.training import common
 from voxdiff.training import ldm as ldm_mod
 from voxdiff.training.common import StepGuard
 from voxdiff.training.ldm import train_ldm
@@ -210,6 +214,54 @@ def test_every_step_poisoned_stops_with_one_line(tiny_voxel_dir: Path, ae_dir: P
                   progress=False)
 
 
+# ---- the loop skeleton both trainers share ------------------------------------------------------------------------
+
+
+def _step_loop(tmp_path: Path, total: int, start: int = 0, **kw) -> common.StepLoop:
+    """A StepLoop over a run directory of its own, single process, with a runtime that records nothing."""
+    cfg = LDMTrainConfig(ckpt_path=str(tmp_path), device="cpu", **kw)
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=CPU, is_main=True)
+    run = common.RunStart(info, common.TimeCap(None, CPU), tmp_path, None)
+    runtime = SimpleNamespace(guard=StepGuard(max_in_row=3), after_step=lambda log: None, record=lambda: {})
+    return common.StepLoop("LDM", cfg, run, runtime, logging.getLogger("test"), start, total, ("loss",),
+                           progress=False, log_last=True)
+
+
+def test_step_loop_counts_steps_and_keeps_its_cadences(tmp_path: Path) -> None:
+    """Steps run from the resumed one to the total; logging every log_every steps and at the last, periodic events
+    every `every` steps but never at the last; a poisoned step is skipped by the guard and leaves the weights as they
+    were, and still counts."""
+    loop = _step_loop(tmp_path, total=7, start=1, log_every=2, ckpt_every=3)
+    model = torch.nn.Linear(2, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.ones(1, 2)
+    seen, logged, due = [], [], []
+    for step in loop:
+        seen.append(step)
+        with loop.timed():
+            loss = model(x).sum() * (math.nan if step == 4 else 1.0)
+            before = model.weight.detach().clone()
+            done = loop.update(loss, model, opt, grad_clip=1.0)
+        assert done.applied == (step != 4) and torch.equal(model.weight.detach(), before) == (step == 4)
+        if loop.log_due():
+            logged.append(loop.step)
+            loop.log({"loss": f"{done.loss:.3f}"}, loss=done.loss)
+        if loop.due(3):
+            due.append(loop.step)
+    assert seen == [1, 2, 3, 4, 5, 6] and loop.step == 7 and loop.stopped == "num_steps"
+    assert logged == [2, 4, 6, 7] and due == [3, 6] and loop.unsaved()
+    assert [r["step"] for r in loop.runlog.rows] == [2, 4, 6, 7] and loop.runtime.guard.skipped == 1
+    result = loop.result({"best": 1.0}, {})
+    assert list(result)[:4] == ["step", "total_steps", "stopped", "best"] and result["step"] == 7
+    assert "steps_per_s" in result and "world_size" not in result
+
+
+def test_step_loop_refuses_a_body_without_its_timed_block(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="loop.timed"):
+        for _ in _step_loop(tmp_path, total=2):
+            pass
+
+
 # ---- threads ----------------------------------------------------------------------------------------------------
 
 
@@ -314,14 +366,12 @@ def test_preview_decodes_with_an_ae_placed_on_the_run_device_on_a_cache_hit(
 def test_sampling_resume_key_names_the_device_and_precision(ckpts: dict[str, Path]) -> None:
     """A partial sample file made on one device (or in another precision) is never resumed on another: the noise
     streams differ."""
-    from types import SimpleNamespace
-
     from voxdiff.config import SampleConfig
     from voxdiff.sampling import _progress_key
 
     cfg = SampleConfig(ae_ckpt_path=str(ckpts["ae"]), ldm_ckpt_path=str(ckpts["ldm"]))
-    pipe = lambda dev, amp: SimpleNamespace(ldm_file=ckpts["ldm"], ae_file=ckpts["ae"], device=torch.device(dev),  # noqa: E731
-                                            amp=amp)
+    pipe = lambda dev, dtype: SimpleNamespace(ldm_file=ckpts["ldm"], ae_file=ckpts["ae"],  # noqa: E731
+                                              device=torch.device(dev), autocast_dtype=dtype)
     keys = {_progress_key(cfg, "chair", pipe("cpu", None)), _progress_key(cfg, "chair", pipe("meta", None)),
             _progress_key(cfg, "chair", pipe("cpu", torch.bfloat16))}
     assert len(keys) == 3

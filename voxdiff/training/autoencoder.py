@@ -1,12 +1,13 @@
 """`train_autoencoder(cfg)`: the 3D conv autoencoder's training loop, read top to bottom.
 
-setup -> data (the train split in RAM at the training resolution; a held-out slice of it, never val or test) ->
-training occupancy -> model, AdamW -> [resume] -> loop over steps (autocast in `cfg.precision`, gradient clipping,
-non-finite stop) -> every `ckpt_every` steps and at the end: calibrate the threshold on the held-out slice, validate
-there (IoU / precision / recall), write last.pt and best.pt (best calibrated held-out IoU) -> at the end: Chamfer and
-top-k on the held-out slice, and the per-channel latent mean/std the LDM normalises with, stored in both checkpoints.
-A variational AE (cfg.model.variational) trains on reconstruction + kl_weight × KL and logs the KL as `kl`; latent_noise
-then applies on top of the sampled latent.
+`_train_autoencoder` reads in order: setup (common.start_run) -> data (the train split in RAM at the training
+resolution; a held-out slice of it, never val or test) -> training occupancy -> model, AdamW -> [resume] -> the loop
+(common.StepLoop: autocast in the precision checked at start-up, gradient clipping, a step guard that skips non-finite
+or absurd steps) -> every `ckpt_every` steps and at the end (`_Checkpoints`): calibrate the threshold on the held-out
+slice, validate there (IoU / precision / recall), write last.pt and best.pt (best calibrated held-out IoU) -> at the
+end: Chamfer and top-k on the held-out slice, and the per-channel latent mean/std the LDM normalises with, stored in
+both checkpoints (`_store_latent_stats`). A variational AE (cfg.model.variational) trains on reconstruction +
+kl_weight × KL and logs the KL as `kl`; latent_noise then applies on top of the sampled latent.
 
 The length is a number of steps (`num_steps`, or `num_epochs` passes); `max_minutes` is a safety cap whose stop is
 reported. Exact resume: the order of epoch e is a permutation seeded by (seed, e) and step s takes its batch from
@@ -17,8 +18,8 @@ last.pt.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,13 +37,13 @@ from voxdiff.checkpoint import (
 )
 from voxdiff.config import CATEGORIES, AETrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
-from voxdiff.distributed import check_in_sync, mean_over_ranks, together, wrap_ddp
+from voxdiff.distributed import DistInfo, mean_over_ranks, wrap_ddp
 from voxdiff.losses import pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.metrics import chamfer_matrix
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.precision import autocast
 from voxdiff.training import common
-from voxdiff.utils import Progress, VoxdiffError
+from voxdiff.utils import VoxdiffError
 
 KIND = "autoencoder"
 # Training-config fields that fix the data order / model: a resume with different values cannot continue exactly.
@@ -200,157 +201,168 @@ def train_autoencoder(cfg: AETrainConfig, progress: bool = True) -> dict[str, An
 
 
 def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """The run, top to bottom (see the module docstring); `stack` holds the run directory's lock."""
     # ---- setup -------------------------------------------------------------------------------------------------
     run = common.start_run(cfg, KIND, _RESUME_FIXED, stale_best=_stale_best)
-    info, device, cap, run_dir, resume_ckpt = run.info, run.device, run.cap, run.run_dir, run.resume
+    info, device = run.info, run.device
     if cfg.sync_bn and info.distributed and device.type != "cuda":
         raise VoxdiffError("--sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
-    last_file = run_dir / "last.pt"
     # ---- data: the train split in RAM, minus a held-out slice (checkpoint selection, threshold calibration) ------
     res = cfg.model.resolution
     train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=res)  # checked before any write
     holdout = common.holdout_rows(train_set.counts, cfg.holdout_fraction, cfg.holdout_max, cfg.seed)
     held_idx = train_set.global_indices(holdout)
     fit_idx = np.setdiff1d(np.arange(len(train_set)), held_idx)
-    if resume_ckpt is not None and resume_ckpt.meta.holdout != holdout:
-        raise VoxdiffError(f"cannot resume from {last_file}: the train split changed since it was written")
+    if run.resume is not None and run.resume.meta.holdout != holdout:
+        raise VoxdiffError(f"cannot resume from {run.run_dir / 'last.pt'}: the train split changed since it was "
+                           "written")
     files = common.open_run_dir(run, cfg.resume, cfg.overwrite, stack, "voxdiff.ae")
     log = files.log
     log.info("config %s", to_dict(cfg))
     grids = train_set.load(progress=progress and info.is_main)
     labels = torch.from_numpy(train_set.class_indices())
-    held_grids, held_labels = grids[held_idx], labels[held_idx]
     order = common.StepOrder(len(fit_idx), cfg.batch_size, info, cfg.seed)
     total_steps = cfg.total_steps(order.steps_per_epoch)
 
-    # ---- model, optimizer, resume --------------------------------------------------------------------------------
-    model = VoxelAutoencoder(cfg.model).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last_3d)
-    if cfg.sync_bn and info.distributed:  # BatchNorm statistics over the global batch instead of each rank's shard
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # ---- model, optimizer, loss weighting, resume --------------------------------------------------------------
+    model = _model(cfg, info)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
     occupancy, max_voxels = training_occupancy(train_set)
     mean_frac = float(np.mean(list(occupancy[str(res)].values()))) / res**3
     pos_weight = cfg.pos_weight if cfg.pos_weight is not None else pos_weight_from_occupancy(mean_frac)
     meta = AEMeta(occupancy=occupancy, max_voxels=max_voxels, holdout=holdout, pos_weight=pos_weight)
-    if resume_ckpt is not None:
-        unwrap(model).load_state_dict(resume_ckpt.model)
-        opt.load_state_dict(resume_ckpt.optimizer)
-        step = resume_ckpt.step
-        meta = resume_ckpt.meta
-        set_rng_state(resume_ckpt.rng)
-        log.info("resumed from %s at step %d", last_file, step)
+    step, meta = _resume(run, model, opt, meta, log)
     probe_x = _to_device(grids[fit_idx[: order.per_rank]], device)  # the start-up checks' batch: real shapes
     variational = cfg.model.variational
     runtime = common.choose_runtime(
         cfg, info, unwrap(model),
         lambda m: training_loss(m(probe_x, return_kl=variational), probe_x, cfg, pos_weight)[0],
-        "AE training", resume_ckpt.meta.runtime if resume_ckpt else None, log)
-    topk_by_class = {CATEGORIES.index(c): int(round(k)) for c, k in occupancy[str(res)].items()}
-    loss_desc = f"{cfg.loss} (pos_weight {pos_weight:.1f})" if cfg.loss == "weighted_bce" else cfg.loss
-    if variational:
-        loss_desc += f" + {cfg.kl_weight:g} × KL (variational)"
-    curves = ("loss", "kl") if variational else ("loss",)
+        "AE training", run.resume.meta.runtime if run.resume else None, log)
     log.info("train %d (fit %d, held out %d); occupancy %.5f; loss %s; %d steps",
-             len(train_set), len(fit_idx), len(held_idx), mean_frac, loss_desc, total_steps)
+             len(train_set), len(fit_idx), len(held_idx), mean_frac, _loss_desc(cfg, pos_weight), total_steps)
     net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, evaluation and checkpoints use `model`
     files.commit()  # every check passed: the run's files are written from here on
-    runlog = common.RunLogger(run_dir, "log", resume=cfg.resume, log=log) if info.is_main else None
-    if runlog is not None and cfg.resume:
-        runlog.truncate_after(step)
-
-    def save(name: str) -> None:
-        meta.runtime = runtime.record(with_history=True)
-        save_checkpoint(run_dir / name, Checkpoint(
-            kind=KIND, model_config=to_dict(cfg.model), train_config=to_dict(cfg), model=unwrap(model).state_dict(),
-            optimizer=opt.state_dict(), step=step, rng=get_rng_state(), meta=meta))
-
-    def validate_and_save() -> None:  # rank 0 validates and writes; the other ranks wait at the next collective
-        meta.threshold, _ = calibrate_threshold(model, held_grids, device)
-        meta.heldout = evaluate(model, held_grids, held_labels, device, meta.threshold)
-        runlog.log(step=step, **{f"val_{k}": v for k, v in meta.heldout.items()})
-        runlog.flush(curves)
-        log.info("step %d held-out %s", step, {k: round(v, 5) for k, v in meta.heldout.items()})
-        improved = meta.heldout["iou_cal"] > meta.best_iou
-        meta.best_iou = max(meta.best_iou, meta.heldout["iou_cal"])
-        save("last.pt")  # first: a run stopped before best.pt is written resumes from it and restores best.pt from it
-        if improved:
-            save("best.pt")
-        model.train()
+    curves = ("loss", "kl") if variational else ("loss",)
+    loop = common.StepLoop("AE", cfg, run, runtime, log, step, total_steps, curves, progress)
+    ckpt = _Checkpoints(cfg, run.run_dir, model, opt, meta, runtime, loop, grids[held_idx], labels[held_idx], device)
 
     # ---- loop --------------------------------------------------------------------------------------------------
-    bar = Progress(total_steps, "ae", initial=min(step, total_steps), time_cap_s=cap.seconds,
-                   enabled=progress and info.is_main, log=log)
-    start_step, train_seconds, stopped = step, 0.0, "num_steps"  # train_seconds: forward, backward, optimizer
     model.train()
-    while step < total_steps:
-        if cap.reached():
-            stopped = "time_cap"
-            break
+    for step in loop:
         x = _to_device(grids[fit_idx[order.batch(step).numpy()]], device)
-        t0 = time.perf_counter()
-        with autocast(device, runtime.amp):
-            out = net(x, latent_noise=cfg.latent_noise, return_kl=variational)
-        loss, kl = training_loss(out, x, cfg, pos_weight)
-        loss_all = mean_over_ranks(loss.detach())  # the global batch's loss: every rank decides the same below
-        kl_all = mean_over_ranks(kl.detach()) if kl is not None else None
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        skipped = runtime.guard.check(step, float(loss_all), float(grad_norm))  # norm of the all-reduced gradient
-        if skipped is None:
-            opt.step()
-        else:
-            log.warning(skipped)
-        step += 1
-        train_seconds += time.perf_counter() - t0
-        runtime.after_step(log)
-        if step % cfg.log_every == 0:
-            lv = float(loss_all)
-            kv = {} if kl_all is None else {"kl": float(kl_all)}
-            bar.update(1, loss=f"{lv:.4g}", **{k: f"{v:.4g}" for k, v in kv.items()})
-            if runlog is not None:
-                runlog.log(step=step, loss=lv, **kv)
-        else:
-            bar.update(1)
-        if step % cfg.ckpt_every == 0 and step < total_steps:
-            with together():  # a failed write (a full disk) on rank 0 stops every rank at this step
-                if runlog is not None:
-                    validate_and_save()
-    bar.close()
-    if stopped == "time_cap":
-        log.warning(common.cap_message("AE", step, total_steps))
+        with loop.timed():
+            with autocast(device, runtime.autocast_dtype):
+                out = net(x, latent_noise=cfg.latent_noise, return_kl=variational)
+            loss, kl = training_loss(out, x, cfg, pos_weight)
+            kl_all = mean_over_ranks(kl.detach()) if kl is not None else None  # every rank: a collective
+            done = loop.update(loss, model, opt, cfg.grad_clip)
+        if loop.log_due():
+            row = {"loss": done.loss} if kl_all is None else {"loss": done.loss, "kl": float(kl_all)}
+            loop.log({k: f"{v:.4g}" for k, v in row.items()}, **row)
+        if loop.due(cfg.ckpt_every):
+            loop.on_main(ckpt.validate_and_save)
 
     # ---- final validation, latent statistics for the LDM (both checkpoints) ----------------------------------------
-    final: dict[str, Any] = {}
-    with together():  # rank 0's last writes: a failure there stops every rank here, none waits in check_in_sync
-        if runlog is not None:
-            if step > start_step or not last_file.is_file():
-                validate_and_save()
-            final = evaluate(model, held_grids, held_labels, device, meta.threshold, topk_by_class, chamfer=True)
-            stats_idx = fit_idx[:: max(1, -(-len(fit_idx) // STATS_MAX_SHAPES))]
-            stats_grids = grids[stats_idx]
-            for name in ("last.pt", "best.pt"):
-                file = run_dir / name
-                ck = load_checkpoint(file, kind=KIND, map_location="cpu")
-                probe = VoxelAutoencoder(cfg.model).to(device)
-                probe.load_state_dict(ck.model)
-                stats = latent_stats(probe, stats_grids, device)
-                ck.meta.latent_mean, ck.meta.latent_std, ck.meta.latent_absmax = stats
-                ck.meta.final = final if name == "last.pt" else ck.meta.final
-                save_checkpoint(file, ck)
-            runlog.flush(curves)
-    seconds = cap.elapsed()
-    result = {"step": step, "total_steps": total_steps, "stopped": stopped, "best_iou_cal": meta.best_iou,
-              "seconds": seconds, "train_seconds": train_seconds,
-              "overhead_fraction": 1.0 - train_seconds / seconds if seconds > 0 else None,
-              "samples_per_s": (step - start_step) * cfg.batch_size / train_seconds if train_seconds > 0 else None,
-              **{f"heldout_{k}": v for k, v in final.items()}, "runtime": runtime.record()}
-    if stopped == "time_cap":
-        result["note"] = common.cap_message("AE", step, total_steps)
-    if info.distributed:  # DDP's invariant, checked once (also a barrier: rank 0 has finished the checkpoints)
-        result.update(world_size=info.world_size, param_hash=check_in_sync(model, "AE"))
-    log.info("finished: %s", result)
-    return result
+    topk_by_class = {CATEGORIES.index(c): int(round(k)) for c, k in occupancy[str(res)].items()}
+    final = loop.on_main(ckpt.finish, topk_by_class, grids, fit_idx) or {}
+    return loop.result({"best_iou_cal": meta.best_iou, **{f"heldout_{k}": v for k, v in final.items()}},
+                       {"param_hash": (model, "AE")}, per_step=cfg.batch_size)
+
+
+def _model(cfg: AETrainConfig, info: DistInfo) -> torch.nn.Module:
+    """The autoencoder on the run's device (channels_last_3d on CUDA; SyncBatchNorm with `sync_bn` under torchrun:
+    BatchNorm statistics over the global batch instead of each rank's shard)."""
+    model = VoxelAutoencoder(cfg.model).to(info.device)
+    if info.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    if cfg.sync_bn and info.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _resume(run: common.RunStart, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: AEMeta,
+            log: Any) -> tuple[int, AEMeta]:
+    """(step, metadata) to continue from: last.pt's weights, optimizer, step, metadata and RNG states when the run
+    resumes; else step 0 and `meta`."""
+    if run.resume is None:
+        return 0, meta
+    unwrap(model).load_state_dict(run.resume.model)
+    opt.load_state_dict(run.resume.optimizer)
+    set_rng_state(run.resume.rng)
+    log.info("resumed from %s at step %d", run.run_dir / "last.pt", run.resume.step)
+    return run.resume.step, run.resume.meta
+
+
+def _loss_desc(cfg: AETrainConfig, pos_weight: float) -> str:
+    """The training loss in words, for the log."""
+    desc = f"{cfg.loss} (pos_weight {pos_weight:.1f})" if cfg.loss == "weighted_bce" else cfg.loss
+    return desc + (f" + {cfg.kl_weight:g} × KL (variational)" if cfg.model.variational else "")
+
+
+@dataclass
+class _Checkpoints:
+    """The AE's checkpoints, written on rank 0: validation on the held-out slice, then last.pt and best.pt; at the end
+    the final metrics and the latent statistics in both files. `meta` is the run's metadata, updated here; the
+    held-out slice of the train split is all that calibration, validation and best.pt look at."""
+
+    cfg: AETrainConfig
+    run_dir: Path
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    meta: AEMeta
+    runtime: common.Runtime
+    loop: common.StepLoop
+    held_grids: torch.Tensor
+    held_labels: torch.Tensor
+    device: torch.device
+
+    def save(self, name: str) -> None:
+        """Everything an exact resume needs (weights, optimizer, step, RNG states, metadata), into run_dir/name."""
+        self.meta.runtime = self.runtime.record(with_history=True)
+        save_checkpoint(self.run_dir / name, Checkpoint(
+            kind=KIND, model_config=to_dict(self.cfg.model), train_config=to_dict(self.cfg),
+            model=unwrap(self.model).state_dict(), optimizer=self.opt.state_dict(), step=self.loop.step,
+            rng=get_rng_state(), meta=self.meta))
+
+    def validate_and_save(self) -> None:
+        """Calibrate the threshold and validate on the held-out slice, log it, write last.pt (and best.pt when the
+        calibrated IoU improved); the other ranks wait at the next collective."""
+        meta = self.meta
+        meta.threshold, _ = calibrate_threshold(self.model, self.held_grids, self.device)
+        meta.heldout = evaluate(self.model, self.held_grids, self.held_labels, self.device, meta.threshold)
+        self.loop.record(**{f"val_{k}": v for k, v in meta.heldout.items()})
+        self.loop.flush()
+        self.loop.logger.info("step %d held-out %s", self.loop.step, {k: round(v, 5) for k, v in meta.heldout.items()})
+        improved = meta.heldout["iou_cal"] > meta.best_iou
+        meta.best_iou = max(meta.best_iou, meta.heldout["iou_cal"])
+        self.save("last.pt")  # first: a run stopped before best.pt is written resumes from it and restores best.pt
+        if improved:
+            self.save("best.pt")
+        self.model.train()
+
+    def finish(self, topk_by_class: dict[int, int], grids: torch.Tensor, fit_idx: np.ndarray) -> dict[str, float]:
+        """The last checkpoint (when steps are unsaved), the final held-out metrics (Chamfer and top-k too), and the
+        latent statistics of each checkpoint's own weights on (at most STATS_MAX_SHAPES of) the training shapes
+        `grids[fit_idx]`, written into it (last.pt also gets the final metrics)."""
+        if self.loop.unsaved():
+            self.validate_and_save()
+        final = evaluate(self.model, self.held_grids, self.held_labels, self.device, self.meta.threshold,
+                         topk_by_class, chamfer=True)
+        stats_grids = grids[fit_idx[:: max(1, -(-len(fit_idx) // STATS_MAX_SHAPES))]]
+        for name in ("last.pt", "best.pt"):
+            _store_latent_stats(self.run_dir / name, self.cfg, stats_grids, self.device,
+                                final if name == "last.pt" else None)
+        self.loop.flush()
+        return final
+
+
+def _store_latent_stats(file: Path, cfg: AETrainConfig, grids: torch.Tensor, device: torch.device,
+                        final: dict[str, float] | None) -> None:
+    """Rewrite checkpoint `file` with the per-channel latent mean / std / largest magnitude of its own weights on
+    `grids` (what the LDM normalises with), and `final` (the run's final held-out metrics) when given."""
+    ck = load_checkpoint(file, kind=KIND, map_location="cpu")
+    probe = VoxelAutoencoder(cfg.model).to(device)
+    probe.load_state_dict(ck.model)
+    ck.meta.latent_mean, ck.meta.latent_std, ck.meta.latent_absmax = latent_stats(probe, grids, device)
+    ck.meta.final = final if final is not None else ck.meta.final
+    save_checkpoint(file, ck)

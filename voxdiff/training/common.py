@@ -1,4 +1,6 @@
-"""What both training loops share: metric logs, non-finite checks, warmup LR, precision, the data order, time caps."""
+"""What both training loops share, written once: the run's set-up (`start_run`, `open_run_dir`, `choose_runtime`),
+the data order (`StepOrder`), warmup LR, and the loop skeleton (`StepLoop`: step accounting, the time cap, the guarded
+optimizer step, the logging and checkpoint cadences, metric logs, the result dict). Each trainer writes the rest."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +25,26 @@ from voxdiff.config import TrainConfig, to_dict
 from voxdiff.distributed import (
     DistInfo,
     any_rank,
+    check_in_sync,
     check_same_config,
     epoch_sampler,
     init_distributed,
+    mean_over_ranks,
     split_batch,
     together,
 )
 from voxdiff.precision import PrecisionChoice, choose_precision, gradient_probe
 from voxdiff.render import plot_curves
 from voxdiff.threads import BusyWatch, ThreadChoice, choose_threads
-from voxdiff.utils import VoxdiffError, atomic_path, dir_lock, flush_denormals, get_logger, seed_everything
+from voxdiff.utils import (
+    Progress,
+    VoxdiffError,
+    atomic_path,
+    dir_lock,
+    flush_denormals,
+    get_logger,
+    seed_everything,
+)
 
 
 class RunLogger:
@@ -323,7 +335,8 @@ class Runtime:
     watch: BusyWatch
 
     @property
-    def amp(self) -> torch.dtype | None:
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The training forwards' autocast dtype (None: fp32)."""
         return self.precision.dtype
 
     def after_step(self, log: Any) -> None:
@@ -453,3 +466,148 @@ class TimeCap:
 def cap_message(stage: str, step: int, total: int) -> str:
     """The one line every report prints when the time cap, not the step count, ended a training stage."""
     return f"{stage} stopped by the time cap at step {step} of {total}; these results are not the preset's"
+
+
+@dataclass
+class StepOutcome:
+    """What `StepLoop.update` saw of one step."""
+
+    loss: float  # the global batch's loss (the mean over ranks)
+    grad_norm: float  # the norm of the all-reduced gradient, before clipping
+    applied: bool  # False: the step guard skipped it (parameters and optimizer unchanged)
+
+
+class StepLoop:
+    """The loop skeleton both trainers share; the trainer writes each step's body, top to bottom:
+
+        for step in loop:                   # the global step to run, until total_steps or the time cap
+            batch = ...
+            with loop.timed():              # forward, backward, optimizer: train_seconds; then the step counts
+                loss = ...
+                out = loop.update(loss, model, optimizer, cfg.grad_clip)
+            if loop.log_due():
+                loop.log({"loss": ...}, loss=out.loss)
+            if loop.due(cfg.ckpt_every):
+                loop.on_main(save_checkpoints)
+        loop.on_main(final_writes)          # `loop.unsaved()`: the last checkpoint is still to write
+        return loop.result(...)
+
+    After `timed()`, `loop.step` is the number of finished steps: what the logs and checkpoints record. Rank 0 alone
+    writes log.jsonl / log.csv / log.png (`log`, `record`, `flush`).
+    """
+
+    def __init__(self, stage: str, cfg: TrainConfig, run: RunStart, runtime: Runtime, log: logging.Logger,
+                 step: int, total_steps: int, curves: tuple[str, ...], progress: bool = True,
+                 log_last: bool = False) -> None:
+        """`stage`: "AE" or "LDM" (messages; the progress bar's name is its lower case); `step`: the resumed step;
+        `curves`: what log.png draws; `log_last`: the last step is a logging step too, whatever `cfg.log_every`."""
+        self.stage, self.cfg, self.info, self.cap = stage, cfg, run.info, run.cap
+        self.runtime, self.logger = runtime, log
+        self.last_file = run.run_dir / "last.pt"
+        self.step = self.start_step = step
+        self.total_steps, self.curves, self.log_last = total_steps, curves, log_last
+        self.stopped, self.train_seconds = "num_steps", 0.0
+        self.runlog = RunLogger(run.run_dir, "log", resume=cfg.resume, log=log) if self.info.is_main else None
+        if self.runlog is not None and cfg.resume:
+            self.runlog.truncate_after(step)  # a resume from an earlier checkpoint rewrites the history from there
+        self.bar = Progress(total_steps, stage.lower(), initial=min(step, total_steps), time_cap_s=self.cap.seconds,
+                            enabled=progress and self.info.is_main, log=log)
+        self._shown: dict[str, str] = {}
+
+    def __iter__(self) -> Iterator[int]:
+        while self.step < self.total_steps:
+            if self.cap.reached():
+                self.stopped = "time_cap"
+                break
+            step = self.step
+            yield step
+            if self.step != step + 1:
+                raise RuntimeError("a training step's body must run `with loop.timed():` once")
+            self.bar.update(1, **self._shown)
+            self._shown = {}
+        self.bar.close()
+        if self.stopped == "time_cap":
+            self.logger.warning(cap_message(self.stage, self.step, self.total_steps))
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """The step's work (train_seconds counts it); when it ends, the step is done: `step` counts it and the busy
+        watch sees it. A step that raises is not counted."""
+        t0 = time.perf_counter()
+        yield
+        self.step += 1
+        self.train_seconds += time.perf_counter() - t0
+        self.runtime.after_step(self.logger)
+
+    def update(self, loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               grad_clip: float) -> StepOutcome:
+        """The guarded optimizer step: backward, gradient clipping (`grad_clip` 0: none, the norm still measured),
+        then `optimizer.step()` unless the step guard skips the step (one warning line; parameters and optimizer
+        untouched, and the caller leaves its EMA alone when `applied` is False). Every rank decides the same: the
+        guard sees the global batch's loss and the all-reduced gradient's norm."""
+        loss_all = mean_over_ranks(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        skipped = self.runtime.guard.check(self.step, float(loss_all), float(grad_norm))
+        if skipped is None:
+            optimizer.step()
+        else:
+            self.logger.warning(skipped)
+        return StepOutcome(float(loss_all), float(grad_norm), skipped is None)
+
+    def log_due(self) -> bool:
+        """The step just finished is a logging step: every `log_every` steps (and the last one, with `log_last`)."""
+        return self.step % self.cfg.log_every == 0 or (self.log_last and self.step == self.total_steps)
+
+    def log(self, shown: dict[str, str], **row: float) -> None:
+        """A logging step's row into log.jsonl (rank 0) and `shown` beside the progress bar."""
+        self.record(**row)
+        self._shown = shown
+
+    def record(self, **row: Any) -> None:
+        """A row of scalars at the current step into log.jsonl (rank 0; a no-op elsewhere)."""
+        if self.runlog is not None:
+            self.runlog.log(step=self.step, **row)
+
+    def flush(self) -> None:
+        """Rewrite log.csv and redraw log.png (rank 0)."""
+        if self.runlog is not None:
+            self.runlog.flush(self.curves)
+
+    def due(self, every: int | None) -> bool:
+        """A periodic event (a checkpoint, a preview) falls on the step just finished: every `every` steps (None or
+        0: never), but not on the last step, whose writes come after the loop."""
+        return bool(every) and self.step % every == 0 and self.step != self.total_steps
+
+    def unsaved(self) -> bool:
+        """The run has steps last.pt does not hold (or no last.pt at all): the final checkpoint is to be written."""
+        return self.step > self.start_step or not self.last_file.is_file()
+
+    def on_main(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on rank 0 alone (its result there, None elsewhere); a failure there (a full disk) stops every
+        rank here, so none waits at a later collective (voxdiff.distributed.together)."""
+        with together():
+            if self.info.is_main:
+                return fn(*args)
+        return None
+
+    def result(self, metrics: dict[str, Any], in_sync: dict[str, tuple[torch.nn.Module, str]],
+               per_step: int | None = None) -> dict[str, Any]:
+        """The run's summary (logged, and returned by the trainer): the step reached and why the loop stopped, the
+        trainer's `metrics`, wall and training seconds, the throughput (steps/s, or samples/s with `per_step` samples
+        per step), the runtime record, the time cap's note. Under torchrun also the world size and, per key of
+        `in_sync`, the hash of a (module, name) every rank must hold bit-identically (a check and a barrier)."""
+        seconds, done = self.cap.elapsed(), self.step - self.start_step
+        rate = (done * (per_step or 1) / self.train_seconds) if self.train_seconds > 0 else None
+        result = {"step": self.step, "total_steps": self.total_steps, "stopped": self.stopped, **metrics,
+                  "seconds": seconds, "train_seconds": self.train_seconds,
+                  "overhead_fraction": 1.0 - self.train_seconds / seconds if seconds > 0 else None,
+                  "samples_per_s" if per_step else "steps_per_s": rate, "runtime": self.runtime.record()}
+        if self.stopped == "time_cap":
+            result["note"] = cap_message(self.stage, self.step, self.total_steps)
+        if self.info.distributed:
+            result["world_size"] = self.info.world_size
+            result.update({key: check_in_sync(module, name) for key, (module, name) in in_sync.items()})
+        self.logger.info("finished: %s", result)
+        return result

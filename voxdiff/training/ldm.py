@@ -1,13 +1,15 @@
 """Latent diffusion training, top to bottom (nanoGPT style): `train_ldm(cfg: LDMTrainConfig) -> dict`.
 
-setup (device, seed, run dir, resume) -> frozen AE -> latents encoded once and cached (voxdiff.latents), normalised by
-the AE's per-channel statistics -> UNet3D (label dropout p = cfg_dropout with use_cfg, else 0), AdamW, EMA ->
-loop: MSE to ε (DDPM eq. 14, "L_simple") or to v (`scheduler.prediction_type` v_prediction) at uniform t, optionally
-min-SNR-γ weighted (`snr_gamma`), in the precision checked at start-up (voxdiff.precision), gradient clipping, a step
-guard that skips non-finite or absurd steps -> every `ckpt_every` steps and at the end: held-out loss of the EMA model
-(weighted like the training loss), last.pt / best.pt. At each step listed in `keep_steps` the checkpoint is also kept
-as step{N}.pt (written like last.pt: atomically, the same contents), a learning curve to sample from later; a run
-started with --overwrite removes the step{N}.pt files of the run it replaces.
+`_train_ldm` reads in order: setup (device, seed, run dir, resume: common.start_run) -> the frozen AE (`_frozen_ae`)
+-> latents encoded once and cached (voxdiff.latents), normalised by the AE's per-channel statistics, minus the AE's
+held-out slice (`_latents`) -> UNet3D (label dropout p = cfg_dropout with use_cfg, else 0), AdamW, EMA -> the loop
+(common.StepLoop): MSE to ε (DDPM eq. 14, "L_simple") or to v (`scheduler.prediction_type` v_prediction) at uniform t,
+optionally min-SNR-γ weighted (`snr_gamma`), in the precision checked at start-up (voxdiff.precision), gradient
+clipping, a step guard that skips non-finite or absurd steps -> every `ckpt_every` steps and at the end
+(`_Checkpoints`): held-out loss of the EMA model (weighted like the training loss), last.pt / best.pt. At each step
+listed in `keep_steps` the checkpoint is also kept as step{N}.pt (written like last.pt: atomically, the same contents),
+a learning curve to sample from later; a run started with --overwrite removes the step{N}.pt files of the run it
+replaces. Previews (`_render_preview`) sample through the public LatentVoxelPipeline call.
 
 Exact resume: the epoch order is a function of (seed, epoch); noise, timesteps, label dropout and dropout come from the
 global RNG, whose state is in the checkpoint with the model, EMA (and its count), optimizer and step. The held-out loss
@@ -17,8 +19,9 @@ uses its own generator, so evaluating never shifts the training stream.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from voxdiff.binarize import Binarization
 from voxdiff.checkpoint import (
     Checkpoint,
     LDMMeta,
@@ -35,24 +37,18 @@ from voxdiff.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from voxdiff.config import LDMTrainConfig, category_index, to_dict
+from voxdiff.config import LDMTrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, voxel_path
-from voxdiff.distributed import (
-    check_in_sync,
-    mean_over_ranks,
-    rank_rng,
-    share_device_rng,
-    together,
-    wrap_ddp,
-)
+from voxdiff.distributed import DistInfo, rank_rng, share_device_rng, together, wrap_ddp
 from voxdiff.latents import cached_latents, normalise
+from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import autocast
 from voxdiff.render import Style, render_voxels
 from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training import common
-from voxdiff.utils import Progress, VoxdiffError, file_sha256, get_logger  # noqa: F401 (get_logger: used as ldm.get_logger)
+from voxdiff.utils import VoxdiffError, file_sha256, get_logger  # noqa: F401 (get_logger: used as ldm.get_logger)
 
 __all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "min_snr_weight", "KIND"]
 
@@ -99,16 +95,16 @@ def diffusion_loss(
     y: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
-    amp: torch.dtype | None = None,
+    autocast_dtype: torch.dtype | None = None,
     snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """L_simple = E‖target − net(√ᾱ_t z_0 + √(1−ᾱ_t) ε, t, y)‖² (DDPM eq. 14), in float32; the target is ε, or
     v = √ᾱ_t ε − √(1−ᾱ_t) z_0 when `scheduler.config.prediction_type` is v_prediction.
 
     `snr_gamma` None: the mean over all elements; γ: each sample's mean squared error times `min_snr_weight`, then
-    the mean over the batch. `amp`: autocast dtype of the network's forward (None: fp32)."""
+    the mean over the batch. `autocast_dtype`: the network's forward runs in it (None: fp32)."""
     zt = scheduler.add_noise(z0, noise, t)
-    with autocast(z0.device, amp):
+    with autocast(z0.device, autocast_dtype):
         out = model(zt, t, y)
     target = scheduler.get_velocity(z0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
     if snr_gamma is None:
@@ -164,21 +160,95 @@ def train_ldm(cfg: LDMTrainConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """The run, top to bottom (see the module docstring); `stack` holds the run directory's lock."""
     # ---- setup ------------------------------------------------------------------------------------------------
     run = common.start_run(cfg, KIND, _RESUME_FIXED, stale_best=_stale_best)
-    info, device, cap, run_dir, resume_ckpt = run.info, run.device, run.cap, run.run_dir, run.resume
-    last_file, best_file = run_dir / "last.pt", run_dir / "best.pt"
+    info, device = run.info, run.device
     for c in cfg.categories:
         if not voxel_path(cfg.dataset_path, c, "train").is_file():
             raise VoxdiffError(f"training voxels not found: {voxel_path(cfg.dataset_path, c, 'train')}")
+    ae, ae_ckpt, ae_hash = _frozen_ae(cfg, run)
+    # the train split's files, opened and checked (readable, whole, at a resolution the AE can pool to) before any write
+    train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=ae.cfg.resolution)
+    files = common.open_run_dir(run, cfg.resume, cfg.overwrite, stack, "voxdiff.ldm")
+    log = files.log
+    data = _latents(cfg, info, ae, ae_ckpt, ae_hash, train_set, progress, log)
+    order = common.StepOrder(len(data.z_train), cfg.batch_size, info, cfg.seed)
+    total_steps = cfg.total_steps(order.steps_per_epoch)
+    log.info("latents %s x %d for training, %d held out (cache %s), device %s, steps/epoch %d, total %d",
+             tuple(ae.latent_shape), len(data.z_train), len(data.z_held), data.cache_file, device,
+             order.steps_per_epoch, total_steps)
+    log.info("world size %d, global batch %d, per-rank batch %d", info.world_size, cfg.batch_size, order.per_rank)
 
-    # ---- frozen autoencoder and cached latents ----------------------------------------------------------------
+    # ---- model, optimizer, EMA, resume --------------------------------------------------------------------------
+    model = UNet3D(cfg.model, class_dropout=cfg.cfg_dropout if cfg.use_cfg else 0.0).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    scheduler = DDPMScheduler(cfg.scheduler)
+    step, smooth, best = _resume(run, model, ema, optimizer, log)
+    probe_loss = _probe_loss(scheduler, data.z_train, data.y_train, order.per_rank, cfg.seed, cfg.snr_gamma)
+    runtime = common.choose_runtime(cfg, info, model, probe_loss, "LDM training",
+                                    run.resume.meta.runtime if run.resume else None, log)
+    share_device_rng(info)
+    net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, EMA and checkpoints use `model`
+    files.commit()  # every check passed: the run's files are written from here on
+    if info.is_main and cfg.overwrite and not cfg.resume:
+        _remove_kept_steps(run.run_dir)  # the replaced run's kept steps go with its other files
+    loop = common.StepLoop("LDM", cfg, run, runtime, log, step, total_steps, ("loss", "val_loss"), progress,
+                           log_last=True)
+    num_params = sum(p.numel() for p in model.parameters())
+    log.info("UNet3D %.2fM parameters; config %s", num_params / 1e6, to_dict(cfg))
+    ckpt = _Checkpoints(cfg, run.run_dir, model, ema, optimizer, scheduler, runtime, loop, data, best, ae_hash,
+                        ae_ckpt.file.name, list(ae.latent_shape))
+    preview = functools.partial(_render_preview, ema.module, ae, ae_ckpt.meta, cfg, run.run_dir, log=log)
+
+    # ---- loop ---------------------------------------------------------------------------------------------------
+    model.train()
+    for step in loop:
+        # data: the epoch's order depends only on (seed, epoch), so a resume picks up the same batches; this rank's
+        # batch i is its shard of the global batch i (see voxdiff.distributed.epoch_sampler)
+        idx = order.batch(step).to(device)
+        z0, y = data.z_train[idx], data.y_train[idx]
+        with loop.timed():
+            lr = common.warmup_lr(step, cfg.lr, cfg.warmup_steps, total_steps if cfg.lr_schedule == "cosine" else None)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t, noise = _draw_t_noise(scheduler, z0, info)  # this rank's rows of the global batch's draws
+            with rank_rng(info, cfg.seed, step):  # per-rank dropout / label-dropout masks in a distributed run
+                loss = diffusion_loss(net, scheduler, z0, y, t, noise, runtime.autocast_dtype, cfg.snr_gamma)
+            done = loop.update(loss, model, optimizer, cfg.grad_clip)
+            if done.applied:
+                ema.update_parameters(model)
+        value, smooth = _smoothed(done.loss, smooth)
+        if loop.log_due():
+            loop.log({"loss": f"{smooth:.4f}"}, loss=value, loss_smooth=smooth, lr=lr, grad_norm=done.grad_norm)
+        if loop.due(cfg.ckpt_every):
+            loop.on_main(ckpt.checkpoint, smooth)
+        if loop.step in cfg.keep_steps and loop.step != total_steps:  # the last step's is kept after its checkpoint
+            loop.on_main(ckpt.keep, smooth)
+        if cfg.preview and loop.due(cfg.preview_every):
+            loop.on_main(preview, loop.step)
+
+    # ---- the last checkpoint (and kept step), the last preview ----------------------------------------------------
+    loop.on_main(ckpt.finish, smooth)
+    if cfg.preview:
+        loop.on_main(preview, loop.step)
+    return loop.result({"loss_smooth": smooth, "best_heldout_loss": ckpt.best, "last": str(run.run_dir / "last.pt"),
+                        "best": str(run.run_dir / "best.pt"), "num_params": num_params},
+                       {"param_hash": (model, "UNet"), "ema_hash": (ema.module, "EMA")})
+
+
+def _frozen_ae(cfg: LDMTrainConfig, run: common.RunStart) -> tuple[VoxelAutoencoder, Checkpoint, str]:
+    """(AE, its checkpoint, the file's SHA-256): the frozen autoencoder on the run's device for good (the latent cache
+    and the previews use it), checked against the run: the AE a resumed run was trained on, finished (its latent
+    statistics), a latent the U-Net takes."""
     ae, ae_ckpt = load_autoencoder(cfg.ae_ckpt_path)
-    ae = ae.to(device)  # on the run's device for good: the latent cache and the preview both use it
+    ae = ae.to(run.device)
     ae_file = ae_ckpt.file
     ae_hash = file_sha256(ae_file)
-    if resume_ckpt is not None and resume_ckpt.meta.ae_sha256 != ae_hash:
-        raise VoxdiffError(f"cannot resume {last_file}: it was trained on another AE checkpoint than {ae_file}")
+    if run.resume is not None and run.resume.meta.ae_sha256 != ae_hash:
+        raise VoxdiffError(f"cannot resume {run.run_dir / 'last.pt'}: it was trained on another AE checkpoint than "
+                           f"{ae_file}")
     if ae_ckpt.meta.latent_mean is None or ae_ckpt.meta.latent_std is None:
         raise VoxdiffError(f"AE checkpoint {ae_file} has no latent statistics (its training did not finish); rerun "
                            "autoencoder.py with --resume")
@@ -189,23 +259,38 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
     if latent_shape[1] % cfg.model.downsample_factor:
         raise VoxdiffError(f"latent side {latent_shape[1]} is not a multiple of the UNet's downsampling "
                            f"{cfg.model.downsample_factor}; use fewer ch_mult levels")
-    cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else ae_file.parent / "latents"
-    # the train split's files, opened and checked (readable, whole, at a resolution the AE can pool to) before any write
-    train_set = VoxelDataset(cfg.dataset_path, "train", cfg.categories, resolution=ae.cfg.resolution)
-    files = common.open_run_dir(run, cfg.resume, cfg.overwrite, stack, "voxdiff.ldm")
-    log = files.log
+    return ae, ae_ckpt, ae_hash
+
+
+@dataclass
+class _Latents:
+    """The LDM's data on the run's device, normalised by the AE's per-channel statistics: the train split's latents
+    minus the AE's held-out slice, and that slice thinned to at most VAL_MAX (the held-out loss that picks best.pt)."""
+
+    z_train: torch.Tensor
+    y_train: torch.Tensor
+    z_held: torch.Tensor
+    y_held: torch.Tensor
+    holdout: dict[str, list[int]]  # the held-out rows per category
+    cache_file: Path
+
+
+def _latents(cfg: LDMTrainConfig, info: DistInfo, ae: VoxelAutoencoder, ae_ckpt: Checkpoint, ae_hash: str,
+             train_set: VoxelDataset, progress: bool, log: Any) -> _Latents:
+    """The train split encoded once by the frozen AE and cached (voxdiff.latents; beside the AE checkpoint unless
+    cfg.latent_cache_dir), split into training and held-out latents by the AE's held-out slice, which the AE never
+    trained on either (val and test are references, never used to pick a checkpoint)."""
+    cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else ae_ckpt.file.parent / "latents"
+    args = (ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir, info.device)
     latents = None
     with together():  # rank 0 encodes (or finds) the latent cache first, or every rank stops with its error
         if info.is_main:
-            latents = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir, device,
-                                     progress, log=log)
+            latents = cached_latents(*args, progress, log=log)
     if latents is None:  # the other ranks: a cache hit
-        latents = cached_latents(ae, ae_hash, cfg.dataset_path, "train", cfg.categories, cache_dir, device, False,
-                                 log=log)
+        latents = cached_latents(*args, False, log=log)
     z_all, y_all, cache_file = latents
     latent_mean = torch.tensor(ae_ckpt.meta.latent_mean, dtype=torch.float32)  # the latent scale lives with the AE
     latent_std = torch.tensor(ae_ckpt.meta.latent_std, dtype=torch.float32)
-    # the AE's held-out slice of the train split: never trained on, it picks best.pt (val and test are references)
     ae_holdout = ae_ckpt.meta.holdout
     if not ae_holdout:
         log.warning("AE checkpoint records no held-out slice; holding out 5% of each category here")
@@ -214,158 +299,112 @@ def _train_ldm(cfg: LDMTrainConfig, progress: bool, stack: contextlib.ExitStack)
     held_idx = torch.from_numpy(train_set.global_indices(holdout))
     fit_mask = torch.ones(len(z_all), dtype=torch.bool)
     fit_mask[held_idx] = False
-    z_train = normalise(z_all[fit_mask], latent_mean, latent_std).to(device)
-    y_train = y_all[fit_mask].to(device)
     held_eval = held_idx[:: -(-len(held_idx) // VAL_MAX)]  # evenly thinned, so every category stays in
-    z_held = normalise(z_all[held_eval], latent_mean, latent_std).to(device)
-    y_held = y_all[held_eval].to(device)
-    n = len(z_train)
-    order = common.StepOrder(n, cfg.batch_size, info, cfg.seed)
-    total_steps = cfg.total_steps(order.steps_per_epoch)
-    log.info("latents %s x %d for training, %d held out (cache %s), device %s, steps/epoch %d, total %d",
-             latent_shape, n, len(z_held), cache_file, device, order.steps_per_epoch, total_steps)
-    log.info("world size %d, global batch %d, per-rank batch %d", info.world_size, cfg.batch_size, order.per_rank)
+    to = info.device
+    return _Latents(z_train=normalise(z_all[fit_mask], latent_mean, latent_std).to(to), y_train=y_all[fit_mask].to(to),
+                    z_held=normalise(z_all[held_eval], latent_mean, latent_std).to(to), y_held=y_all[held_eval].to(to),
+                    holdout=holdout, cache_file=cache_file)
 
-    # ---- model, optimizer, EMA --------------------------------------------------------------------------------
-    model = UNet3D(cfg.model, class_dropout=cfg.cfg_dropout if cfg.use_cfg else 0.0).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    scheduler = DDPMScheduler(cfg.scheduler)
-    step, smooth, best_metric = 0, None, math.inf
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt.model)
-        ema.module.load_state_dict(resume_ckpt.ema)
-        ema.n_averaged.fill_(int(resume_ckpt.meta.ema_n_averaged))
-        optimizer.load_state_dict(resume_ckpt.optimizer)
-        step = int(resume_ckpt.step)
-        smooth = resume_ckpt.meta.smooth_loss
-        best_metric = float(resume_ckpt.meta.best_heldout_loss)
-        set_rng_state(resume_ckpt.rng)
-        log.info("resumed from %s at step %d", last_file, step)
-    probe_loss = _probe_loss(scheduler, z_train, y_train, order.per_rank, cfg.seed, cfg.snr_gamma)
-    runtime = common.choose_runtime(cfg, info, model, probe_loss, "LDM training",
-                                    resume_ckpt.meta.runtime if resume_ckpt else None, log)
-    share_device_rng(info)
-    net = wrap_ddp(model, info)  # training forwards go through DDP; optimizer, EMA and checkpoints use `model`
-    files.commit()  # every check passed: the run's files are written from here on
-    if info.is_main and cfg.overwrite and not cfg.resume:  # the replaced run's kept steps go with its other files
-        for old in run_dir.glob("step*.pt"):
-            if old.stem[4:].isdigit():
-                old.unlink(missing_ok=True)
-    keep_steps = set(cfg.keep_steps)
-    runlog = common.RunLogger(run_dir, "log", resume=resume_ckpt is not None, log=log) if info.is_main else None
-    if runlog is not None and resume_ckpt is not None:
-        runlog.truncate_after(step)
-    num_params = sum(p.numel() for p in model.parameters())
-    log.info("UNet3D %.2fM parameters; config %s", num_params / 1e6, to_dict(cfg))
 
-    def save(file: Path, metric: float) -> None:
-        meta = LDMMeta(ae_sha256=ae_hash, ae_file=ae_file.name, latent_shape=list(latent_shape),
+def _resume(run: common.RunStart, model: UNet3D, ema: AveragedModel, optimizer: torch.optim.Optimizer,
+            log: Any) -> tuple[int, float | None, float]:
+    """(step, smoothed loss, best held-out loss) to continue from: last.pt's weights, EMA (and its count), optimizer
+    and RNG states when the run resumes; else a fresh start."""
+    ck = run.resume
+    if ck is None:
+        return 0, None, math.inf
+    model.load_state_dict(ck.model)
+    ema.module.load_state_dict(ck.ema)
+    ema.n_averaged.fill_(int(ck.meta.ema_n_averaged))
+    optimizer.load_state_dict(ck.optimizer)
+    set_rng_state(ck.rng)
+    log.info("resumed from %s at step %d", run.run_dir / "last.pt", int(ck.step))
+    return int(ck.step), ck.meta.smooth_loss, float(ck.meta.best_heldout_loss)
+
+
+def _remove_kept_steps(run_dir: Path) -> None:
+    """Remove the step{N}.pt files of the run an --overwrite replaces (its last.pt and best.pt go at commit)."""
+    for old in run_dir.glob("step*.pt"):
+        if old.stem[4:].isdigit():
+            old.unlink(missing_ok=True)
+
+
+def _draw_t_noise(scheduler: DDPMScheduler, z0: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch's timesteps t ~ U{0..T-1} and noise ε from the global RNG. They are drawn for the whole global
+    batch (the same stream on every rank) and each rank takes the rows of its samples, so a K-rank run sees the draws
+    of a single-process run with the same global batch."""
+    g_batch, shard = len(z0) * info.world_size, slice(info.rank, None, info.world_size)
+    t = torch.randint(0, scheduler.num_train_timesteps, (g_batch,), device=z0.device)[shard]
+    noise = torch.randn((g_batch, *z0.shape[1:]), device=z0.device)[shard]
+    return t, noise
+
+
+def _smoothed(loss: float, smooth: float | None) -> tuple[float, float]:
+    """(the step's loss to log, the running average 0.98·s + 0.02·loss). A skipped step's non-finite loss stands in
+    as the average so far, so the log and the average stay readable."""
+    value = loss if math.isfinite(loss) else (smooth if smooth is not None else 0.0)
+    return value, value if smooth is None else 0.98 * smooth + 0.02 * value
+
+
+@dataclass
+class _Checkpoints:
+    """The LDM's checkpoints, written on rank 0: the EMA model's held-out loss, then last.pt, and best.pt when the
+    loss improved on `best` (the best so far); step{N}.pt for the steps cfg.keep_steps lists. The metadata names the
+    AE the run trains on (its file's SHA-256 and name) and its latent shape."""
+
+    cfg: LDMTrainConfig
+    run_dir: Path
+    model: UNet3D
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: DDPMScheduler
+    runtime: common.Runtime
+    loop: common.StepLoop
+    data: _Latents
+    best: float
+    ae_sha256: str
+    ae_file: str
+    latent_shape: list[int]
+
+    def save(self, file: Path, smooth: float | None) -> None:
+        """Everything an exact resume needs (weights, EMA, optimizer, step, RNG states, metadata), into `file`."""
+        cfg = self.cfg
+        meta = LDMMeta(ae_sha256=self.ae_sha256, ae_file=self.ae_file, latent_shape=self.latent_shape,
                        categories=list(cfg.categories), use_cfg=cfg.use_cfg, scheduler=to_dict(cfg.scheduler),
-                       ema_n_averaged=int(ema.n_averaged), smooth_loss=smooth, best_heldout_loss=metric,
-                       holdout=holdout, num_train=n, runtime=runtime.record(with_history=True))
+                       ema_n_averaged=int(self.ema.n_averaged), smooth_loss=smooth, best_heldout_loss=self.best,
+                       holdout=self.data.holdout, num_train=len(self.data.z_train),
+                       runtime=self.runtime.record(with_history=True))
         save_checkpoint(file, Checkpoint(
-            kind=KIND, model_config=to_dict(cfg.model), train_config=to_dict(cfg), model=model.state_dict(),
-            ema=ema.module.state_dict(), optimizer=optimizer.state_dict(), step=step, rng=get_rng_state(), meta=meta))
+            kind=KIND, model_config=to_dict(cfg.model), train_config=to_dict(cfg), model=self.model.state_dict(),
+            ema=self.ema.module.state_dict(), optimizer=self.optimizer.state_dict(), step=self.loop.step,
+            rng=get_rng_state(), meta=meta))
 
-    def checkpoint() -> None:
-        nonlocal best_metric
-        metric = _heldout_loss(ema.module, scheduler, z_held, y_held, cfg.seed + 1, cfg.batch_size, cfg.snr_gamma)
-        improved = metric < best_metric
-        best_metric = min(best_metric, metric)
-        runlog.log(step=step, val_loss=metric)
-        save(last_file, best_metric)
+    def checkpoint(self, smooth: float | None) -> None:
+        """The held-out loss of the EMA model (logged as val_loss), last.pt, and best.pt when it improved."""
+        cfg, data = self.cfg, self.data
+        metric = _heldout_loss(self.ema.module, self.scheduler, data.z_held, data.y_held, cfg.seed + 1,
+                               cfg.batch_size, cfg.snr_gamma)
+        improved = metric < self.best
+        self.best = min(self.best, metric)
+        self.loop.record(val_loss=metric)
+        self.save(self.run_dir / "last.pt", smooth)  # first: a run stopped before best.pt resumes from it
         if improved:
-            save(best_file, best_metric)
-        runlog.flush(("loss", "val_loss"))
-        log.info("step %d: held-out loss %.5f (best %.5f)", step, metric, best_metric)
+            self.save(self.run_dir / "best.pt", smooth)
+        self.loop.flush()
+        self.loop.logger.info("step %d: held-out loss %.5f (best %.5f)", self.loop.step, metric, self.best)
 
-    def keep() -> None:
+    def keep(self, smooth: float | None) -> None:
         """step{N}.pt: this step's checkpoint, written as last.pt is (atomically, the same contents)."""
-        save(run_dir / f"step{step}.pt", best_metric)
-        log.info("step %d: kept as step%d.pt", step, step)
+        step = self.loop.step
+        self.save(self.run_dir / f"step{step}.pt", smooth)
+        self.loop.logger.info("step %d: kept as step%d.pt", step, step)
 
-    # ---- loop ---------------------------------------------------------------------------------------------------
-    start_step, stopped, train_seconds = step, "num_steps", 0.0
-    model.train()
-    bar = Progress(total_steps, "ldm", initial=step, time_cap_s=cap.seconds, enabled=progress and info.is_main,
-                   log=log)
-    while step < total_steps:
-        if cap.reached():
-            stopped = "time_cap"
-            break
-        # data: the epoch's order depends only on (seed, epoch), so a resume picks up the same batches; this rank's
-        # batch i is its shard of the global batch i (see voxdiff.distributed.epoch_sampler)
-        idx = order.batch(step).to(device)
-        z0, y = z_train[idx], y_train[idx]
-        t0 = time.perf_counter()
-        lr = common.warmup_lr(step, cfg.lr, cfg.warmup_steps, total_steps if cfg.lr_schedule == "cosine" else None)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # t and noise are drawn for the whole global batch (same stream on every rank) and each rank takes the rows
-        # of its samples, so a K-rank run sees the draws of a single-process run with the same global batch
-        g_batch, shard = len(idx) * info.world_size, slice(info.rank, None, info.world_size)
-        t = torch.randint(0, scheduler.num_train_timesteps, (g_batch,), device=device)[shard]
-        noise = torch.randn((g_batch, *z0.shape[1:]), device=device)[shard]
-        with rank_rng(info, cfg.seed, step):  # per-rank dropout / label-dropout masks in a distributed run
-            loss = diffusion_loss(net, scheduler, z0, y, t, noise, runtime.amp, cfg.snr_gamma)
-        loss_all = mean_over_ranks(loss.detach())  # the global batch's loss: every rank decides the same below
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        skipped = runtime.guard.check(step, float(loss_all), float(grad_norm))  # norm of the all-reduced gradient
-        if skipped is None:
-            optimizer.step()
-            ema.update_parameters(model)
-        else:
-            log.warning(skipped)
-        step += 1
-        train_seconds += time.perf_counter() - t0
-        runtime.after_step(log)
-        value = float(loss_all)
-        if not math.isfinite(value):  # a skipped step: keep the smoothed loss and the log readable
-            value = smooth if smooth is not None else 0.0
-        smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
-        if runlog is not None and (step % cfg.log_every == 0 or step == total_steps):
-            runlog.log(step=step, loss=value, loss_smooth=smooth, lr=lr, grad_norm=float(grad_norm))
-            bar.update(1, loss=f"{smooth:.4f}")
-        else:
-            bar.update(1)
-        if step % cfg.ckpt_every == 0 and step != total_steps:
-            with together():  # a failed write (a full disk) on rank 0 stops every rank at this step
-                if info.is_main:
-                    checkpoint()
-        if step in keep_steps and step != total_steps:  # the last step's is kept after its final checkpoint
-            with together():
-                if info.is_main:
-                    keep()
-        if info.is_main and cfg.preview and cfg.preview_every and step % cfg.preview_every == 0 \
-                and step != total_steps:
-            _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
-    bar.close()
-    if stopped == "time_cap":
-        log.warning(common.cap_message("LDM", step, total_steps))
-    with together():  # rank 0's last writes: a failure there stops every rank here, none waits in check_in_sync
-        if info.is_main and (step > start_step or not last_file.is_file()):
-            checkpoint()
-            if step in keep_steps and step == total_steps:
-                keep()
-        if info.is_main and cfg.preview:
-            _render_preview(ema.module, ae, ae_ckpt.meta, cfg, run_dir, step, log)
-    seconds = cap.elapsed()
-    result = {"step": step, "total_steps": total_steps, "stopped": stopped, "loss_smooth": smooth,
-              "best_heldout_loss": best_metric, "last": str(last_file), "best": str(best_file),
-              "num_params": num_params, "seconds": seconds, "train_seconds": train_seconds,
-              "overhead_fraction": 1.0 - train_seconds / seconds if seconds > 0 else None,
-              "steps_per_s": (step - start_step) / train_seconds if train_seconds > 0 else None,
-              "runtime": runtime.record()}
-    if stopped == "time_cap":
-        result["note"] = common.cap_message("LDM", step, total_steps)
-    if info.distributed:  # DDP's invariant, checked once: every rank ends with bit-identical model and EMA weights
-        result.update(world_size=info.world_size, param_hash=check_in_sync(model, "UNet"),
-                      ema_hash=check_in_sync(ema.module, "EMA"))
-    log.info("finished: %s", result)
-    return result
+    def finish(self, smooth: float | None) -> None:
+        """After the loop: the last checkpoint when steps are unsaved, and the last step's step{N}.pt if it is kept."""
+        if self.loop.unsaved():
+            self.checkpoint(smooth)
+            if self.loop.step in self.cfg.keep_steps and self.loop.step == self.loop.total_steps:
+                self.keep(smooth)
 
 
 def _probe_loss(scheduler: DDPMScheduler, z: torch.Tensor, y: torch.Tensor, batch: int,
@@ -382,20 +421,19 @@ def _probe_loss(scheduler: DDPMScheduler, z: torch.Tensor, y: torch.Tensor, batc
 @torch.no_grad()
 def _render_preview(model: torch.nn.Module, ae: torch.nn.Module, ae_meta: Any, cfg: LDMTrainConfig, run_dir: Path,
                     step: int, log: Any) -> None:
-    """PNG of 2 EMA samples per category at `{run_dir}/samples_{step}.png`: DDIM-50, guidance w = 1 when trained
-    with label dropout, binarised as p > cfg.preview_threshold (what the pipeline's sampling uses), through the same
-    LatentVoxelPipeline as the final samples. A private generator: rendering never shifts the training RNG streams.
+    """PNG of 2 EMA samples per category at `{run_dir}/samples_{step}.png`, sampled by the LatentVoxelPipeline call
+    that samples the final shapes: DDIM-50 with clamped latents, guidance w = 1 when trained with label dropout,
+    binarised as p > cfg.preview_threshold (what the pipeline's sampling uses). A private generator: rendering never
+    shifts the training RNG streams.
     """
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     pipe = LatentVoxelPipeline(unet=model, ae=ae, scheduler_config=cfg.scheduler, ae_meta=ae_meta)
-    labels = torch.tensor([category_index(c) for c in cfg.categories for _ in range(2)], device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    z = pipe.sample_latents(labels, pipe.scheduler("ddim", min(50, cfg.scheduler.num_train_timesteps), clamp=True),
-                            1.0 if cfg.use_cfg else 0.0, gen)
+    gen = torch.Generator(device=pipe.device).manual_seed(cfg.seed + 2)
+    out = pipe(list(cfg.categories), 2, sampler="ddim", steps=min(50, cfg.scheduler.num_train_timesteps), eta=0.0,
+               clamp_latents=True, guidance=1.0 if cfg.use_cfg else 0.0, guidance_rescale=0.0, binarize="threshold",
+               threshold=cfg.preview_threshold, generator=gen, batch_size=2 * len(cfg.categories), output="grids")
     model.train(was_training)
-    grids = pipe.to_grids(z, labels, Binarization(threshold=cfg.preview_threshold))
     path = run_dir / f"samples_{step:06d}.png"
-    render_voxels(grids, path, [f"{c} {i}" for c in cfg.categories for i in range(2)], style=Style(ncols=4))
-    log.info("step %d: rendered %d samples to %s", step, len(grids), path)
+    render_voxels(out.grids, path, [f"{c} {i}" for c in cfg.categories for i in range(2)], style=Style(ncols=4))
+    log.info("step %d: rendered %d samples to %s", step, len(out.grids), path)
