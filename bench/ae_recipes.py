@@ -5,7 +5,7 @@ number of steps, batch and seed, then reports what its held-out slice of the tra
 the IoU at p > 0.5, and the predicted / true voxel count at 0.5 (1.0 = the data's thickness), with the wall time.
 
     python bench/ae_recipes.py --steps 1500                     # all recipes (about 30 min on 2 CPU cores)
-    python bench/ae_recipes.py --steps 300 --recipes seed_4 bce_8
+    python bench/ae_recipes.py --steps 300 --recipes course_4 bce_8
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from voxdiff.data.voxelize import preprocess
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.training.autoencoder import train_autoencoder
 
-# name -> (model config, loss): the seed's network at 4³ and 8³ latents, then changes one at a time from "bce_8"
+# name -> (model config, loss): the starter network ("course") at 4³ and 8³ latents, then one change at a time
+# from "bce_8"
 RECIPES: dict[str, tuple[AEConfig, str]] = {
-    "seed_4": (AEConfig(resolution=32, channels=(12, 24, 48)), "weighted_bce"),
-    "seed_8": (AEConfig(resolution=32, channels=(12, 24)), "weighted_bce"),
+    "course_4": (AEConfig(resolution=32, channels=(12, 24, 48)), "weighted_bce"),
+    "course_8": (AEConfig(resolution=32, channels=(12, 24)), "weighted_bce"),
     "wide_8": (AEConfig(resolution=32, channels=(24, 48)), "weighted_bce"),
     "bce_8": (AEConfig(resolution=32, channels=(24, 48)), "bce"),
     "bce_dice_8": (AEConfig(resolution=32, channels=(24, 48)), "bce_dice"),

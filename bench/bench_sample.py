@@ -5,7 +5,7 @@ initialised UNet3D of the chosen preset: speed does not depend on the weights. R
 the same process.
 
     python bench/bench_sample.py                                   # CPU, small preset
-    python bench/bench_sample.py --unet_preset seed --device cuda --batch_size 100
+    python bench/bench_sample.py --unet_preset course --device cuda --batch_size 100
 """
 
 from __future__ import annotations

@@ -29,14 +29,14 @@ def worker(preset: str, net: str, threads: int, steps: int, precision: str) -> d
     import torch
     import torch.nn.functional as F
 
-    from voxdiff.config import pipeline_preset
+    from voxdiff.config import run_preset
     from voxdiff.models.autoencoder import VoxelAutoencoder
     from voxdiff.models.unet3d import UNet3D
     from voxdiff.precision import autocast
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
-    cfg = pipeline_preset(preset)
+    cfg = run_preset(preset)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if precision == "bf16" else None

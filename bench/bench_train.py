@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from voxdiff.config import pipeline_preset
+from voxdiff.config import run_preset
 from voxdiff.losses import reconstruction_loss
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
@@ -90,7 +90,7 @@ def unet_step_fn(model_cfg: Any, latent_shape: tuple[int, ...], batch: int, bf16
 
 
 def pure_steps(name: str, a: argparse.Namespace) -> None:
-    cfg = pipeline_preset(name)
+    cfg = run_preset(name)
     ae_bs, ldm_bs = cfg.ae.batch_size, cfg.ldm.batch_size
     latent = VoxelAutoencoder(cfg.ae.model).latent_shape
     print(f"\n== {name}: AE {cfg.ae.model.resolution}³ -> latent {latent}, batch {ae_bs}; U-Net ch {cfg.ldm.model.ch}, "
@@ -133,7 +133,7 @@ def loops(name: str, a: argparse.Namespace, tmp: Path) -> None:
     from voxdiff.training.autoencoder import train_autoencoder
     from voxdiff.training.ldm import train_ldm
 
-    cfg = pipeline_preset(name)
+    cfg = run_preset(name)
     data = make_data(cfg.data_preset, tmp / f"data_{name}", cfg.resolution)
     runs: dict[str, Path] = {}
     for precision in ("fp32", "bf16") if a.quality_steps else ("auto",):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from voxdiff.checkpoint import AEMeta
 from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
-from voxdiff.config import CATEGORIES, AEConfig, SchedulerConfig, pipeline_preset, unet_preset
+from voxdiff.config import CATEGORIES, AEConfig, SchedulerConfig, run_preset, unet_preset
 from voxdiff.losses import reconstruction_loss
 from voxdiff.metrics import Backend, chamfer_blocks
 from voxdiff.models.autoencoder import VoxelAutoencoder
@@ -177,7 +177,7 @@ def gpu_paths(device: torch.device, work: Path) -> dict[str, Any]:
     from voxdiff.training.autoencoder import train_autoencoder
     from voxdiff.training.ldm import train_ldm
 
-    tiny, dev, out = pipeline_preset("tiny"), str(device), {}
+    tiny, dev, out = run_preset("tiny"), str(device), {}
     data, ae_dir, ldm_dir = work / "data", work / "ae", work / "ldm"
     ae = dataclasses.replace(tiny.ae, dataset_path=str(data), ckpt_path=str(ae_dir), device=dev, overwrite=True)
     ldm = dataclasses.replace(tiny.ldm, dataset_path=str(data), ae_ckpt_path=str(ae_dir), ckpt_path=str(ldm_dir),
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     flush_denormals(device)
-    full = pipeline_preset("full")
+    full = run_preset("full")
     t0 = time.perf_counter()
     report: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "platform": platform.platform(),
                               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -1,6 +1,6 @@
 """Does the gap close with compute? Score one run's kept LDM checkpoints (step{N}.pt) and plot the goal's figures.
 
-A pipeline run whose LDM config has `keep_steps` leaves ldm/step{N}.pt beside last.pt. For each kept step (and
+A run whose LDM config has `keep_steps` leaves ldm/step{N}.pt beside last.pt. For each kept step (and
 last.pt), `--n` samples per category are drawn with the run's final sampling settings (guidance, rescale, threshold,
 DDIM steps, clipping: from the run's config.json) and scored against the references of the run's report (test +
 val), next to the run's oracle (a fresh procedural draw, the best a model can do) scored the same way. Only the
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from voxdiff.binarize import Binarization  # noqa: E402
 from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter  # noqa: E402
-from voxdiff.config import CATEGORIES, PipelineConfig, category_index, from_dict  # noqa: E402
+from voxdiff.config import CATEGORIES, RunConfig, category_index, from_dict  # noqa: E402
 from voxdiff.data.voxelize import open_voxels, voxel_path  # noqa: E402
 from voxdiff.metrics import evaluate  # noqa: E402
 from voxdiff.sampling import LatentVoxelPipeline, batch_seed  # noqa: E402
@@ -48,14 +48,14 @@ def _score(grids: Any, refs: np.ndarray) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--run_dir", required=True, help="a pipeline run whose ldm/ holds step{N}.pt checkpoints")
+    p.add_argument("--run_dir", required=True, help="a run directory whose ldm/ holds step{N}.pt checkpoints")
     p.add_argument("--n", type=int, default=200, help="samples per category and checkpoint")
     p.add_argument("--out", default=None, help="JSON of every row (none: {run_dir}/learning_curve.json)")
     p.add_argument("--plot", default=None, help="PNG of the curves (none: {run_dir}/learning_curve.png)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     run = Path(a.run_dir)
-    cfg: PipelineConfig = from_dict(PipelineConfig, json.loads((run / "config.json").read_text()))
+    cfg: RunConfig = from_dict(RunConfig, json.loads((run / "config.json").read_text()))
     s = cfg.sample
     data = Path(cfg.dataset_path) if cfg.dataset_path else run / "data"
     kept = _checkpoints(run / "ldm")

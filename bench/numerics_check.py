@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from voxdiff.config import pipeline_preset
+from voxdiff.config import run_preset
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import cpu_has_bf16
@@ -81,7 +81,7 @@ def check_network(name: str, model: torch.nn.Module, make_loss: Callable[[torch.
 
 def preset_networks(preset: str) -> list[tuple[str, torch.nn.Module, Callable[[torch.dtype], Any]]]:
     """The preset's AE and U-Net with fixed inputs of the preset's batch size."""
-    cfg = pipeline_preset(preset)
+    cfg = run_preset(preset)
     g = torch.Generator().manual_seed(0)
     r, b = cfg.ae.model.resolution, cfg.ae.batch_size
     x = (torch.rand(b, 1, r, r, r, generator=g) > 0.95).double()

@@ -1,7 +1,7 @@
 r"""Tune the guidance scale and the threshold on the held-out slice of the TRAINING split (never the references).
 
-The same library function the pipeline's tune stage calls (voxdiff.tuning.tune_sampling), for checkpoints trained
-outside the pipeline. Prints one row per (category, w, threshold) and the pick; writes `{out}/tune.json`.
+The same library function the stage runner's tune stage calls (voxdiff.tuning.tune_sampling), for checkpoints trained
+outside a run. Prints one row per (category, w, threshold) and the pick; writes `{out}/tune.json`.
 
     python bench/tune_sampling.py --ldm_ckpt_path runs/medium/ldm --ae_ckpt_path runs/medium/ae \
         --dataset_path runs/medium/data --cfg_scales 0 1 2 4 --out runs/medium/tune

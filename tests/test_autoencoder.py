@@ -314,7 +314,7 @@ def test_tiny_ae_overfits_a_handful_of_shapes(tmp_path: Path) -> None:
 TINY_VAE = AEConfig(resolution=32, channels=(4, 8, 8), variational=True)
 
 
-@pytest.mark.parametrize("block", ["seed", "resnet"])
+@pytest.mark.parametrize("block", ["course", "resnet"])
 def test_variational_encoder_is_the_mean_and_training_samples(block: str) -> None:
     """Same layout as the plain AE but a 2 × latent_channels last encoder conv; encode() is the (deterministic) mean,
     eval forward decodes the mean, train forward decodes mean + exp(logvar / 2)·ε with ε from the global RNG."""

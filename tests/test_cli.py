@@ -10,16 +10,18 @@ import typing
 import pytest
 from conftest import ROOT
 
-from voxdiff.cli import DERIVED, add_config_arguments, config_from_args, load_script
+from voxdiff import config
+from voxdiff.cli import add_config_arguments, config_from_args, load_script
 from voxdiff.config import (
     CATEGORIES,
     AETrainConfig,
     LDMTrainConfig,
-    PipelineConfig,
+    RunConfig,
     SampleConfig,
     SDSConfig,
     TuneConfig,
     from_dict,
+    tagged_fields,
     to_dict,
 )
 
@@ -31,6 +33,8 @@ RETIRED = {"--guidance_scale": "--cfg_scale", "--max_steps": "--num_steps", "--n
            "--data_dir": "--dataset_path", "--hdf5_dir": "--dataset_path", "--ae_minutes": "--ae.max_minutes",
            "--ldm_minutes": "--ldm.max_minutes", "--init_steps": "--steps", "--categories": "--category",
            "--sample_every": "--preview_every", "--calib_fraction": "--holdout_fraction"}
+CONFIGS = [c for c in vars(config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+TAGS = ("derived", "from_run", "local", "switch")
 
 
 def leaf_fields(cls: type, path: str = "") -> list[str]:
@@ -40,7 +44,7 @@ def leaf_fields(cls: type, path: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             out += leaf_fields(hints[f.name], f"{path}{f.name}.")
-        elif f"{path}{f.name}" not in DERIVED:
+        elif not f.metadata.get("derived"):
             out.append(f"{path}{f.name}")
     return out
 
@@ -68,17 +72,58 @@ def test_every_config_field_is_a_flag_of_its_script(script: str) -> None:
 
 
 def test_the_pipeline_reaches_every_stage_setting() -> None:
-    from voxdiff.__main__ import _STAGE_PATHS, build_parser
+    from voxdiff.__main__ import build_parser
 
     options = _options(build_parser()[0])
+    # what the runner fills in itself (config metadata "from_run"), as the runner listed it by hand before (the tune
+    # stage's seed is its own: another stream than the samples')
+    set_by_pipeline = {"dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "device", "seed",
+                       "resume", "overwrite", "resolution", "render", "threads", "preview_threshold"}
     for prefix, cls in (("ae.", AETrainConfig), ("ldm.", LDMTrainConfig), ("tune.", TuneConfig),
                         ("sample.", SampleConfig)):
-        set_by_pipeline = {*_STAGE_PATHS, "preview_threshold"}
-        missing = [f for f in leaf_fields(cls) if f not in set_by_pipeline and _flag(f, prefix) not in options]
+        run_owned = set(tagged_fields(cls, "from_run"))
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert run_owned == (set() if cls is TuneConfig else set_by_pipeline & names), cls.__name__
+        switch = tagged_fields(cls, "switch")  # --tune, not --tune.enabled
+        flag = {f: f"--{prefix[:-1]}" if f in switch else _flag(f, prefix) for f in leaf_fields(cls)}
+        missing = [f for f in leaf_fields(cls) if f not in set_by_pipeline and flag[f] not in options]
         assert not missing, f"python -m voxdiff cannot set {prefix}{missing}"
-    for f in leaf_fields(PipelineConfig):
+        assert not [f for f in run_owned if flag[f] in options]  # and has no flag for those
+    for f in leaf_fields(RunConfig):
         if f.split(".")[0] not in ("ae", "ldm", "tune", "sample", "name"):
             assert _flag(f) in options, f
+
+
+def test_every_config_field_has_help_and_keeps_its_tags() -> None:
+    """--help reads field metadata only: every field of every config dataclass has a help text, and a subclass that
+    redefines a field (a new default) keeps the base's tags, so the runner treats it alike."""
+    assert len(CONFIGS) >= 12
+    for cls in CONFIGS:
+        for f in dataclasses.fields(cls):
+            assert isinstance(f.metadata.get("help"), str) and f.metadata["help"].strip(), f"{cls.__name__}.{f.name}"
+            assert set(f.metadata) <= {"help", *TAGS}, f"{cls.__name__}.{f.name}"
+            for base in cls.__mro__[1:]:
+                inherited = {g.name: g for g in dataclasses.fields(base)} if dataclasses.is_dataclass(base) else {}
+                if f.name in inherited:
+                    tags = {t: inherited[f.name].metadata.get(t) for t in TAGS}
+                    assert {t: f.metadata.get(t) for t in TAGS} == tags, f"{cls.__name__}.{f.name}"
+
+
+def test_help_comes_from_the_metadata_and_switches_read_as_words() -> None:
+    from voxdiff.__main__ import build_parser
+
+    parser, flags = build_parser()
+    by_option = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    lr_help = next(f for f in dataclasses.fields(LDMTrainConfig) if f.name == "lr").metadata["help"]
+    assert by_option["--ldm.lr"].help.startswith(lr_help)
+    assert "--tune" in by_option and "--tune.enabled" not in by_option and "--tune.no_enabled" not in by_option
+    assert by_option["--tune"].dest == "tune.enabled"
+    for argv, on in ((["--tune"], True), (["--no_tune"], False)):
+        cfg = config_from_args(RunConfig, parser.parse_args(argv), flags, config.run_preset("demo"))
+        assert cfg.tune.enabled is on
+    # derived fields are never flags: the AE sets the U-Net's input width, CATEGORIES its class count
+    assert not {"--ldm.in_channels", "--ldm.num_classes"} & set(by_option)
+    assert not {"--in_channels", "--num_classes"} & _options(_parser("diffusion/train.py"))
 
 
 @pytest.mark.parametrize("script", ALL_SCRIPTS)

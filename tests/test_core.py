@@ -18,7 +18,7 @@ from voxdiff.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from voxdiff.config import AETrainConfig, LDMTrainConfig, check_literal, from_dict, to_dict
+from voxdiff.config import AEConfig, AETrainConfig, LDMTrainConfig, check_literal, from_dict, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
 from voxdiff.utils import VoxdiffError, atomic_save_npy, atomic_write_json
 
@@ -36,6 +36,17 @@ def test_literal_error_lists_valid_values() -> None:
     with pytest.raises(ValueError, match="unknown category"):
         AETrainConfig(categories=("sofa",))
     check_literal("ddim", __import__("voxdiff.config").config.SamplerName, "sampler")
+
+
+def test_old_block_name_seed_loads_as_course() -> None:
+    """Checkpoints and config.json files written before the starter network was renamed store block "seed"."""
+    assert from_dict(AEConfig, {"resolution": 32, "block": "seed"}).block == "course"
+    old = to_dict(AETrainConfig())
+    old["model"]["block"] = "seed"
+    cfg = from_dict(AETrainConfig, old)
+    assert cfg.model.block == "course" and cfg == AETrainConfig() and to_dict(cfg)["model"]["block"] == "course"
+    with pytest.raises(ValueError, match="course, resnet"):
+        AEConfig(block="plain")  # type: ignore[arg-type]
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path: Path) -> None:

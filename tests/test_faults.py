@@ -46,10 +46,10 @@ from faultlib import (
 
 from voxdiff.checkpoint import load_autoencoder, load_checkpoint, load_unet, save_checkpoint
 from voxdiff.cli import load_script
-from voxdiff.config import pipeline_preset, to_dict
+from voxdiff.config import run_preset, to_dict
 from voxdiff.data.partseg import write_synthetic_partseg
 from voxdiff.data.voxelize import preprocess
-from voxdiff.pipeline import resolve, run
+from voxdiff.runner import resolve, run
 from voxdiff.utils import VoxdiffError, cli_name
 
 H5_COUNTS = {"train": {"airplane": 3, "chair": 3, "table": 3}, "val": {"airplane": 2, "chair": 2, "table": 2},
@@ -76,7 +76,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = pipeline_preset("tiny")  # without tuning and the LDM's preview: seconds less, no other file kinds
+        cfg = run_preset("tiny")  # without tuning and the LDM's preview: seconds less, no other file kinds
         cfg = dataclasses.replace(cfg, run_dir=str(d), device="cpu", tune=dataclasses.replace(cfg.tune, enabled=False),
                                   ldm=dataclasses.replace(cfg.ldm, preview=False))
         run(cfg, stages=PIPELINE_STAGES, progress=False)
@@ -313,9 +313,9 @@ def test_voxdiff_refused_rerun_changes_no_file(flags: list[str], needles: list[s
 
 
 def _config(run_dir: Path) -> Any:
-    from voxdiff.config import PipelineConfig, from_dict
+    from voxdiff.config import RunConfig, from_dict
 
-    cfg = from_dict(PipelineConfig, json.loads((run_dir / "config.json").read_text()))
+    cfg = from_dict(RunConfig, json.loads((run_dir / "config.json").read_text()))
     return dataclasses.replace(cfg, run_dir=str(run_dir))
 
 
@@ -428,16 +428,16 @@ def test_a_stage_whose_output_is_missing_runs_again(lost: str, reran: str, run_c
 
 
 def test_a_stage_is_not_recorded_without_its_outputs(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from voxdiff import pipeline
+    from voxdiff import runner
 
-    real = pipeline.stage_eval
+    real = runner.stage_eval
 
     def loses_one(cfg: Any, log: Any, progress: bool = True) -> dict[str, Any]:
         out = real(cfg, log, progress)
         (run_copy / "baselines" / "noise_table.npy").unlink()  # written, then lost before the record (a fault)
         return out
 
-    monkeypatch.setattr(pipeline, "stage_eval", loses_one)
+    monkeypatch.setattr(runner, "stage_eval", loses_one)
     records = (run_copy / "stages.json").read_text()
     with pytest.raises(VoxdiffError, match="stage eval ended without writing .*noise_table.npy"):
         run(_config(run_copy), stages=PIPELINE_STAGES, progress=False, rerun_from="eval")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -15,15 +16,15 @@ from voxdiff.__main__ import main
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import (
     CATEGORIES,
-    PIPELINE_PRESETS,
+    RUN_PRESETS,
     GoalConfig,
-    PipelineConfig,
+    RunConfig,
     from_dict,
-    pipeline_preset,
+    run_preset,
     to_dict,
 )
-from voxdiff.pipeline import run, stage_key
 from voxdiff.report import goal_check, reading, summary_lines
+from voxdiff.runner import resolve, run, stage_key
 from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.utils import VoxdiffError
 
@@ -34,7 +35,7 @@ READINGS = ("close to the data", "partly there: misses ", "far from the data")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("pipeline") / "tiny"
-    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(run_dir), device="cpu")
+    cfg = dataclasses.replace(run_preset("tiny"), run_dir=str(run_dir), device="cpu")
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # as every test body runs (conftest): bit-identity holds for one thread count
     try:
@@ -44,9 +45,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def test_presets_roundtrip() -> None:
-    for name in PIPELINE_PRESETS:
-        cfg = pipeline_preset(name)
-        assert from_dict(PipelineConfig, to_dict(cfg)) == cfg
+    for name in RUN_PRESETS:
+        cfg = run_preset(name)
+        assert from_dict(RunConfig, to_dict(cfg)) == cfg
         assert cfg.sample.resolution % cfg.ae.model.resolution == 0 or cfg.name == "full"
 
 
@@ -119,7 +120,7 @@ def test_the_run_exports_its_model_with_the_tuned_settings(tiny_run: tuple[Path,
 def test_rerun_skips_completed_stages(tiny_run: tuple[Path, dict]) -> None:
     run_dir, first = tiny_run
     ae_mtime = (run_dir / "ae" / "last.pt").stat().st_mtime_ns
-    cfg = from_dict(PipelineConfig, json.loads((run_dir / "config.json").read_text()))
+    cfg = from_dict(RunConfig, json.loads((run_dir / "config.json").read_text()))
     again = run(cfg, stages=("ae", "ldm", "eval", "report"))
     assert (run_dir / "ae" / "last.pt").stat().st_mtime_ns == ae_mtime
     assert again["eval"]["table"]["model"] == first["eval"]["table"]["model"]
@@ -140,7 +141,24 @@ def test_rerun_from_eval_keeps_the_models_and_rescores(tiny_run: tuple[Path, dic
         {k: first["eval"]["table"]["model"][k] for k in numbers}
     assert again["timings"]["ae"] == first["timings"]["ae"]  # the earlier stages' records are kept
     with pytest.raises(VoxdiffError, match="rerun_from must be one of"):
-        run(from_dict(PipelineConfig, json.loads((run_dir / "config.json").read_text())), rerun_from="ae")
+        run(from_dict(RunConfig, json.loads((run_dir / "config.json").read_text())), rerun_from="ae")
+
+
+def test_stage_keys_are_those_of_runs_recorded_before() -> None:
+    """A stage key hashes the stage's settings without where-and-how fields (paths, device, threads, resume, the
+    guard's patience: metadata "local"), the AE block under its first name "seed": the keys a run directory recorded
+    before those were declared in config.py, and before the starter network was renamed "course", still match."""
+    local = ("dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "latent_cache_dir", "resume",
+             "overwrite", "device", "threads", "max_bad_steps")
+    for name in ("tiny", "full"):
+        cfg = resolve(dataclasses.replace(run_preset(name), run_dir="/somewhere/run", device="cpu"))
+        assert cfg.ae.model.block == "course"
+        for stage in ("ae", "ldm", "tune", "sample"):
+            recorded = {k: v for k, v in to_dict(getattr(cfg, stage)).items() if k not in local}
+            if stage == "ae":
+                recorded["model"]["block"] = "seed"
+            digest = hashlib.sha256(json.dumps(recorded, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            assert stage_key(stage, cfg, None) == digest, (name, stage)
 
 
 def test_cli_rejects_bad_stage(tmp_path: Path) -> None:
@@ -160,7 +178,7 @@ def test_same_command_twice_is_bit_identical(tiny_run: tuple[Path, dict], tmp_pa
     from voxdiff.checkpoint import load_checkpoint
 
     run_dir, _ = tiny_run
-    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "again"), device="cpu")
+    cfg = dataclasses.replace(run_preset("tiny"), run_dir=str(tmp_path / "again"), device="cpu")
     run(cfg, stages=("data", "ae", "ldm", "tune", "sample"), progress=False)
     for f in ("ae/best.pt", "ae/last.pt", "ldm/best.pt", "ldm/last.pt"):
         a, b = load_checkpoint(run_dir / f), load_checkpoint(tmp_path / "again" / f)
@@ -174,7 +192,7 @@ def test_same_command_twice_is_bit_identical(tiny_run: tuple[Path, dict], tmp_pa
 
 def test_time_cap_is_reported(tmp_path: Path) -> None:
     """A stage that the safety cap stopped says so on the console, in stages.json and in report.md."""
-    base = pipeline_preset("tiny")
+    base = run_preset("tiny")
     cfg = dataclasses.replace(base, run_dir=str(tmp_path / "capped"), device="cpu",
                               ae=dataclasses.replace(base.ae, max_minutes=1e-9))
     report = run(cfg, stages=("data", "ae", "report"))
@@ -268,7 +286,7 @@ def test_a_changed_goal_rewrites_the_report_only(tiny_run: tuple[Path, dict],
     """Goals are in no stage key: a rerun with other goals runs no stage (stages.json untouched) and judges the same
     scores anew; the console summary names the teaser, reads each category and gives the stage times."""
     run_dir, _ = tiny_run
-    cfg = from_dict(PipelineConfig, json.loads((run_dir / "config.json").read_text()))
+    cfg = from_dict(RunConfig, json.loads((run_dir / "config.json").read_text()))
     strict = dataclasses.replace(cfg, goals=GoalConfig(structure=0.0, nna=1.0))
     assert all(stage_key(s, cfg, None) == stage_key(s, strict, None)
                for s in ("data", "ae", "ldm", "tune", "sample", "eval", "render"))

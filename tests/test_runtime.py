@@ -397,8 +397,8 @@ def test_pipeline_times_threads_once_and_a_config_rerun_keeps_the_count(tmp_path
     import dataclasses
     import json
 
-    from voxdiff import pipeline as pipeline_mod
-    from voxdiff.config import pipeline_preset
+    from voxdiff import runner
+    from voxdiff.config import run_preset
 
     timed: list[int] = []
 
@@ -406,20 +406,20 @@ def test_pipeline_times_threads_once_and_a_config_rerun_keeps_the_count(tmp_path
         timed.append(n)
         return {1: 1.0, 2: 3.0}[n]
 
-    monkeypatch.setattr(pipeline_mod, "available_cores", lambda: 2)
+    monkeypatch.setattr(runner, "available_cores", lambda: 2)
     monkeypatch.setattr(threads_mod, "available_cores", lambda: 2)
     monkeypatch.setattr(threads_mod, "time_steps", fake_time)
-    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "run"), device="cpu")
-    report = pipeline_mod.run(cfg, stages=("data", "ae"), progress=False)
+    cfg = dataclasses.replace(run_preset("tiny"), run_dir=str(tmp_path / "run"), device="cpu")
+    report = runner.run(cfg, stages=("data", "ae"), progress=False)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["threads"] == "2" and saved["ae"]["threads"] == "2"
     assert report["runtime"]["pipeline"]["threads"]["threads"] == 2 and timed[:2] == [1, 2]
     ae_rt = load_checkpoint(tmp_path / "run" / "ae" / "last.pt", kind="autoencoder").meta.runtime
     assert ae_rt["threads"]["threads"] == 2 and ae_rt["threads"]["reason"].startswith("pinned")
     timed.clear()
-    from voxdiff.config import PipelineConfig, from_dict
+    from voxdiff.config import RunConfig, from_dict
 
-    again = pipeline_mod.run(from_dict(PipelineConfig, saved), stages=("data", "ae"), progress=False)
+    again = runner.run(from_dict(RunConfig, saved), stages=("data", "ae"), progress=False)
     assert again["runtime"]["pipeline"]["threads"]["reason"].startswith("pinned") and 1 not in timed
 
 

@@ -95,10 +95,10 @@ def test_tune_scores_the_pipelines_own_samples(tmp_path: Path, monkeypatch: pyte
 def test_tiny_pipeline_samples_with_the_pick(tmp_path: Path) -> None:
     import dataclasses
 
-    from voxdiff.config import pipeline_preset
-    from voxdiff.pipeline import run
+    from voxdiff.config import run_preset
+    from voxdiff.runner import run
 
-    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "run"), device="cpu")
+    cfg = dataclasses.replace(run_preset("tiny"), run_dir=str(tmp_path / "run"), device="cpu")
     report = run(cfg, stages=("data", "ae", "ldm", "tune", "sample"), progress=False)
     chosen = report["stages"]["tune"]["pick"]
     rows = report["stages"]["tune"]["rows"]

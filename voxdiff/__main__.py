@@ -1,9 +1,10 @@
 """The main job from the command line: `python -m voxdiff --preset demo` runs data -> AE -> LDM -> tune -> sample ->
-eval -> render -> report (voxdiff.pipeline) and prints one line per category and set.
+eval -> render -> report (the stage runner, voxdiff.runner) and prints one line per category and set.
 
 Every setting of every stage is a flag, named as in the stage's own script and prefixed by the stage (--ae.num_steps,
---ldm.lr, --sample.cfg_scale, ...); a flag that is not given keeps the preset's value. --config reruns a run's
-config.json.
+--ldm.lr, --sample.cfg_scale, ...; --tune / --no_tune turn the tune stage on or off), except those the runner fills in
+from the run's own settings (--run_dir, --device, --seed, ...); a flag that is not given keeps the preset's value.
+--config reruns a run's config.json.
 """
 
 from __future__ import annotations
@@ -18,26 +19,24 @@ from typing import Any
 
 from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_from_args
 from voxdiff.config import (
-    PIPELINE_PRESETS,
+    RUN_PRESETS,
     AETrainConfig,
     LDMTrainConfig,
-    PipelineConfig,
+    RunConfig,
     SampleConfig,
     TuneConfig,
     from_dict,
-    pipeline_preset,
+    run_preset,
+    tagged_fields,
 )
-from voxdiff.pipeline import RERUNNABLE, STAGES, resolve, run
 from voxdiff.report import summary_lines
+from voxdiff.runner import RERUNNABLE, STAGES, resolve, run
 from voxdiff.utils import VoxdiffError, run_cli
-
-_STAGE_PATHS = ("dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "device", "seed", "resume",
-                "overwrite", "resolution", "render", "threads")  # set by the pipeline itself (resolve())
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list]:
     p = ArgumentParser(prog="python -m voxdiff", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--preset", choices=list(PIPELINE_PRESETS), default="demo",
+    p.add_argument("--preset", choices=list(RUN_PRESETS), default="demo",
                    help="named configuration of every stage (voxdiff/config.py) (default: %(default)s)")
     p.add_argument("--config", help="a config.json written by an earlier run (instead of --preset) (default: none)")
     p.add_argument("--stages", default=",".join(STAGES),
@@ -46,25 +45,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, list]:
     p.add_argument("--rerun_from", choices=RERUNNABLE, default=None,
                    help="redo this stage and the later ones, keeping the data and the trained models (default: none)")
     note = "default: the preset's"
-    flags = add_config_arguments(p, PipelineConfig, skip=("ae", "ldm", "tune", "sample", "name"), default_note=note)
-    flags += add_config_arguments(p.add_argument_group("AE training (autoencoder.py)"), AETrainConfig,
-                                  prefix="ae.", skip=_STAGE_PATHS, default_note=note)
-    flags += add_config_arguments(p.add_argument_group("LDM training (diffusion/train.py)"), LDMTrainConfig,
-                                  prefix="ldm.", skip=(*_STAGE_PATHS, "preview_threshold"), default_note=note)
-    flags += add_config_arguments(p.add_argument_group("tuning on held-out training shapes (voxdiff/tuning.py)"),
-                                  TuneConfig, prefix="tune.", default_note=note)
-    flags += add_config_arguments(p.add_argument_group("sampling (diffusion/sample.py)"), SampleConfig,
-                                  prefix="sample.", skip=_STAGE_PATHS, default_note=note)
+    flags = add_config_arguments(p, RunConfig, skip=("ae", "ldm", "tune", "sample", "name"), default_note=note)
+    for title, cls, prefix in (("AE training (autoencoder.py)", AETrainConfig, "ae."),
+                               ("LDM training (diffusion/train.py)", LDMTrainConfig, "ldm."),
+                               ("tuning on held-out training shapes (voxdiff/tuning.py)", TuneConfig, "tune."),
+                               ("sampling (diffusion/sample.py)", SampleConfig, "sample.")):
+        # the fields the runner fills in from the run's own settings (config metadata "from_run") are no flags here
+        flags += add_config_arguments(p.add_argument_group(title), cls, prefix=prefix,
+                                      skip=tagged_fields(cls, "from_run"), default_note=note)
     return p, flags
 
 
-def _load_config(path: Path) -> PipelineConfig:
+def _load_config(path: Path) -> RunConfig:
     """A config.json written by an earlier run, checked in full (nested stage configs included); a VoxdiffError
     naming the file otherwise."""
     if not path.is_file():
         raise VoxdiffError(f"config file not found: {path}")
     try:
-        cfg = from_dict(PipelineConfig, json.loads(path.read_text()))
+        cfg = from_dict(RunConfig, json.loads(path.read_text()))
         _check_types(cfg)
     except (ValueError, TypeError, UnicodeDecodeError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -92,17 +90,17 @@ def _name_flag(message: str, args: argparse.Namespace, flags: list) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse the flags over a preset or a run's config.json, run the pipeline, print one line per category and set."""
+    """Parse the flags over a preset or a run's config.json, run the stages, print one line per category and set."""
     parser, flags = build_parser()
     args = parser.parse_args(argv)
     if args.config:
         base = _load_config(Path(args.config))
     else:
-        base = pipeline_preset(args.preset)
+        base = run_preset(args.preset)
         base.run_dir = f"runs/{args.preset}"
     try:
-        cfg = config_from_args(PipelineConfig, args, flags, base)
-        resolve(cfg)  # builds every stage's config from the pipeline's values: checks them all, writes nothing
+        cfg = config_from_args(RunConfig, args, flags, base)
+        resolve(cfg)  # builds every stage's config from the run's values: checks them all, writes nothing
     except (ValueError, TypeError) as e:
         msg = _name_flag(str(e), args, flags)
         if msg == str(e) and args.config:  # no flag set it: the value came from the file

@@ -1,10 +1,12 @@
 """Command-line flags generated from the config dataclasses, and back: one name per setting, written once.
 
 `add_config_arguments(parser, Config)` adds one flag per field (nested model / scheduler configs are flattened): the
-type and `Literal` choices come from the annotation, the help from the field's trailing comment, and the default is
-shown. Booleans get `--name` / `--no_name`; `X | None` fields accept `none`; tuples take several values;
-`categories` becomes `--category NAME [NAME ...]` or `--category all`. Flags a user did not give keep the config's
-value, so `config_from_args(Config, args, base)` can apply them over a preset.
+type and `Literal` choices come from the annotation, the help from the field's metadata (`metadata={"help": ...}`, as
+HfArgumentParser reads it), and the default is shown. Booleans get `--name` / `--no_name` (a config's on/off switch
+under a prefix: `--tune` / `--no_tune`); `X | None` fields accept `none`; tuples take several values; `categories`
+becomes `--category NAME [NAME ...]` or `--category all`; fields the program derives (metadata "derived") are no flags.
+Flags a user did not give keep the config's value, so `config_from_args(Config, args, base)` can apply them over a
+preset.
 
 Standard library only, like config.py.
 """
@@ -12,14 +14,10 @@ Standard library only, like config.py.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import functools
 import importlib.util
-import inspect
 import math
 import sys
-import textwrap
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -27,35 +25,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from voxdiff.config import ACTS_ONLY_WITH, CATEGORIES, from_dict, to_dict
-
-# Fields set by the program, not by a user (the AE sets the U-Net's input width; the categories fix the classes).
-DERIVED: frozenset[str] = frozenset({"model.in_channels", "model.num_classes"})
-
-
-@functools.cache
-def field_help(cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class source (its bases' first), continued by comment lines
-    right below it (empty when the source is unavailable)."""
-    out: dict[str, str] = {}
-    for base in reversed(cls.__mro__[1:]):
-        if dataclasses.is_dataclass(base):
-            out.update(field_help(base))
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):  # pragma: no cover - frozen / zipped installs
-        return out
-    lines = source.splitlines()
-    for node in ast.parse(source).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            line = lines[node.end_lineno - 1]
-            if "  # " in line:
-                text = [line.split("  # ", 1)[1].strip()]
-                for more in lines[node.end_lineno :]:
-                    if not more.strip().startswith("# "):
-                        break
-                    text.append(more.strip()[2:].strip())
-                out[node.target.id] = " ".join(text)
-    return out
 
 
 def _finite_float(text: str) -> float:
@@ -165,38 +134,39 @@ def add_config_arguments(
     """Add a flag for every field of the config dataclass `cls` (nested configs flattened); returns the flags.
 
     `defaults` (an instance) supplies the values shown in --help; `prefix` ("ae." ...) namespaces the options of one
-    sub-config of a larger config; `skip` names fields that are not flags (dotted for nested ones: "model.resolution");
-    `default_note` replaces the shown default.
+    sub-config of a larger config; `skip` names fields that are not flags (dotted for nested ones: "model.resolution"),
+    besides the derived ones; `default_note` replaces the shown default.
     """
     defaults = defaults if defaults is not None else cls()
     flags: list[Flag] = []
-    _add(parser, cls, defaults, prefix, "", set(skip) | DERIVED, default_note, flags)
+    _add(parser, cls, defaults, prefix, "", set(skip), default_note, flags)
     return flags
 
 
 def _add(parser: Any, cls: type, defaults: Any, prefix: str, path: str, skip: set[str], note: str | None,
          flags: list[Flag]) -> None:
     hints = typing.get_type_hints(cls)
-    helps = field_help(cls)
     for f in dataclasses.fields(cls):
-        if f"{path}{f.name}" in skip:
+        if f"{path}{f.name}" in skip or f.metadata.get("derived"):
             continue
         tp = hints[f.name]
         value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):  # model / scheduler settings: flattened into the same namespace
             _add(parser, tp, value, prefix, f"{path}{f.name}.", skip, note, flags)
             continue
-        name = "category" if f.name == "categories" else f.name
-        option, dest = f"--{prefix}{name}", f"{prefix}{path}{f.name}"
-        shown = note or f"default: {_fmt(value) if f.name != 'categories' or tuple(value) != CATEGORIES else 'all'}"
-        text = f"{helps.get(f.name, '')} ({shown})".strip()
-        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         base, optional = _unwrap_optional(tp)
+        name = "category" if f.name == "categories" else f.name
+        option, off, dest = f"--{prefix}{name}", f"--{prefix}no_{name}", f"{prefix}{path}{f.name}"
+        if base is bool and prefix and f.metadata.get("switch"):  # the config's on/off switch: --tune / --no_tune
+            option, off = f"--{prefix.rstrip('.')}", f"--no_{prefix.rstrip('.')}"
+        shown = note or f"default: {_fmt(value) if f.name != 'categories' or tuple(value) != CATEGORIES else 'all'}"
+        text = f"{f.metadata.get('help', '')} ({shown})".strip()
+        kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if base is bool:
             if value is True:
-                kw["help"] = kw["help"][:-1] + f"; --{prefix}no_{name} turns it off)"
+                kw["help"] = kw["help"][:-1] + f"; {off} turns it off)"
             parser.add_argument(option, action="store_true", **kw)
-            parser.add_argument(f"--{prefix}no_{name}", action="store_false", dest=dest, default=argparse.SUPPRESS,
+            parser.add_argument(off, action="store_false", dest=dest, default=argparse.SUPPRESS,
                                 help=argparse.SUPPRESS)
         elif f.name == "categories":
             parser.add_argument(option, nargs="+", choices=[*CATEGORIES, "all"], metavar="CATEGORY", **kw)

@@ -1,7 +1,21 @@
 """Configuration dataclasses and named presets. Standard library only (a leaf module).
 
-Every stage is a library function taking one of these objects; the CLIs build them from flags and the pipeline builds
-them from a preset, so both run the same code.
+Every stage is a library function taking one of these objects; the CLIs build them from flags and the stage runner
+(`python -m voxdiff`, voxdiff.runner) builds them from a preset, so both run the same code.
+
+Each field says what it is in its metadata, written once here and read everywhere else:
+    "help"      its --help text (the CLIs' flags are generated from the fields: voxdiff/cli.py)
+    "derived"   set by the program from other settings (the U-Net's input width from the AE, the class count from
+                CATEGORIES): never a flag
+    "from_run"  the stage runner fills it in from the run's own settings (run_dir, data, device, seed, threads,
+                resolution: voxdiff.runner.resolve), so `python -m voxdiff` has no --ae. / --ldm. / --sample. flag
+                for it
+    "local"     where files are and how this machine runs the stage (paths, device, threads, resume, the guard's
+                patience), not what the stage makes: left out of the runner's stage keys, so a moved run directory or
+                another machine resumes the run
+    "switch"    a boolean that turns its whole config on or off: under a prefix its flags are the prefix's word
+                (`--tune` / `--no_tune`)
+A subclass that redefines a field (a new default) repeats its metadata.
 """
 
 from __future__ import annotations
@@ -18,7 +32,7 @@ CATEGORIES: tuple[str, ...] = ("airplane", "chair", "table")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 AELoss = Literal["bce", "weighted_bce", "dice", "bce_dice", "focal"]
-AEBlock = Literal["seed", "resnet"]
+AEBlock = Literal["course", "resnet"]
 AENorm = Literal["batch", "group"]
 AEUpsample = Literal["transpose", "nearest"]
 BetaSchedule = Literal["linear", "scaled_linear", "cosine"]
@@ -30,6 +44,12 @@ BinarizeMode = Literal["threshold", "calibrated", "topk"]
 SDSWeighting = Literal["sds", "uniform"]
 SDSInit = Literal["noise", "ddim"]
 LRSchedule = Literal["constant", "cosine"]
+
+
+def tagged_fields(cls: type, tag: str) -> tuple[str, ...]:
+    """Names of the fields of the config dataclass `cls` whose metadata sets `tag` ("derived", "from_run", "local",
+    "switch": see the module docstring)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(tag))
 
 
 def check_literal(value: Any, lit: Any, name: str) -> None:
@@ -96,24 +116,37 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+# Old name -> name. The course's starter network was first called "seed", which reads as the RNG seed; checkpoints and
+# config.json files written before it was renamed "course" still say so. AEConfig (its block) and unet_preset read the
+# old name; the stage runner keys its records by it (voxdiff.runner._strip), so runs recorded before stay up to date.
+RENAMED: dict[str, str] = {"seed": "course"}
+
+
 @dataclass
 class AEConfig:
     """3D conv autoencoder: (B,1,R,R,R) -> (B,latent_channels,r,r,r), r = R / 2^len(channels) -> back.
 
-    The defaults are the network of the course's starter code ("seed": three stride-2 stages at 64³ -> 16×8³,
+    The defaults are the network of the course's starter code ("course": three stride-2 stages at 64³ -> 16×8³,
     BatchNorm, transposed convolutions).
     """
 
-    resolution: int = 64  # input grid side (a power of two)
-    channels: tuple[int, ...] = (12, 24, 48)  # width of each stride-2 stage; their number sets the latent side
-    latent_channels: int = 16
-    negative_slope: float = 0.2  # LeakyReLU slope
-    block: AEBlock = "seed"  # seed: the starter code's conv stack; resnet: a residual block at every resolution
-    norm: AENorm = "batch"  # batch: BatchNorm3d (starter code); group: GroupNorm (batch-size independent)
-    upsample: AEUpsample = "transpose"  # transpose: ConvTranspose3d (starter code); nearest: nearest upsample + conv
-    variational: bool = False  # the encoder predicts a mean and a log-variance (AutoencoderKL); the latent is the mean
+    resolution: int = field(default=64, metadata={"help": "input grid side (a power of two)"})
+    channels: tuple[int, ...] = field(default=(12, 24, 48), metadata={
+        "help": "width of each stride-2 stage; their number sets the latent side"})
+    latent_channels: int = field(default=16, metadata={"help": "channels of the latent (the LDM's input width)"})
+    negative_slope: float = field(default=0.2, metadata={"help": "LeakyReLU slope"})
+    block: AEBlock = field(default="course", metadata={
+        "help": "course: the starter code's conv stack; resnet: a residual block at every resolution"})
+    norm: AENorm = field(default="batch", metadata={
+        "help": "batch: BatchNorm3d (starter code); group: GroupNorm (batch-size independent)"})
+    upsample: AEUpsample = field(default="transpose", metadata={
+        "help": "transpose: ConvTranspose3d (starter code); nearest: nearest upsample + conv"})
+    variational: bool = field(default=False, metadata={
+        "help": "the encoder predicts a mean and a log-variance (AutoencoderKL); the latent is the mean"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.block, str) and self.block in RENAMED:  # checkpoints, config.json files from before
+            self.block = RENAMED[self.block]
         check_literal(self.block, AEBlock, "block")
         check_literal(self.norm, AENorm, "norm")
         check_literal(self.upsample, AEUpsample, "upsample")
@@ -134,17 +167,19 @@ class AEConfig:
 @dataclass
 class UNetConfig:
     """UNet3D over the latent. Defaults are the starter code's size (ch 192, mult 1,2,2, attention at level 1, 3 res
-    blocks): the "seed" preset."""
+    blocks): the "course" preset."""
 
-    in_channels: int = 16  # latent channels (set from the AE)
-    ch: int = 192  # base width
-    ch_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per resolution level (one stride-2 step between levels)
-    num_res_blocks: int = 3  # residual blocks per level
-    attn_levels: tuple[int, ...] = (1,)  # levels with self-attention after each block
-    dropout: float = 0.1  # residual-block dropout
-    num_classes: int = len(CATEGORIES)  # class labels (+1 null class for guidance)
-    num_groups: int = 32  # GroupNorm groups
-    num_heads: int = 4  # attention heads
+    in_channels: int = field(default=16, metadata={"help": "latent channels (set from the AE)", "derived": True})
+    ch: int = field(default=192, metadata={"help": "base width"})
+    ch_mult: tuple[int, ...] = field(default=(1, 2, 2), metadata={
+        "help": "width multiplier per resolution level (one stride-2 step between levels)"})
+    num_res_blocks: int = field(default=3, metadata={"help": "residual blocks per level"})
+    attn_levels: tuple[int, ...] = field(default=(1,), metadata={"help": "levels with self-attention after each block"})
+    dropout: float = field(default=0.1, metadata={"help": "residual-block dropout"})
+    num_classes: int = field(default=len(CATEGORIES), metadata={
+        "help": "class labels (+1 null class for guidance)", "derived": True})
+    num_groups: int = field(default=32, metadata={"help": "GroupNorm groups"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads"})
 
     def __post_init__(self) -> None:
         levels = len(self.ch_mult)
@@ -168,17 +203,19 @@ class UNetConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-# Named U-Net sizes (the dict doubles as argparse `choices`). "seed" is the network of the course's starter code (the
-# "seed" this project grew from); "small" is for CPU runs and tests.
+# Named U-Net sizes (the dict doubles as argparse `choices`). "course" is the network of the course's starter code
+# (the code this project grew from); "small" is for CPU runs and tests.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
-    "seed": {},
+    "course": {},
     "small": {"ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "attn_levels": (2,), "num_groups": 8,
               "num_heads": 2},
 }
 
 
 def unet_preset(name: str, **overrides: Any) -> UNetConfig:
-    """UNetConfig of a named preset (see UNET_PRESETS), with optional field overrides."""
+    """UNetConfig of a named preset (see UNET_PRESETS; the old name "seed" reads as "course"), with optional field
+    overrides."""
+    name = RENAMED.get(name, name)
     if name not in UNET_PRESETS:
         raise ValueError(f"unknown UNet preset {name!r}; choose from {', '.join(UNET_PRESETS)}")
     return UNetConfig(**{**UNET_PRESETS[name], **overrides})
@@ -188,17 +225,19 @@ def unet_preset(name: str, **overrides: Any) -> UNetConfig:
 class SchedulerConfig:
     """DDPM noise schedule (Ho et al. 2020): linear betas 1e-4 -> 0.02 over T = 1000 steps, epsilon prediction."""
 
-    num_train_timesteps: int = 1000  # diffusion steps T
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    beta_schedule: BetaSchedule = "linear"  # linear (DDPM), scaled_linear (linear in √β: Stable Diffusion) or cosine
-    # (Nichol & Dhariwal 2021)
-    prediction_type: PredictionType = "epsilon"  # the network predicts the noise ε, or v = √ᾱ·ε − √(1−ᾱ)·x_0
-    # (Salimans & Ho 2022)
-    timestep_spacing: TimestepSpacing = "leading"  # inference timesteps: leading (T−k, ..., 0; DDIM's) or trailing
-    # (T−1, ..., k−1: sampling starts at the last trained step; Lin et al. 2024)
-    rescale_betas_zero_snr: bool = False  # rescale the schedule so ᾱ_T = 0: the last step is pure noise, as sampling
-    # assumes (Lin et al. 2024; needs v_prediction)
+    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps T"})
+    beta_start: float = field(default=1e-4, metadata={"help": "β of the first diffusion step"})
+    beta_end: float = field(default=0.02, metadata={"help": "β of the last diffusion step"})
+    beta_schedule: BetaSchedule = field(default="linear", metadata={
+        "help": "linear (DDPM), scaled_linear (linear in √β: Stable Diffusion) or cosine (Nichol & Dhariwal 2021)"})
+    prediction_type: PredictionType = field(default="epsilon", metadata={
+        "help": "the network predicts the noise ε, or v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho 2022)"})
+    timestep_spacing: TimestepSpacing = field(default="leading", metadata={
+        "help": "inference timesteps: leading (T−k, ..., 0; DDIM's) or trailing (T−1, ..., k−1: sampling starts at "
+                "the last trained step; Lin et al. 2024)"})
+    rescale_betas_zero_snr: bool = field(default=False, metadata={
+        "help": "rescale the schedule so ᾱ_T = 0: the last step is pure noise, as sampling assumes (Lin et al. 2024; "
+                "needs v_prediction)"})
 
     def __post_init__(self) -> None:
         check_literal(self.beta_schedule, BetaSchedule, "beta_schedule")
@@ -219,27 +258,40 @@ class TrainConfig:
     `max_minutes` is only a safety cap, and a run it stops says so.
     """
 
-    dataset_path: str = "data/hdf5_data"  # directory of {category}_voxels_{split}.npy
-    ckpt_path: str = "checkpoints/run"  # run directory: last.pt, best.pt, train.log, log.csv/png
-    categories: tuple[str, ...] = CATEGORIES
-    batch_size: int = 64  # global batch (split across ranks under torchrun)
-    lr: float = 1e-3
-    num_steps: int | None = None  # optimizer steps; none: num_epochs passes over the training set
-    num_epochs: int | None = 50  # passes over the training set when num_steps is none
-    max_minutes: float | None = None  # safety cap on wall time (the run says so when it stops there); none: no cap
-    grad_clip: float = 1.0  # max gradient norm (0: off)
-    weight_decay: float = 0.0
-    precision: Precision = "auto"  # autocast dtype of training forwards; auto: bf16 only where a start-up check of
-    # this network's forward and backward against fp32 passes on this machine, else fp32
-    threads: str = "auto"  # CPU intra-op threads; auto: timed at start-up on this network (1, 2, 4 ... cores)
-    max_bad_steps: int = 10  # steps in a row with a non-finite or absurd loss or gradient before the run stops
-    # (each such step is skipped: parameters, optimizer and EMA unchanged)
-    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
-    seed: int = 0
-    resume: bool = False  # continue exactly from {ckpt_path}/last.pt
-    overwrite: bool = False  # replace an existing run in ckpt_path (without it, an existing checkpoint is refused)
-    log_every: int = 10  # steps between loss rows in log.csv
-    ckpt_every: int = 500  # steps between held-out validation, last.pt and best.pt
+    dataset_path: str = field(default="data/hdf5_data", metadata={
+        "help": "directory of {category}_voxels_{split}.npy", "from_run": True, "local": True})
+    ckpt_path: str = field(default="checkpoints/run", metadata={
+        "help": "run directory: last.pt, best.pt, train.log, log.csv/png", "from_run": True, "local": True})
+    categories: tuple[str, ...] = field(default=CATEGORIES, metadata={"help": "categories trained on (all: every one)"})
+    batch_size: int = field(default=64, metadata={"help": "global batch (split across ranks under torchrun)"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    num_steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps; none: num_epochs passes over the training set"})
+    num_epochs: int | None = field(default=50, metadata={"help": "passes over the training set when num_steps is none"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "safety cap on wall time (the run says so when it stops there); none: no cap"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    precision: Precision = field(default="auto", metadata={
+        "help": "autocast dtype of training forwards; auto: bf16 only where a start-up check of this network's "
+                "forward and backward against fp32 passes on this machine, else fp32"})
+    threads: str = field(default="auto", metadata={
+        "help": "CPU intra-op threads; auto: timed at start-up on this network (1, 2, 4 ... cores)", "from_run": True,
+        "local": True})
+    max_bad_steps: int = field(default=10, metadata={
+        "help": "steps in a row with a non-finite or absurd loss or gradient before the run stops (each such step is "
+                "skipped: parameters, optimizer and EMA unchanged)", "local": True})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda when available), cpu, cuda, cuda:1, ...", "from_run": True, "local": True})
+    seed: int = field(default=0, metadata={
+        "help": "random seed: initial weights, data order, noise", "from_run": True})
+    resume: bool = field(default=False, metadata={
+        "help": "continue exactly from {ckpt_path}/last.pt", "from_run": True, "local": True})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an existing run in ckpt_path (without it, an existing checkpoint is refused)",
+        "from_run": True, "local": True})
+    log_every: int = field(default=10, metadata={"help": "steps between loss rows in log.csv"})
+    ckpt_every: int = field(default=500, metadata={"help": "steps between held-out validation, last.pt and best.pt"})
 
     def __post_init__(self) -> None:
         for c in self.categories:
@@ -270,16 +322,23 @@ class TrainConfig:
 class AETrainConfig(TrainConfig):
     """Autoencoder training run (`autoencoder.py`, `voxdiff.training.train_autoencoder`)."""
 
-    ckpt_path: str = "checkpoints/ae"  # run directory: last.pt, best.pt, train.log, log.csv/png
-    loss: AELoss = "bce"  # reconstruction loss (voxdiff/losses.py); bce gives the data's thickness at p > 0.5
-    pos_weight: float | None = None  # weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data
-    latent_noise: float = 0.0  # σ: decode latents + σ·(batch std)·ε in training, a decoder robust to imperfect latents
-    kl_weight: float = 0.0  # weight of the KL term to N(0, I) per latent number (needs model.variational; Stable
-    # Diffusion's AutoencoderKL uses about 1e-6 of a sum over pixels)
-    holdout_fraction: float = 0.05  # per category, held out of TRAIN for best.pt and threshold calibration
-    holdout_max: int = 100  # at most this many held-out shapes per category
-    sync_bn: bool = False  # under torchrun: SyncBatchNorm (full-global-batch statistics; CUDA only)
-    model: AEConfig = field(default_factory=AEConfig)
+    ckpt_path: str = field(default="checkpoints/ae", metadata={
+        "help": "run directory: last.pt, best.pt, train.log, log.csv/png", "from_run": True, "local": True})
+    loss: AELoss = field(default="bce", metadata={
+        "help": "reconstruction loss (voxdiff/losses.py); bce gives the data's thickness at p > 0.5"})
+    pos_weight: float | None = field(default=None, metadata={
+        "help": "weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data"})
+    latent_noise: float = field(default=0.0, metadata={
+        "help": "σ: decode latents + σ·(batch std)·ε in training, a decoder robust to imperfect latents"})
+    kl_weight: float = field(default=0.0, metadata={
+        "help": "weight of the KL term to N(0, I) per latent number (needs model.variational; Stable Diffusion's "
+                "AutoencoderKL uses about 1e-6 of a sum over pixels)"})
+    holdout_fraction: float = field(default=0.05, metadata={
+        "help": "per category, held out of TRAIN for best.pt and threshold calibration"})
+    holdout_max: int = field(default=100, metadata={"help": "at most this many held-out shapes per category"})
+    sync_bn: bool = field(default=False, metadata={
+        "help": "under torchrun: SyncBatchNorm (full-global-batch statistics; CUDA only)"})
+    model: AEConfig = field(default_factory=AEConfig, metadata={"help": "the autoencoder network"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -297,25 +356,38 @@ class AETrainConfig(TrainConfig):
 class LDMTrainConfig(TrainConfig):
     """Latent diffusion training run (`diffusion/train.py`, `voxdiff.training.train_ldm`)."""
 
-    ckpt_path: str = "checkpoints/ldm"  # run directory: last.pt, best.pt, train.log, log.csv/png, previews
-    batch_size: int = 16  # global batch (split across ranks under torchrun)
-    lr: float = 2e-4
-    num_steps: int | None = 10000  # optimizer steps; none: num_epochs passes over the training latents
-    num_epochs: int | None = None  # passes over the training latents when num_steps is none
-    ae_ckpt_path: str = "checkpoints/ae"  # trained AE checkpoint file or run directory
-    use_cfg: bool = True  # train with label dropout, so classifier-free guidance can be used when sampling
-    cfg_dropout: float = 0.1  # label dropout probability (with use_cfg)
-    warmup_steps: int = 500  # linear LR warmup
-    lr_schedule: LRSchedule = "constant"  # after warmup: constant, or cosine decay to lr/10
-    ema_decay: float = 0.999
-    snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper); none: plain MSE
-    keep_steps: tuple[int, ...] = ()  # also keep the checkpoint of these steps as step{N}.pt (a learning curve)
-    preview: bool = True  # render 2 samples per category at the end (and every preview_every steps)
-    preview_every: int | None = None  # steps between preview renders; none: only at the end
-    preview_threshold: float = 0.5  # previews binarise as p > this (the pipeline sets its sampling threshold)
-    latent_cache_dir: str | None = None  # none: latents/ beside the AE checkpoint
-    model: UNetConfig = field(default_factory=UNetConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    ckpt_path: str = field(default="checkpoints/ldm", metadata={
+        "help": "run directory: last.pt, best.pt, train.log, log.csv/png, previews", "from_run": True, "local": True})
+    batch_size: int = field(default=16, metadata={"help": "global batch (split across ranks under torchrun)"})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (reached after warmup_steps)"})
+    num_steps: int | None = field(default=10000, metadata={
+        "help": "optimizer steps; none: num_epochs passes over the training latents"})
+    num_epochs: int | None = field(default=None, metadata={
+        "help": "passes over the training latents when num_steps is none"})
+    ae_ckpt_path: str = field(default="checkpoints/ae", metadata={
+        "help": "trained AE checkpoint file or run directory", "from_run": True, "local": True})
+    use_cfg: bool = field(default=True, metadata={
+        "help": "train with label dropout, so classifier-free guidance can be used when sampling"})
+    cfg_dropout: float = field(default=0.1, metadata={"help": "label dropout probability (with use_cfg)"})
+    warmup_steps: int = field(default=500, metadata={"help": "linear LR warmup"})
+    lr_schedule: LRSchedule = field(default="constant", metadata={
+        "help": "after warmup: constant, or cosine decay to lr/10"})
+    ema_decay: float = field(default=0.999, metadata={
+        "help": "decay of the exponential moving average of the weights (what sampling uses by default)"})
+    snr_gamma: float | None = field(default=None, metadata={
+        "help": "min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper); none: plain MSE"})
+    keep_steps: tuple[int, ...] = field(default=(), metadata={
+        "help": "also keep the checkpoint of these steps as step{N}.pt (a learning curve)"})
+    preview: bool = field(default=True, metadata={
+        "help": "render 2 samples per category at the end (and every preview_every steps)"})
+    preview_every: int | None = field(default=None, metadata={
+        "help": "steps between preview renders; none: only at the end"})
+    preview_threshold: float = field(default=0.5, metadata={
+        "help": "previews binarise as p > this (the stage runner sets its sampling threshold)", "from_run": True})
+    latent_cache_dir: str | None = field(default=None, metadata={
+        "help": "none: latents/ beside the AE checkpoint", "local": True})
+    model: UNetConfig = field(default_factory=UNetConfig, metadata={"help": "the U-Net over the latent"})
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata={"help": "the noise schedule"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -335,29 +407,44 @@ class GenerateConfig:
     """What sampling and SDS share: the checkpoints, where the files go, how many shapes, guidance, output resolution
     and binarisation (decode -> p > threshold, or top-k, at the AE's resolution -> nearest upsampling)."""
 
-    ldm_ckpt_path: str = "checkpoints/ldm"  # LDM checkpoint file or run directory (best.pt, else last.pt)
-    ae_ckpt_path: str = "checkpoints/ae"  # AE checkpoint file or run directory (best.pt, else last.pt)
-    save_dir: str = "samples"  # gets {category}.npy and a JSON summary with a log
-    categories: tuple[str, ...] = CATEGORIES
-    num_samples: int = 1000  # shapes per category
-    batch_size: int = 100
-    use_cfg: bool = True  # classifier-free guidance; --no_use_cfg samples the plain conditional model (w = 0)
-    cfg_scale: float = 1.0  # guidance w in (1 + w)·ε_c − w·ε_u: 0 = plain conditional;
-    # the same as a "guidance scale" of 1 + w in the other common convention
-    resolution: int = 128  # output grid side: the AE's or a power-of-two multiple of it
-    binarize: BinarizeMode = "threshold"  # threshold: p > --threshold; calibrated: the AE's held-out threshold;
-    # topk: the k most probable voxels
-    threshold: float = 0.5  # occupied = probability > threshold (with --binarize threshold)
-    topk: int | None = None  # voxels kept per shape at --resolution (with --binarize topk);
-    # none: the category's mean training count
-    guidance_rescale: float = 0.0  # φ of Lin et al. 2024: pull the guided ε̂ back to the conditional one's scale
-    clamp_latents: bool = True  # clip each predicted latent to the range of the training latents (per channel)
-    use_ema: bool = True  # the EMA weights of the LDM
-    precision: Precision = "auto"  # autocast dtype of the U-Net's forward; auto: bf16 only where a start-up check
-    # against fp32 passes on this machine, else fp32
-    threads: str = "auto"  # CPU intra-op threads; auto: timed at start-up on the U-Net (1, 2, 4 ... cores)
-    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
-    seed: int = 0
+    ldm_ckpt_path: str = field(default="checkpoints/ldm", metadata={
+        "help": "LDM checkpoint file or run directory (best.pt, else last.pt)", "from_run": True, "local": True})
+    ae_ckpt_path: str = field(default="checkpoints/ae", metadata={
+        "help": "AE checkpoint file or run directory (best.pt, else last.pt)", "from_run": True, "local": True})
+    save_dir: str = field(default="samples", metadata={
+        "help": "gets {category}.npy and a JSON summary with a log", "from_run": True, "local": True})
+    categories: tuple[str, ...] = field(default=CATEGORIES, metadata={"help": "categories sampled (all: every one)"})
+    num_samples: int = field(default=1000, metadata={"help": "shapes per category"})
+    batch_size: int = field(default=100, metadata={"help": "shapes denoised at once"})
+    use_cfg: bool = field(default=True, metadata={
+        "help": "classifier-free guidance; --no_use_cfg samples the plain conditional model (w = 0)"})
+    cfg_scale: float = field(default=1.0, metadata={
+        "help": "guidance w in (1 + w)·ε_c − w·ε_u: 0 = plain conditional; the same as a \"guidance scale\" of 1 + w "
+                "in the other common convention"})
+    resolution: int = field(default=128, metadata={
+        "help": "output grid side: the AE's or a power-of-two multiple of it", "from_run": True})
+    binarize: BinarizeMode = field(default="threshold", metadata={
+        "help": "threshold: p > --threshold; calibrated: the AE's held-out threshold; topk: the k most probable "
+                "voxels"})
+    threshold: float = field(default=0.5, metadata={
+        "help": "occupied = probability > threshold (with --binarize threshold)"})
+    topk: int | None = field(default=None, metadata={
+        "help": "voxels kept per shape at --resolution (with --binarize topk); none: the category's mean training "
+                "count"})
+    guidance_rescale: float = field(default=0.0, metadata={
+        "help": "φ of Lin et al. 2024: pull the guided ε̂ back to the conditional one's scale"})
+    clamp_latents: bool = field(default=True, metadata={
+        "help": "clip each predicted latent to the range of the training latents (per channel)"})
+    use_ema: bool = field(default=True, metadata={"help": "the EMA weights of the LDM"})
+    precision: Precision = field(default="auto", metadata={
+        "help": "autocast dtype of the U-Net's forward; auto: bf16 only where a start-up check against fp32 passes "
+                "on this machine, else fp32"})
+    threads: str = field(default="auto", metadata={
+        "help": "CPU intra-op threads; auto: timed at start-up on the U-Net (1, 2, 4 ... cores)", "from_run": True,
+        "local": True})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda when available), cpu, cuda, cuda:1, ...", "from_run": True, "local": True})
+    seed: int = field(default=0, metadata={"help": "random seed of the sampling noise", "from_run": True})
 
     def __post_init__(self) -> None:
         check_literal(self.binarize, BinarizeMode, "binarize")
@@ -378,10 +465,11 @@ class GenerateConfig:
 class SampleConfig(GenerateConfig):
     """Sampling run (`diffusion/sample.py`, `voxdiff.sampling.sample_to_files`)."""
 
-    sampler: SamplerName = "ddim"
-    steps: int | None = None  # denoising steps; none: all T for ddpm, 50 for ddim
-    eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 ~ DDPM)
-    render: int | None = 16  # PNG of the first N shapes of each category ({category}.png); none: no PNG
+    sampler: SamplerName = field(default="ddim", metadata={"help": "reverse process: ddpm (all T steps) or ddim"})
+    steps: int | None = field(default=None, metadata={"help": "denoising steps; none: all T for ddpm, 50 for ddim"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM stochasticity (0 deterministic, 1 ~ DDPM)"})
+    render: int | None = field(default=16, metadata={
+        "help": "PNG of the first N shapes of each category ({category}.png); none: no PNG", "from_run": True})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -407,21 +495,26 @@ class SDSConfig(GenerateConfig):
     t ~ U[t_min·T, t_max·T] per sample per step (with `anneal`, the upper bound falls linearly to t_min over the run).
     """
 
-    save_dir: str = "samples_sds"  # gets {category}.npy, sds.json, sds.log, renders/
-    categories: tuple[str, ...] = ("chair",)
-    num_samples: int = 100  # shapes per category
-    batch_size: int = 100  # latents optimised at once
-    resolution: int = 64  # output grid side: the AE's or a power-of-two multiple of it
-    num_steps: int = 200  # SDS optimisation steps per batch (0: keep the initial latents)
-    lr: float = 0.02  # Adam learning rate on the (normalised) latents
-    t_min: float = 0.02  # lowest noise level, as a fraction of T
-    t_max: float = 0.98  # highest noise level, as a fraction of T
-    anneal: bool = False  # lower the upper t bound linearly to t_min over the run
-    weighting: SDSWeighting = "sds"  # w(t): sds = 1 − ᾱ_t (DreamFusion), uniform = 1
-    init: SDSInit = "noise"  # initial latents: noise (N(0, I)) or ddim (DDIM samples, η = 0)
-    steps: int = 50  # DDIM steps of --init ddim
-    render_every: int | None = 50  # render the first batch every K steps; none: no renders
-    render_n: int = 8  # shapes per render
+    save_dir: str = field(default="samples_sds", metadata={
+        "help": "gets {category}.npy, sds.json, sds.log, renders/", "from_run": True, "local": True})
+    categories: tuple[str, ...] = field(default=("chair",), metadata={"help": "categories distilled (all: every one)"})
+    num_samples: int = field(default=100, metadata={"help": "shapes per category"})
+    batch_size: int = field(default=100, metadata={"help": "latents optimised at once"})
+    resolution: int = field(default=64, metadata={
+        "help": "output grid side: the AE's or a power-of-two multiple of it", "from_run": True})
+    num_steps: int = field(default=200, metadata={
+        "help": "SDS optimisation steps per batch (0: keep the initial latents)"})
+    lr: float = field(default=0.02, metadata={"help": "Adam learning rate on the (normalised) latents"})
+    t_min: float = field(default=0.02, metadata={"help": "lowest noise level, as a fraction of T"})
+    t_max: float = field(default=0.98, metadata={"help": "highest noise level, as a fraction of T"})
+    anneal: bool = field(default=False, metadata={"help": "lower the upper t bound linearly to t_min over the run"})
+    weighting: SDSWeighting = field(default="sds", metadata={"help": "w(t): sds = 1 − ᾱ_t (DreamFusion), uniform = 1"})
+    init: SDSInit = field(default="noise", metadata={
+        "help": "initial latents: noise (N(0, I)) or ddim (DDIM samples, η = 0)"})
+    steps: int = field(default=50, metadata={"help": "DDIM steps of --init ddim"})
+    render_every: int | None = field(default=50, metadata={
+        "help": "render the first batch every K steps; none: no renders"})
+    render_n: int = field(default=8, metadata={"help": "shapes per render"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -441,14 +534,18 @@ class TuneConfig:
     """Pick the guidance scale and the threshold of the final sampling on the held-out slice of the TRAIN split
     (`voxdiff.tuning`): never on val or test, which are the references the reported metrics use."""
 
-    enabled: bool = False  # run the tune stage; its pick replaces the sample stage's cfg_scale and threshold
-    cfg_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)  # guidance scales w tried
-    rescales: tuple[float, ...] = (0.0,)  # guidance rescale φ tried with every w > 0
-    clamp_latents: bool = True  # clip predicted latents to the training latents' range (as the sampling does)
-    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # thresholds tried (with the AE's calibrated one)
-    num_samples: int = 100  # samples per category and scale, scored against the category's held-out shapes
-    steps: int = 50  # DDIM steps
-    seed: int = 1234  # another stream than the final samples'
+    enabled: bool = field(default=False, metadata={
+        "help": "run the tune stage; its pick replaces the sample stage's cfg_scale and threshold", "switch": True})
+    cfg_scales: tuple[float, ...] = field(default=(0.0, 1.0, 2.0, 4.0), metadata={"help": "guidance scales w tried"})
+    rescales: tuple[float, ...] = field(default=(0.0,), metadata={"help": "guidance rescale φ tried with every w > 0"})
+    clamp_latents: bool = field(default=True, metadata={
+        "help": "clip predicted latents to the training latents' range (as the sampling does)"})
+    thresholds: tuple[float, ...] = field(default=(0.3, 0.4, 0.5, 0.6, 0.7), metadata={
+        "help": "thresholds tried (with the AE's calibrated one)"})
+    num_samples: int = field(default=100, metadata={
+        "help": "samples per category and scale, scored against the category's held-out shapes"})
+    steps: int = field(default=50, metadata={"help": "DDIM steps"})
+    seed: int = field(default=1234, metadata={"help": "another stream than the final samples'"})
 
     def __post_init__(self) -> None:
         if not self.cfg_scales or not self.thresholds:
@@ -468,13 +565,16 @@ class GoalConfig:
     """What a run's report calls good enough, per category, against the oracle (a fresh draw of the data) and the
     reference data itself. The defaults are the quality goal of the medium and full presets."""
 
-    cov: float = 0.9  # COV ≥ this × the oracle's
-    mmd: float = 1.25  # MMD ≤ this × the oracle's
-    jsd: float = 2.0  # JSD ≤ this × the oracle's
-    nna: float = 0.65  # 1-NNA on equal sets ≤ this (0.5 is indistinguishable from the data)
-    bloated: float = 0.01  # share of samples with more voxels than twice the largest training shape ≤ this
-    structure: float = 1.5  # stray voxels and fragmented samples ≤ this × the reference data's (+ 1 point of slack,
-    # so a data figure of 0 % allows 1 %)
+    cov: float = field(default=0.9, metadata={"help": "COV ≥ this × the oracle's"})
+    mmd: float = field(default=1.25, metadata={"help": "MMD ≤ this × the oracle's"})
+    jsd: float = field(default=2.0, metadata={"help": "JSD ≤ this × the oracle's"})
+    nna: float = field(default=0.65, metadata={
+        "help": "1-NNA on equal sets ≤ this (0.5 is indistinguishable from the data)"})
+    bloated: float = field(default=0.01, metadata={
+        "help": "share of samples with more voxels than twice the largest training shape ≤ this"})
+    structure: float = field(default=1.5, metadata={
+        "help": "stray voxels and fragmented samples ≤ this × the reference data's (+ 1 point of slack, so a data "
+                "figure of 0 % allows 1 %)"})
 
     def __post_init__(self) -> None:
         for name in ("cov", "mmd", "jsd", "nna", "bloated", "structure"):
@@ -482,31 +582,40 @@ class GoalConfig:
 
 
 @dataclass
-class PipelineConfig:
-    """The main job end to end: data -> AE -> LDM -> sample -> eval -> render -> report (`voxdiff.pipeline.run`)."""
+class RunConfig:
+    """The main job end to end, run by the stage runner (`python -m voxdiff`, `voxdiff.runner.run`): data -> AE -> LDM
+    -> tune -> sample -> eval -> render -> report."""
 
-    name: str = "demo"
-    run_dir: str = "runs/demo"
-    dataset_path: str | None = None  # preprocessed voxels to use; none: procedural data generated into {run_dir}/data
-    data_preset: str = "small"  # procedural shape counts (voxdiff.data.partseg.COUNT_PRESETS)
-    resolution: int = 64  # grid side of the data, the samples and the evaluation
-    seed: int = 0
-    device: str = "auto"
-    threads: str = "auto"  # CPU intra-op threads of every stage; auto: timed once at start-up on the preset's AE and
-    # U-Net (1, 2, 4 ... cores), and the count chosen is written into the run's config.json
-    baselines: tuple[str, ...] = ("train", "noise")  # trivial sets scored beside the model: train copies, noise
-    oracle: bool = True  # score a fresh procedural draw: the best a model could do
-    render_n: int = 16  # shapes per row in the PNG sheets
-    goals: GoalConfig = field(default_factory=GoalConfig)
-    ae: AETrainConfig = field(default_factory=AETrainConfig)
-    ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    name: str = field(default="demo", metadata={"help": "the preset's name, written into the report"})
+    run_dir: str = field(default="runs/demo", metadata={
+        "help": "directory of the run: data, checkpoints, samples, report (its config.json reruns it)"})
+    dataset_path: str | None = field(default=None, metadata={
+        "help": "preprocessed voxels to use; none: procedural data generated into {run_dir}/data"})
+    data_preset: str = field(default="small", metadata={
+        "help": "procedural shape counts (voxdiff.data.partseg.COUNT_PRESETS)"})
+    resolution: int = field(default=64, metadata={"help": "grid side of the data, the samples and the evaluation"})
+    seed: int = field(default=0, metadata={"help": "random seed of the data and of every stage"})
+    device: str = field(default="auto", metadata={
+        "help": "device of every stage: auto (cuda when available), cpu, cuda, cuda:1, ..."})
+    threads: str = field(default="auto", metadata={
+        "help": "CPU intra-op threads of every stage; auto: timed once at start-up on the preset's AE and U-Net (1, "
+                "2, 4 ... cores), and the count chosen is written into the run's config.json"})
+    baselines: tuple[str, ...] = field(default=("train", "noise"), metadata={
+        "help": "trivial sets scored beside the model: train copies, noise"})
+    oracle: bool = field(default=True, metadata={"help": "score a fresh procedural draw: the best a model could do"})
+    render_n: int = field(default=16, metadata={"help": "shapes per row in the PNG sheets"})
+    goals: GoalConfig = field(default_factory=GoalConfig, metadata={"help": "what the report calls good enough"})
+    ae: AETrainConfig = field(default_factory=AETrainConfig, metadata={"help": "the ae stage (autoencoder.py)"})
+    ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig, metadata={
+        "help": "the ldm stage (diffusion/train.py)"})
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "the tune stage (voxdiff/tuning.py)"})
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata={
+        "help": "the sample stage (diffusion/sample.py)"})
 
 
-def _preset_tiny() -> PipelineConfig:
-    """Seconds on a CPU: the test-sized pipeline, so the real pipeline cannot rot."""
-    return PipelineConfig(
+def _preset_tiny() -> RunConfig:
+    """Seconds on a CPU: the test-sized run, so the real stage runner cannot rot."""
+    return RunConfig(
         name="tiny", run_dir="runs/tiny", data_preset="tiny", resolution=32, render_n=4,
         ae=AETrainConfig(model=AEConfig(resolution=32, channels=(4, 8)), batch_size=8, num_steps=3, lr=1e-3,
                          log_every=1, ckpt_every=2, holdout_fraction=0.25),
@@ -536,28 +645,30 @@ def _cpu_scheduler() -> SchedulerConfig:
     return SchedulerConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
 
 
-def _preset_demo() -> PipelineConfig:
+def _preset_demo() -> RunConfig:
     """The README's main job on 2 CPU cores in under ten minutes, fp32 included: 256 train shapes per category at 32³,
     the medium preset's recipe scaled down. Its report checks the demo's own goals (GoalConfig below).
 
     Training lengths are steps (the same command gives the same model on a busy machine); `max_minutes` is only a
-    safety cap that the report flags when it bites. Samples are binarised at the AE's calibrated threshold (the one
-    that gives held-out training shapes their own voxel count), since the demo has no tune stage.
+    safety cap that the report flags when it bites. The demo has no tune stage: its guidance (w = 1) and threshold
+    (p > 0.25, a little below the AE's IoU-calibrated one, which fragments thin chair legs in samples) were chosen on
+    fresh procedural training shapes of another draw, never on its references (docs/BENCHMARKS.md, "Quality run 3").
+    Steps fit ten minutes where only fp32 is safe; with bf16 it takes about six.
     """
-    return PipelineConfig(
+    return RunConfig(
         name="demo", run_dir="runs/demo", data_preset="small", resolution=32, render_n=8,
         goals=GoalConfig(cov=0.6, mmd=3.0, jsd=2.0, nna=0.9, bloated=0.01, structure=2.0),
         ae=AETrainConfig(model=_cpu_ae(), batch_size=16, num_steps=800, max_minutes=8.0, lr=2e-3, log_every=10,
                          ckpt_every=400),
-        ldm=LDMTrainConfig(model=_cpu_unet(), scheduler=_cpu_scheduler(), batch_size=32, num_steps=1000,
-                           max_minutes=8.0, lr=1e-3, warmup_steps=100, lr_schedule="cosine", ckpt_every=250,
+        ldm=LDMTrainConfig(model=_cpu_unet(), scheduler=_cpu_scheduler(), batch_size=32, num_steps=900,
+                           max_minutes=8.0, lr=1e-3, warmup_steps=100, lr_schedule="cosine", ckpt_every=300,
                            ema_decay=0.995),
-        sample=SampleConfig(num_samples=100, batch_size=100, sampler="ddim", steps=30, resolution=32,
-                            binarize="calibrated"),
+        sample=SampleConfig(num_samples=100, batch_size=100, sampler="ddim", steps=25, resolution=32,
+                            cfg_scale=1.0, threshold=0.25),
     )
 
 
-def _preset_medium() -> PipelineConfig:
+def _preset_medium() -> RunConfig:
     """The CPU quality run: under 75 minutes on 2 CPU cores, ShapeNet-sized training splits, 1,000 samples per
     category. The LDM keeps its checkpoints at 1k, 2k, 4k and 8k steps for a learning curve
     (bench/learning_curve.py).
@@ -565,7 +676,7 @@ def _preset_medium() -> PipelineConfig:
     The guidance scale and the threshold of the final sampling are picked by the tune stage on held-out training
     shapes. The `full` preset is the 64³ / 128³ configuration for a GPU.
     """
-    return PipelineConfig(
+    return RunConfig(
         name="medium", run_dir="runs/medium", data_preset="medium", resolution=32, render_n=16,
         ae=AETrainConfig(model=_cpu_ae(), batch_size=16, num_steps=3500, max_minutes=25, lr=2e-3, log_every=20,
                          ckpt_every=500),
@@ -578,21 +689,21 @@ def _preset_medium() -> PipelineConfig:
     )
 
 
-def _preset_full() -> PipelineConfig:
+def _preset_full() -> RunConfig:
     """A GPU server: the ShapeNet-sized procedural set at 128³, the starter code's AE at 64³ and U-Net, 1,000
     samples per category."""
-    return PipelineConfig(
+    return RunConfig(
         name="full", run_dir="runs/full", data_preset="full", resolution=128, render_n=16,
         ae=AETrainConfig(model=AEConfig(resolution=64), batch_size=64, num_epochs=100, lr=1e-3, ckpt_every=1000),
-        ldm=LDMTrainConfig(model=unet_preset("seed"), batch_size=64, num_steps=100000, lr=2e-4, warmup_steps=1000,
+        ldm=LDMTrainConfig(model=unet_preset("course"), batch_size=64, num_steps=100000, lr=2e-4, warmup_steps=1000,
                            ckpt_every=2000, ema_decay=0.9999),
         tune=TuneConfig(enabled=True),
         sample=SampleConfig(num_samples=1000, batch_size=500, sampler="ddim", steps=50, resolution=128),
     )
 
 
-# Named pipeline presets (doubles as argparse `choices`).
-PIPELINE_PRESETS: dict[str, Any] = {
+# Named run presets of `python -m voxdiff --preset` (doubles as argparse `choices`).
+RUN_PRESETS: dict[str, Any] = {
     "tiny": _preset_tiny,
     "demo": _preset_demo,
     "medium": _preset_medium,
@@ -600,8 +711,8 @@ PIPELINE_PRESETS: dict[str, Any] = {
 }
 
 
-def pipeline_preset(name: str) -> PipelineConfig:
-    """A fresh PipelineConfig of a named preset."""
-    if name not in PIPELINE_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PIPELINE_PRESETS)}")
-    return PIPELINE_PRESETS[name]()
+def run_preset(name: str) -> RunConfig:
+    """A fresh RunConfig of a named preset."""
+    if name not in RUN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(RUN_PRESETS)}")
+    return RUN_PRESETS[name]()

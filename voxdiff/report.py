@@ -1,4 +1,4 @@
-"""The pipeline's report: goals against the oracle and the data, report.json / report.md, and the console summary.
+"""The run's report: goals against the oracle and the data, report.json / report.md, and the console summary.
 
 The quality goal per category (voxdiff.config.GoalConfig, per preset; the defaults): the model against the oracle (a
 fresh procedural draw scored the same way) COV ≥ 0.9× the oracle's, MMD ≤ 1.25×, JSD ≤ 2×, 1-NNA on equal-size sets
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from voxdiff import __version__
-from voxdiff.config import GoalConfig, PipelineConfig
+from voxdiff.config import GoalConfig, RunConfig
 from voxdiff.threads import cpu_model
 from voxdiff.utils import atomic_write_json, atomic_write_text
 
@@ -113,7 +113,7 @@ def sample_sets(res: dict[str, Any]) -> list[str]:
     return [k for k in res if k not in SET_KEYS]
 
 
-def write_report(cfg: PipelineConfig, report: dict[str, Any]) -> None:
+def write_report(cfg: RunConfig, report: dict[str, Any]) -> None:
     """report.json (everything) and report.md (tables a person reads, with links to renders and loss curves)."""
     run = Path(cfg.run_dir)
     atomic_write_json(run / "report.json", report)
@@ -205,7 +205,7 @@ def runtime_summary(runtime: dict[str, Any]) -> list[str]:
     for stage, rt in runtime.items():
         p, t = rt.get("precision", {}), rt.get("threads", {})
         skipped = rt.get("skipped_steps")
-        if not p:  # the pipeline's own record: the thread count every stage uses
+        if not p:  # the runner's own record: the thread count every stage uses
             out.append(f"{stage:9s} {t.get('threads', '?')} thread(s) ({t.get('reason', '')})")
             continue
         out.append(f"{stage:9s} {p.get('precision', '?')} ({p.get('reason', '')}); {t.get('threads', '?')} thread(s)"

@@ -1,8 +1,8 @@
 """3D convolutional autoencoder: (B,1,R,R,R) -> (B,16,r,r,r), r = R / 2^stages -> occupancy logits.
 
-block="seed" (the seed's network, exactly, with the default AEConfig): per stage a stride-2 Conv3d (k4) then a k3
-Conv3d, each followed by a norm + LeakyReLU(0.2), the last k3 conv giving the latent; the decoder mirrors it with
-ConvTranspose3d. Encoder for three stages: Conv 1->c0 (k4 s2), c0->c1 (k3), c1->c1 (k4 s2), c1->c2 (k3),
+block="course" (the course's starter network, exactly, with the default AEConfig): per stage a stride-2 Conv3d (k4)
+then a k3 Conv3d, each followed by a norm + LeakyReLU(0.2), the last k3 conv giving the latent; the decoder mirrors it
+with ConvTranspose3d. Encoder for three stages: Conv 1->c0 (k4 s2), c0->c1 (k3), c1->c1 (k4 s2), c1->c2 (k3),
 c2->c2 (k4 s2), c2->latent (k3).
 block="resnet": a residual block (norm, act, conv, norm, act, conv, + skip) at every resolution between the same
 stride-2 steps, wider receptive fields for thin parts.
@@ -37,7 +37,7 @@ def _norm(kind: str, ch: int) -> nn.Module:
 
 
 class _Act(nn.Sequential):
-    """conv -> norm -> LeakyReLU (the seed's unit)."""
+    """conv -> norm -> LeakyReLU (the starter code's unit)."""
 
     def __init__(self, conv: nn.Module, ch: int, norm: str, slope: float) -> None:
         super().__init__(conv, _norm(norm, ch), nn.LeakyReLU(slope, inplace=True))
@@ -57,7 +57,7 @@ class _ResBlock(nn.Module):
 
 
 def _up(cin: int, cout: int, mode: str) -> nn.Module:
-    """A stride-2 upsampling layer: ConvTranspose3d k4 s2 (the seed), or nearest upsample + Conv3d k3."""
+    """A stride-2 upsampling layer: ConvTranspose3d k4 s2 (the starter code's), or nearest upsample + Conv3d k3."""
     if mode == "transpose":
         return nn.ConvTranspose3d(cin, cout, 4, 2, 1)
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(cin, cout, 3, 1, 1))
@@ -68,7 +68,7 @@ def _encoder_out(cfg: AEConfig) -> int:
     return 2 * cfg.latent_channels if cfg.variational else cfg.latent_channels
 
 
-def _seed_layers(cfg: AEConfig) -> tuple[nn.Sequential, nn.Sequential]:
+def _course_layers(cfg: AEConfig) -> tuple[nn.Sequential, nn.Sequential]:
     ch, lat, s, nm = list(cfg.channels), cfg.latent_channels, cfg.negative_slope, cfg.norm
     n = len(ch)
     enc: list[nn.Module] = [_Act(nn.Conv3d(1, ch[0], 4, 2, 1), ch[0], nm, s)]
@@ -77,7 +77,7 @@ def _seed_layers(cfg: AEConfig) -> tuple[nn.Sequential, nn.Sequential]:
             enc.append(_Act(nn.Conv3d(ch[i], ch[i], 4, 2, 1), ch[i], nm, s))
         enc.append(_Act(nn.Conv3d(ch[i], ch[i + 1], 3, 1, 1), ch[i + 1], nm, s) if i < n - 1
                    else nn.Conv3d(ch[i], _encoder_out(cfg), 3, 1, 1))
-    # the seed's k3 decoder layers are ConvTranspose3d (the same map as a Conv3d); kept so its weights load
+    # the starter code's k3 decoder layers are ConvTranspose3d (the same map as a Conv3d); kept so its weights load
     k3 = (lambda a, b: nn.ConvTranspose3d(a, b, 3, 1, 1)) if cfg.upsample == "transpose" else \
         (lambda a, b: nn.Conv3d(a, b, 3, 1, 1))
     rc = ch[::-1]
@@ -113,7 +113,7 @@ class VoxelAutoencoder(nn.Module):
     def __init__(self, cfg: AEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or AEConfig()
-        self.encoder, self.decoder = _seed_layers(cfg) if cfg.block == "seed" else _resnet_layers(cfg)
+        self.encoder, self.decoder = _course_layers(cfg) if cfg.block == "course" else _resnet_layers(cfg)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -1,12 +1,13 @@
-"""The main job end to end: data -> AE -> LDM -> tune -> sample -> eval -> render -> report.
+"""The stage runner: the main job end to end, data -> AE -> LDM -> tune -> sample -> eval -> render -> report.
 
 Every stage is a call of the library function the stage's own CLI calls (load_data.py, autoencoder.py,
 diffusion/train.py, diffusion/sample.py, eval.py, visualize.py), with the configs of one named preset
-(voxdiff.config.PIPELINE_PRESETS): the demo is the real pipeline at small size, not a separate toy.
-Its command line is `python -m voxdiff` (voxdiff/__main__.py).
+(voxdiff.config.RUN_PRESETS): the demo is the real run at small size, not a separate toy.
+Its command line is `python -m voxdiff` (voxdiff/__main__.py). Which settings of a stage the runner fills in, and which
+stay out of the stage keys, is declared once, in the field metadata of voxdiff/config.py ("from_run", "local").
 
 Layout of a run directory:
-    config.json            the resolved PipelineConfig (rerun it with --config)
+    config.json            the resolved RunConfig (rerun it with --config)
     data/                  procedural PartSeg HDF5 + {category}_voxels_{split}.npy (unless --dataset_path is given)
     ae/, ldm/              checkpoints, train.log, log.csv / log.png (loss curves)
     tune.log               the tune stage (when on): guidance scale and threshold picked on held-out TRAIN shapes
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from voxdiff import __version__
 from voxdiff.checkpoint import SAMPLING_KEYS, export_model, load_checkpoint, resolve_checkpoint_file
-from voxdiff.config import CATEGORIES, SPLITS, PipelineConfig, to_dict
+from voxdiff.config import CATEGORIES, RENAMED, SPLITS, RunConfig, tagged_fields, to_dict
 from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
 from voxdiff.data.shapes import generate_split
 from voxdiff.data.voxelize import open_voxels, preprocess, voxel_path, voxelize_points
@@ -72,51 +73,72 @@ from voxdiff.utils import (
 
 STAGES: tuple[str, ...] = ("data", "ae", "ldm", "tune", "sample", "eval", "render", "report")
 ORACLE_SEED_OFFSET = 1_000_003  # the oracle's shapes come from another seed than the data's, same generator
-# Settings outside the stage keys: where things are, and how this machine runs them (the thread count and the guard's
-# patience change no setting of the model; they are recorded in each stage's result instead).
-_PATH_FIELDS = ("dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "latent_cache_dir",
-                "resume", "overwrite", "device", "run_dir", "name", "threads", "max_bad_steps")
 
 
-def resolve(cfg: PipelineConfig) -> PipelineConfig:
-    """Fill the stage configs from the pipeline's run_dir, data, resolution, device, threads and seed."""
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill the run-owned fields of every stage config (metadata "from_run") from the run's run_dir, data,
+    resolution, device, threads and seed; the stages' other settings stay the user's."""
     run = Path(cfg.run_dir)
     data = cfg.dataset_path or str(run / "data")
-    ae = dataclasses.replace(cfg.ae, dataset_path=data, ckpt_path=str(run / "ae"), device=cfg.device, seed=cfg.seed,
-                             threads=cfg.threads)
-    sample = dataclasses.replace(cfg.sample, ldm_ckpt_path=str(run / "ldm"), ae_ckpt_path=str(run / "ae"),
-                                 save_dir=str(run / "samples"), resolution=cfg.resolution, device=cfg.device,
-                                 seed=cfg.seed, use_cfg=cfg.ldm.use_cfg and cfg.sample.use_cfg, render=None,
-                                 threads=cfg.threads)
-    ldm = dataclasses.replace(cfg.ldm, dataset_path=data, ae_ckpt_path=str(run / "ae"), ckpt_path=str(run / "ldm"),
-                              device=cfg.device, seed=cfg.seed, threads=cfg.threads,
-                              preview_threshold=sample.threshold if sample.binarize == "threshold" else 0.5)
+    shared = {"dataset_path": data, "ae_ckpt_path": str(run / "ae"), "ldm_ckpt_path": str(run / "ldm"),
+              "device": cfg.device, "seed": cfg.seed, "threads": cfg.threads,
+              "resume": False, "overwrite": False}  # decided when a trainer's stage runs (_train_stage)
+    ae = _fill(cfg.ae, shared, ckpt_path=str(run / "ae"))
+    sample = _fill(cfg.sample, shared, save_dir=str(run / "samples"), resolution=cfg.resolution, render=None)
+    # a user's setting, not run-owned: no guidance from an LDM trained without label dropout
+    sample = dataclasses.replace(sample, use_cfg=cfg.ldm.use_cfg and cfg.sample.use_cfg)
+    ldm = _fill(cfg.ldm, shared, ckpt_path=str(run / "ldm"),
+                preview_threshold=sample.threshold if sample.binarize == "threshold" else 0.5)
     return dataclasses.replace(cfg, dataset_path=data, ae=ae, ldm=ldm, sample=sample)
 
 
-def stage_key(stage: str, cfg: PipelineConfig, external_data: str | None) -> str:
+def _fill(stage_cfg: Any, shared: dict[str, Any], **own: Any) -> Any:
+    """`stage_cfg` with each of its run-owned fields set, from `own` else from `shared`. A run-owned field without a
+    value, or an `own` value for a field that is not run-owned, means config.py and `resolve` disagree: a TypeError."""
+    names = tagged_fields(type(stage_cfg), "from_run")
+    values = {**shared, **own}
+    missing, stray = sorted(set(names) - set(values)), sorted(set(own) - set(names))
+    if missing or stray:
+        raise TypeError(f"{type(stage_cfg).__name__}: resolve gives no value for run-owned fields {missing}, or "
+                        f"values for fields that are not run-owned {stray}")
+    return dataclasses.replace(stage_cfg, **{n: values[n] for n in names})
+
+
+def stage_key(stage: str, cfg: RunConfig, external_data: str | None) -> str:
     """What a stage's output depends on, without paths or devices (a moved run directory keeps its keys).
 
     The goals (`cfg.goals`) are in no key: they only judge the scores, so a changed goal rewrites the report and
     reruns nothing. The eval key names the scorer's version: a scorer with new figures rescores a finished run.
     """
+    if stage in ("ae", "ldm", "tune", "sample"):
+        stage_cfg = getattr(cfg, stage)
+        return _key(_strip(to_dict(stage_cfg), type(stage_cfg)))
     what: Any = {"data": lambda: [external_data, cfg.data_preset, cfg.resolution, cfg.seed],
-                 "ae": lambda: _strip(to_dict(cfg.ae)), "ldm": lambda: _strip(to_dict(cfg.ldm)),
-                 "tune": lambda: _strip(to_dict(cfg.tune)), "sample": lambda: _strip(to_dict(cfg.sample)),
                  "eval": lambda: [cfg.oracle, list(cfg.baselines), "scorer-4"],
                  "render": lambda: [cfg.render_n]}[stage]()
     return _key(what)
 
 
-def _strip(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in settings.items() if k not in _PATH_FIELDS}
+_OLD_NAME = {new: old for old, new in RENAMED.items()}
+
+
+def _strip(settings: dict[str, Any], cls: type) -> dict[str, Any]:
+    """A stage's settings (of config class `cls`) as its key holds them: without the local fields (metadata "local":
+    where files are, and how this machine runs the stage), and with the AE block under the name keys were first
+    written with (config.RENAMED), so a run recorded before the rename is still up to date."""
+    local = tagged_fields(cls, "local")
+    out = {k: v for k, v in settings.items() if k not in local}
+    model = out.get("model")
+    if isinstance(model, dict) and model.get("block") in _OLD_NAME:
+        out["model"] = {**model, "block": _OLD_NAME[model["block"]]}
+    return out
 
 
 def _key(what: Any) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def apply_tune(cfg: PipelineConfig, result: dict[str, Any] | None) -> PipelineConfig:
+def apply_tune(cfg: RunConfig, result: dict[str, Any] | None) -> RunConfig:
     """The sampling settings the tune stage picked (guidance scale, threshold), when it ran."""
     if not result or "pick" not in result:
         return cfg
@@ -147,10 +169,10 @@ class _Stages:
             except (ValueError, UnicodeDecodeError) as e:
                 self.unreadable = str(e).splitlines()[0] if str(e) else type(e).__name__
 
-    def recover(self, cfg: PipelineConfig, ext: str | None) -> None:
+    def recover(self, cfg: RunConfig, ext: str | None) -> None:
         """Rebuild the records of an unreadable stages.json from what is on disk, without writing anything.
 
-        The data counts as made when every grid exists at the pipeline's resolution. A trainer's stage counts as done
+        The data counts as made when every grid exists at the run's resolution. A trainer's stage counts as done
         when its last.pt records the same settings (its `train_config` gives the stage key) and, for the LDM, was
         trained on the AE checkpoint that is there now; a last.pt of other settings is refused like any changed
         rerun. The stages computed from the models (tune, sample, eval, render) run again. One line says so.
@@ -170,7 +192,7 @@ class _Stages:
             if not last.is_file():
                 break
             ckpt = load_checkpoint(last, kind="autoencoder" if stage == "ae" else "ldm")
-            if _key(_strip(ckpt.train_config)) != key:
+            if _key(_strip(ckpt.train_config, type(getattr(cfg, stage)))) != key:
                 raise VoxdiffError(f"stage {stage}: the settings changed since {run_dir / stage} was trained (its "
                                    "last.pt records others); pass --force to rerun every stage, or use another "
                                    "--run_dir")
@@ -209,7 +231,7 @@ def _missing(paths: list[Path]) -> list[Path]:
     return [p for p in paths if not p.is_file()]
 
 
-def stage_outputs(stage: str, cfg: PipelineConfig) -> list[Path]:
+def stage_outputs(stage: str, cfg: RunConfig) -> list[Path]:
     """The files a stage must leave (for the later stages and the report) before it counts as complete.
 
     `cfg` is the resolved config (`resolve`). The trainers' outputs are their last.pt (what a resume and the later
@@ -240,7 +262,7 @@ def _has_voxels(data: Path) -> bool:
     return all(voxel_path(data, c, s).is_file() for c in CATEGORIES for s in SPLITS)
 
 
-def stage_data(cfg: PipelineConfig, external: bool) -> dict[str, Any]:
+def stage_data(cfg: RunConfig, external: bool) -> dict[str, Any]:
     """Voxel grids for the run. Given a dataset (`external`): use its grids, or voxelize its PartSeg HDF5 files into
     it; never write procedural shapes there. Otherwise generate the procedural set into {run_dir}/data and voxelize."""
     data = Path(cfg.dataset_path)
@@ -261,21 +283,21 @@ def stage_data(cfg: PipelineConfig, external: bool) -> dict[str, Any]:
         return preprocess(data, data, resolution=cfg.resolution, categories=CATEGORIES, splits=SPLITS, progress=False)
     r = int(open_voxels(voxel_path(data, CATEGORIES[0], "test")).shape[-1])
     if r != cfg.resolution:
-        raise VoxdiffError(f"{data} holds {r}³ grids but the pipeline runs at {cfg.resolution}³")
+        raise VoxdiffError(f"{data} holds {r}³ grids but this run is at {cfg.resolution}³")
     return {"reused": data.name}
 
 
-def check_data(cfg: PipelineConfig) -> None:
-    """Refuse, before anything is written, data that exists at another resolution than the pipeline's."""
+def check_data(cfg: RunConfig) -> None:
+    """Refuse, before anything is written, data that exists at another resolution than the run's."""
     data = Path(cfg.dataset_path)
     if data.is_dir() and _has_voxels(data):
         r = int(open_voxels(voxel_path(data, CATEGORIES[0], "test")).shape[-1])
         if r != cfg.resolution:
-            raise VoxdiffError(f"{data} holds {r}³ grids but the pipeline runs at {cfg.resolution}³; use another "
+            raise VoxdiffError(f"{data} holds {r}³ grids but this run is at {cfg.resolution}³; use another "
                                "--run_dir (or --dataset_path) for another resolution")
 
 
-def make_oracle(cfg: PipelineConfig, category: str, n: int, path: Path) -> Path:
+def make_oracle(cfg: RunConfig, category: str, n: int, path: Path) -> Path:
     """A fresh procedural draw of `n` shapes (another seed), voxelized like the data: the best a model could do."""
     chunk = 64
     with atomic_memmap(path, (n, cfg.resolution, cfg.resolution, cfg.resolution)) as out:
@@ -286,7 +308,7 @@ def make_oracle(cfg: PipelineConfig, category: str, n: int, path: Path) -> Path:
     return path
 
 
-def make_baselines(cfg: PipelineConfig, category: str, n: int, out_dir: Path) -> dict[str, Path]:
+def make_baselines(cfg: RunConfig, category: str, n: int, out_dir: Path) -> dict[str, Path]:
     """Trivial baselines scored like samples: copies of training shapes, and i.i.d. noise of the training occupancy."""
     train = open_voxels(voxel_path(cfg.dataset_path, category, "train"))
     paths: dict[str, Path] = {}
@@ -313,7 +335,7 @@ def _eval_device(device: str) -> str:
     return device
 
 
-def stage_eval(cfg: PipelineConfig, log: Any, progress: bool = True) -> dict[str, Any]:
+def stage_eval(cfg: RunConfig, log: Any, progress: bool = True) -> dict[str, Any]:
     """Score samples, oracle and baselines per category against test+val with the one scorer eval.py uses."""
     run = Path(cfg.run_dir)
     results: dict[str, Any] = {}
@@ -343,7 +365,7 @@ def stage_eval(cfg: PipelineConfig, log: Any, progress: bool = True) -> dict[str
     return results
 
 
-def stage_render(cfg: PipelineConfig) -> dict[str, str]:
+def stage_render(cfg: RunConfig) -> dict[str, str]:
     """PNG sheets per category (data / samples / oracle) and a teaser of samples of every category."""
     run = Path(cfg.run_dir)
     out: dict[str, str] = {}
@@ -360,7 +382,7 @@ def stage_render(cfg: PipelineConfig) -> dict[str, str]:
     return out
 
 
-def stage_tune(cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
+def stage_tune(cfg: RunConfig, progress: bool) -> dict[str, Any]:
     """Pick the guidance scale and threshold on the held-out training shapes (voxdiff.tuning); skipped unless on."""
     if not cfg.tune.enabled:
         return {"skipped": "tune.enabled is off"}
@@ -370,7 +392,7 @@ def stage_tune(cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     return tune_sampling(pipe, cfg.dataset_path, cfg.sample.categories, cfg.tune, cfg.resolution, progress, log)
 
 
-def sampling_settings(cfg: PipelineConfig) -> dict[str, Any]:
+def sampling_settings(cfg: RunConfig) -> dict[str, Any]:
     """The final sampling's settings (after the tune stage's pick), as an exported model stores them."""
     s = cfg.sample
     out = {k: getattr(s, k) for k in SAMPLING_KEYS if hasattr(s, k)}
@@ -379,7 +401,7 @@ def sampling_settings(cfg: PipelineConfig) -> dict[str, Any]:
     return out
 
 
-def stage_sample(cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
+def stage_sample(cfg: RunConfig, progress: bool) -> dict[str, Any]:
     """Export the trained pair with its sampling settings to {run_dir}/model (what `from_pretrained` and
     diffusion/sample.py read, and what is shipped), then draw the final samples with those settings."""
     run = Path(cfg.run_dir)
@@ -400,14 +422,14 @@ RERUNNABLE = ("tune", "sample", "eval", "render")  # stages computed from the tr
 BASELINES = ("train", "noise")  # the trivial sets make_baselines knows
 
 
-def check_config(cfg: PipelineConfig) -> None:
-    """The pipeline's own settings (the stage configs check theirs when built): a VoxdiffError naming the flag, before
+def check_config(cfg: RunConfig) -> None:
+    """The run's own settings (the stage configs check theirs when built): a VoxdiffError naming the flag, before
     anything is written."""
     for name in ("seed", "resolution", "render_n"):  # a config.json can hold any JSON value here
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise VoxdiffError(f"--{name} must be an integer; got {value!r}")
-    if cfg.seed < 0:  # every stage's seed is the pipeline's (resolve); numpy's own error would name no flag
+    if cfg.seed < 0:  # every stage's seed is the run's (resolve); numpy's own error would name no flag
         raise VoxdiffError(f"--seed must be >= 0; got {cfg.seed}")
     r = cfg.resolution
     if r < 8 or r & (r - 1):
@@ -421,9 +443,9 @@ def check_config(cfg: PipelineConfig) -> None:
         raise VoxdiffError(f"--baselines: unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
 
 
-def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = False, command: str = "",
+def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES, force: bool = False, command: str = "",
         progress: bool = True, rerun_from: str | None = None) -> dict:
-    """Run the pipeline stages in order; returns the report dict (also written to report.json / report.md).
+    """Run the stages in order; returns the report dict (also written to report.json / report.md).
 
     `rerun_from` (one of RERUNNABLE) redoes that stage and every later one even when their records are up to date
     (e.g. to rescore a finished run with a newer scorer), keeping the data and the trained models."""
@@ -439,7 +461,7 @@ def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = Fal
                            f"into {run_dir / 'data'}")
     created = not run_dir.exists()
     try:
-        with dir_lock(run_dir, "pipeline"):  # one pipeline per run directory
+        with dir_lock(run_dir, "pipeline"):  # one run per run directory
             return _run(cfg, stages, force, command, progress, rerun_from)
     except BaseException:
         if created and not (run_dir / "stages.json").exists():  # failed before any stage finished: leave nothing
@@ -447,7 +469,7 @@ def run(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES, force: bool = Fal
         raise
 
 
-def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str, progress: bool,
+def _run(cfg: RunConfig, stages: tuple[str, ...], force: bool, command: str, progress: bool,
          rerun_from: str | None) -> dict:
     """The body of `run`, with the run directory locked."""
     external = cfg.dataset_path
@@ -474,13 +496,13 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
     for sub in ("data", "oracle", "baselines", "renders"):  # the lock is held: temp files here are a killed run's
         if (run_dir / sub).is_dir():
             remove_leftovers(run_dir / sub)
-    threads = choose_pipeline_threads(cfg)  # every stage then uses this count; config.json records it
+    threads = choose_run_threads(cfg)  # every stage then uses this count; config.json records it
     cfg = resolve(dataclasses.replace(cfg, threads=str(threads.threads)))
     # the run's own data is not written as a --dataset_path: `--config` reruns regenerate nothing and move with the run
     atomic_write_json(run_dir / "config.json", to_dict(dataclasses.replace(cfg, dataset_path=external)))
     if done.unreadable is not None:  # the rebuilt records replace the unreadable file at once
         atomic_write_json(done.file, done.done)
-    log = get_logger("voxdiff.pipeline", run_dir / "pipeline.log")
+    log = get_logger("voxdiff.runner", run_dir / "pipeline.log")
     log.info("pipeline %s stages %s", cfg.name, stages)
     log.info("threads %d: %s", threads.threads, threads.reason)
     report: dict[str, Any] = {"name": cfg.name, "version": __version__, "command": command,
@@ -544,7 +566,7 @@ def _run(cfg: PipelineConfig, stages: tuple[str, ...], force: bool, command: str
     return report
 
 
-def choose_pipeline_threads(cfg: PipelineConfig) -> ThreadChoice:
+def choose_run_threads(cfg: RunConfig) -> ThreadChoice:
     """The run's thread count: pinned by `cfg.threads`, or (auto, on a CPU) timed once on a training step of the
     preset's AE and of its U-Net at their batch sizes, random inputs, bf16 autocast where the CPU has it (a speed
     measurement only: each trainer checks its precision itself). Draws nothing from the global RNGs."""
