@@ -2,7 +2,7 @@ r"""Train the latent UNet3D DDPM with classifier-free guidance: flags -> LDMTrai
 
 Example:
     python diffusion/train.py --dataset_path data/hdf5_data --ae_ckpt_path checkpoints/ae --ckpt_path checkpoints/ldm \
-        --unet_preset seed --num_steps 100000
+        --unet_preset course --num_steps 100000
 Writes {ckpt_path}/last.pt, best.pt (lowest loss of the EMA model on the AE's held-out slice of the train split),
 log.csv/.jsonl/.png, train.log and preview renders. Training latents are encoded once by the frozen AE and cached
 beside its checkpoint (or in --latent_cache_dir). Label dropout for guidance is on by default (--no_use_cfg: off).
@@ -24,10 +24,10 @@ from voxdiff.config import UNET_PRESETS, LDMTrainConfig, unet_preset
 from voxdiff.utils import run_cli
 
 
-def build_parser(preset: str = "seed") -> tuple[argparse.ArgumentParser, list]:
+def build_parser(preset: str = "course") -> tuple[argparse.ArgumentParser, list]:
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--unet_preset", default=preset, choices=list(UNET_PRESETS),
-                   help="named U-Net size: seed (the course starter code's network) or small (CPU runs) "
+                   help="named U-Net size: course (the course starter code's network) or small (CPU runs) "
                         "(default: %(default)s)")
     defaults = dataclasses.replace(LDMTrainConfig(), model=unet_preset(preset))
     return p, add_config_arguments(p, LDMTrainConfig, defaults)
@@ -35,7 +35,7 @@ def build_parser(preset: str = "seed") -> tuple[argparse.ArgumentParser, list]:
 
 def main(argv: list[str] | None = None) -> None:
     pre = ArgumentParser(add_help=False)
-    pre.add_argument("--unet_preset", default="seed", choices=list(UNET_PRESETS))
+    pre.add_argument("--unet_preset", default="course", choices=list(UNET_PRESETS))
     preset = pre.parse_known_args(argv)[0].unet_preset
     parser, flags = build_parser(preset)
     args = parser.parse_args(argv)

@@ -209,7 +209,8 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> None:
     payload["digest"] = {"of": DIGEST_OF, **checkpoint_digest(payload)}
     with atomic_path(path) as tmp:
         try:
-            torch.save(payload, tmp)
+            with open(tmp, "wb") as f:  # a file object: the archive's inner name is fixed, so equal payloads give
+                torch.save(payload, f)  # equal bytes (a path would name it after the random temp file)
         except RuntimeError as e:  # torch reports a full disk or a failed write as a RuntimeError
             first = str(e).splitlines()[0] if str(e) else "write failed"
             raise OSError(errno.EIO, f"could not write the checkpoint ({first}); is the disk full?", str(path)) \
@@ -411,8 +412,7 @@ def check_sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"sampling setting {key} must be {what}; got {value!r}")
         out[key] = value
     dataclasses.replace(defaults, **out)  # SampleConfig's own checks: ranges and choices
-    json.dumps(out)
-    return out
+    return json.loads(json.dumps(out))  # plain JSON values, fresh objects: equal settings pickle to equal bytes
 
 
 def export_model(ae_path: str | os.PathLike[str], ldm_path: str | os.PathLike[str],
@@ -463,7 +463,8 @@ def write_sampling_settings(ldm_path: str | os.PathLike[str], sampling: Mapping[
     raw["meta"] = {**(raw.get("meta") or {}), "sampling": stored}
     with atomic_path(file) as tmp:
         try:
-            torch.save(raw, tmp)
+            with open(tmp, "wb") as f:  # fixed inner archive name, as in save_checkpoint
+                torch.save(raw, f)
         except RuntimeError as e:  # as in save_checkpoint: a full disk or a failed write
             first = str(e).splitlines()[0] if str(e) else "write failed"
             raise OSError(errno.EIO, f"could not write the checkpoint ({first}); is the disk full?", str(file)) \

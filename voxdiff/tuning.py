@@ -14,7 +14,7 @@ voxels or a shape broken into specks; the voxel, structure and JSD criteria do.
 
 The samples are the pipeline's own (`pipe(..., output="probabilities")`, one batch per category and scale, seeded like
 the final sampling's batch 0 with the tune seed), binarised here once per threshold. Imports voxdiff.sampling and
-voxdiff.metrics; the pipeline stages (voxdiff.pipeline) import this module, never the reverse.
+voxdiff.metrics; the stage runner (voxdiff.runner) import this module, never the reverse.
 """
 
 from __future__ import annotations

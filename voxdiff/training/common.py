@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from voxdiff.checkpoint import Checkpoint, Kind, check_resumable, load_checkpoint
-from voxdiff.config import TrainConfig, to_dict
+from voxdiff.config import RENAMED, TrainConfig, to_dict
 from voxdiff.distributed import (
     DistInfo,
     any_rank,
@@ -180,9 +180,10 @@ def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...],
 
 
 def _norm(x: Any) -> Any:
-    """Tuples and lists compare equal (JSON and torch.save keep different sequence types)."""
+    """Tuples and lists compare equal (JSON and torch.save keep different sequence types), and a renamed setting's
+    old value equals its new one (config.RENAMED: the AE block "seed" of runs from before is "course")."""
     if isinstance(x, dict):
-        return {k: _norm(v) for k, v in x.items()}
+        return {k: RENAMED.get(v, v) if k == "block" and isinstance(v, str) else _norm(v) for k, v in x.items()}
     return [_norm(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
