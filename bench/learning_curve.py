@@ -2,7 +2,7 @@
 
 A run whose LDM config has `keep_steps` leaves ldm/step{N}.pt beside last.pt. For each kept step (and
 last.pt), `--n` samples per category are drawn with the run's final sampling settings (guidance, rescale, threshold,
-DDIM steps, clipping: from the run's config.json) and scored against the references of the run's report (test +
+DDIM steps, clipping: stored in the run's model/ldm.pt) and scored against the references of the run's report (test +
 val), next to the run's oracle (a fresh procedural draw, the best a model can do) scored the same way. Only the
 final sampling settings are used, so nothing here is tuned on the references. Prints a table, writes
 `--out`.json and a plot of model ÷ oracle (JSD, MMD, COV), 1-NNA on equal sets and stray / fragmented ÷ data.
@@ -12,6 +12,7 @@ final sampling settings are used, so nothing here is tuned on the references. Pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -26,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from voxdiff.binarize import Binarization  # noqa: E402
+from voxdiff.checkpoint import load_checkpoint  # noqa: E402
 from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter  # noqa: E402
 from voxdiff.config import CATEGORIES, RunConfig, category_index, from_dict  # noqa: E402
 from voxdiff.data.voxelize import open_voxels, voxel_path  # noqa: E402
@@ -37,8 +39,10 @@ KEYS = ("jsd", "mmd", "cov", "nna_balanced", "sample_stray", "ref_stray", "sampl
 
 
 def _checkpoints(ldm_dir: Path) -> list[tuple[int, Path]]:
-    kept = [(int(m.group(1)), f) for f in ldm_dir.glob("step*.pt") if (m := re.fullmatch(r"step(\d+)\.pt", f.name))]
-    return sorted(kept)
+    kept = {int(m.group(1)): f for f in ldm_dir.glob("step*.pt") if (m := re.fullmatch(r"step(\d+)\.pt", f.name))}
+    if kept and (ldm_dir / "last.pt").is_file():  # the run's last step, when no kept step is it
+        kept.setdefault(load_checkpoint(ldm_dir / "last.pt", kind="ldm").step, ldm_dir / "last.pt")
+    return sorted(kept.items())
 
 
 def _score(grids: Any, refs: np.ndarray) -> dict[str, Any]:
@@ -56,7 +60,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     run = Path(a.run_dir)
     cfg: RunConfig = from_dict(RunConfig, json.loads((run / "config.json").read_text()))
-    s = cfg.sample
+    # the final sampling's settings: those the run stored with its exported model (after its tune stage)
+    stored = load_checkpoint(run / "model" / "ldm.pt", kind="ldm").meta.sampling
+    s = dataclasses.replace(cfg.sample, **{k: v for k, v in stored.items() if hasattr(cfg.sample, k)})
     data = Path(cfg.dataset_path) if cfg.dataset_path else run / "data"
     kept = _checkpoints(run / "ldm")
     if not kept:
