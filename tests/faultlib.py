@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
 from voxdiff.cli import load_script
 from voxdiff.utils import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 VOXDIFF = "python -m voxdiff"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_AE, TINY_UNET, make_ae_ckpt
+from helpers import ENV as BASE_ENV
+from helpers import ROOT, TINY_AE, TINY_UNET, free_port, make_ae_ckpt
 
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import AETrainConfig, LDMTrainConfig, SampleConfig, SchedulerConfig, to_dict
@@ -29,7 +29,7 @@ from voxdiff.distributed import DistInfo, check_same_config, epoch_sampler, init
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.utils import VoxdiffError
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**BASE_ENV, "PYTHONPATH": str(ROOT)}  # bench/dist_launches.py imports ENV and free_port from here
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(_k, None)
 TINY = TINY_UNET
@@ -87,12 +87,6 @@ if info.rank == 1:
     raise RuntimeError("rank 1 fails alone")
 vd.all_gather_object(info.rank)
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:

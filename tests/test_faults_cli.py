@@ -10,7 +10,7 @@ the flag, a non-zero exit, and no file that existed before changed (sha256); a f
 with one line saying so; every case ends with a rerun that completes (bit-identical to an uninterrupted run where
 the program promises it).
 
-Fast: tiny networks (conftest), one thread, fp32, runs shared by the module. CPU only.
+Fast: tiny networks (tests/helpers.py), one thread, fp32, runs shared by the module. CPU only.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import ENV, make_ae_ckpt, make_ldm_ckpt
-from faultlib import CORRUPTIONS, ROOT, assert_unchanged, cli, no_logs, no_space, one_line, snapshot
+from faultlib import CORRUPTIONS, assert_unchanged, cli, no_logs, no_space, one_line, snapshot
+from helpers import ENV, ROOT, make_ae_ckpt, make_ldm_ckpt
 
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.cli import load_script

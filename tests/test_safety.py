@@ -1,5 +1,6 @@
-"""Never lose a user's data, never mislead: one test per failure a careful user found (numbered as in the report that
-listed them), and the outputs that misled. Every bad input ends in one line on stderr and a non-zero exit."""
+"""Never lose a user's data, never mislead: one test per failure a careful user found, and the outputs that misled.
+That every command refuses bad input with one line on stderr, exit status 2 and nothing written is checked for all of
+them in tests/test_one_line_errors.py."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_AE, make_voxel_dir
-from faultlib import VOXDIFF, cli, one_line
+from faultlib import cli, one_line
+from helpers import TINY_AE, make_ae_ckpt, make_voxel_dir
 
 from voxdiff.cli import load_script
-from voxdiff.config import AETrainConfig, SampleConfig, pipeline_preset
+from voxdiff.config import AETrainConfig, SampleConfig, run_preset
 from voxdiff.data.partseg import COUNT_PRESETS, PROCEDURAL_MARKER, write_synthetic_partseg
-from voxdiff.pipeline import run
+from voxdiff.runner import run
 from voxdiff.training.autoencoder import train_autoencoder
 from voxdiff.utils import VoxdiffError, dir_lock, run_cli
 
@@ -46,17 +47,18 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(d), device="cpu")
+        cfg = dataclasses.replace(run_preset("tiny"), run_dir=str(d), device="cpu")
         run(cfg, stages=("data", "ae", "ldm", "tune", "sample"), progress=False)
     finally:
         torch.set_num_threads(n)
     return d
 
 
-# ---- 1. the pipeline never writes over a user's HDF5 files ----------------------------------------------------------
+# ---- the pipeline never writes over a user's HDF5 files --------------------------------------------------------------
 
 
-def test_1_pipeline_and_load_data_never_overwrite_a_users_hdf5(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_load_data_and_the_pipeline_never_write_over_a_users_hdf5(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
     theirs = tmp_path / "shapenet"
     write_synthetic_partseg(theirs, COUNT_PRESETS["tiny"], seed=9)
     (theirs / PROCEDURAL_MARKER).unlink()  # now it is somebody's ShapeNet copy
@@ -64,7 +66,7 @@ def test_1_pipeline_and_load_data_never_overwrite_a_users_hdf5(tmp_path: Path, c
     code, err = cli(capsys, "load_data.py", ["--synthetic", "--dataset_path", str(theirs)])
     one_line(code, err, "did not generate", "choose another directory")
     # the pipeline voxelizes the user's files beside them instead of generating procedural shapes over them
-    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "run"), dataset_path=str(theirs),
+    cfg = dataclasses.replace(run_preset("tiny"), run_dir=str(tmp_path / "run"), dataset_path=str(theirs),
                               device="cpu")
     run(cfg, stages=("data",), progress=False)
     assert {p.name: _sha(p) for p in theirs.glob("*.h5")} == before
@@ -76,11 +78,11 @@ def test_1_pipeline_and_load_data_never_overwrite_a_users_hdf5(tmp_path: Path, c
     assert not (tmp_path / "nope").exists() and not (tmp_path / "run2").exists()
 
 
-# ---- 2. a rerun without --resume does not destroy a finished run ----------------------------------------------------
+# ---- a rerun without --resume does not destroy a finished run --------------------------------------------------------
 
 
-def test_2_rerun_without_resume_keeps_the_finished_run(tiny_voxel_dir: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_a_rerun_without_resume_is_refused_and_keeps_the_finished_run(tiny_voxel_dir: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "ae"
     train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir), progress=False)
     files = {n: _sha(run_dir / n) for n in ("last.pt", "best.pt", "log.jsonl")}
@@ -94,10 +96,11 @@ def test_2_rerun_without_resume_keeps_the_finished_run(tiny_voxel_dir: Path, tmp
     assert torch.load(run_dir / "best.pt", weights_only=True)["step"] == 1
 
 
-# ---- 3. two writers in one directory --------------------------------------------------------------------------------
+# ---- two writers in one directory ------------------------------------------------------------------------------------
 
 
-def test_3_a_second_writer_is_refused(tiny_voxel_dir: Path, tmp_path: Path, ckpts: dict[str, Path]) -> None:
+def test_a_second_writer_is_refused_until_the_first_releases_the_directory(tiny_voxel_dir: Path, tmp_path: Path,
+                                                                           ckpts: dict[str, Path]) -> None:
     from voxdiff.sampling import sample_to_files
 
     # as if another process were writing there
@@ -108,13 +111,13 @@ def test_3_a_second_writer_is_refused(tiny_voxel_dir: Path, tmp_path: Path, ckpt
                                      save_dir=str(tmp_path / "s"), num_samples=1, resolution=32, device="cpu"),
                         progress=False)
     with dir_lock(tmp_path / "p", "pipeline"), pytest.raises(VoxdiffError, match="in use by another pipeline"):
-        run(dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path / "p"), device="cpu"),
+        run(dataclasses.replace(run_preset("tiny"), run_dir=str(tmp_path / "p"), device="cpu"),
             progress=False)
     # once released, the directory is usable again
     assert train_autoencoder(_ae_cfg(tiny_voxel_dir, tmp_path / "ae", num_steps=1), progress=False)["step"] == 1
 
 
-def test_3_a_killed_owners_lock_is_taken_over_with_a_notice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_killed_owners_lock_is_taken_over_with_a_notice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     d = tmp_path / "run"
     d.mkdir()
     (d / ".lock").write_text("4242 on elsewhere")  # its owner was killed: the entry stayed, the kernel lock did not
@@ -129,17 +132,17 @@ def test_3_a_killed_owners_lock_is_taken_over_with_a_notice(tmp_path: Path, caps
     assert "taking over" not in capsys.readouterr().err
 
 
-# ---- 4. a moved run directory, or its path spelled differently, resumes ---------------------------------------------
+# ---- a moved run directory, or its path spelled differently, resumes -------------------------------------------------
 
 
-def test_4_moved_or_respelled_run_dir_is_up_to_date(tiny_pipeline: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_moved_or_respelled_run_dir_retrains_and_resamples_nothing(tiny_pipeline: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     moved = tmp_path / "elsewhere" / "run"
     shutil.copytree(tiny_pipeline, moved)
     before = {f: _sha(moved / f) for f in ("ae/best.pt", "ldm/last.pt", "samples/chair.npy")}
     old_log = len((moved / "pipeline.log").read_text())
     stages = ("data", "ae", "ldm", "tune", "sample")
-    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(moved), device="cpu")
+    cfg = dataclasses.replace(run_preset("tiny"), run_dir=str(moved), device="cpu")
     report = run(cfg, stages=stages, progress=False)
     assert set(report["stages"]) >= set(stages)
     assert {f: _sha(moved / f) for f in before} == before  # nothing retrained or resampled
@@ -151,27 +154,10 @@ def test_4_moved_or_respelled_run_dir_is_up_to_date(tiny_pipeline: Path, tmp_pat
     assert log.count("stage ae: up to date, skipped") == 2 and "running" not in log
 
 
-# ---- 5. NaN and degenerate numbers ----------------------------------------------------------------------------------
+# ---- labels the data should not hold ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("script", "argv", "needle"), [
-    ("diffusion/sample.py", ["--cfg_scale", "nan"], "finite"),
-    ("eval.py", ["chair", "x.npy", "--threshold", "nan"], "finite"),
-    ("visualize.py", ["x.npy", "--threshold", "nan"], "finite"),
-    ("autoencoder.py", ["--num_epochs", "0"], "num_epochs must be >= 1"),
-    ("diffusion/sample.py", ["--binarize", "topk", "--topk", "99999999", "--resolution", "32"], "fill more than half"),
-])
-def test_5_nan_and_degenerate_numbers_are_refused(script: str, argv: list[str], needle: str, ckpts: dict[str, Path],
-                                                  tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    if script == "diffusion/sample.py":
-        argv = ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path", str(ckpts["ae"]), "--save_dir",
-                str(tmp_path / "s"), "--device", "cpu", *argv]
-    code, err = cli(capsys, script, argv)
-    one_line(code, err, needle)
-    assert not (tmp_path / "s").exists()
-
-
-def test_5_labels_outside_partseg_are_reported(tmp_path: Path) -> None:
+def test_labels_outside_partseg_are_skipped_counted_and_logged(tmp_path: Path) -> None:
     import h5py
 
     from voxdiff.data.voxelize import preprocess
@@ -187,38 +173,11 @@ def test_5_labels_outside_partseg_are_reported(tmp_path: Path) -> None:
     assert "labels outside PartSeg's 0..15" in (d / "preprocess.log").read_text()
 
 
-# ---- 6. one line instead of a traceback -----------------------------------------------------------------------------
+# ---- a full disk and a cut write -------------------------------------------------------------------------------------
 
 
-def test_6_bad_files_and_paths_give_one_line(tiny_voxel_dir: Path, ckpts: dict[str, Path], tmp_path: Path,
-                                             capsys: pytest.CaptureFixture) -> None:
-    empty = tmp_path / "empty.npy"
-    empty.write_bytes(b"")
-    one_line(*cli(capsys, "eval.py", ["chair", str(empty), "--dataset_path", str(tiny_voxel_dir)]), "empty.npy")
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    one_line(*cli(capsys, "autoencoder.py", ["--dataset_path", str(tiny_voxel_dir), "--ckpt_path", str(a_file),
-                                               "--device", "cpu"]), "is a file")
-    one_line(*cli(capsys, "diffusion/sample.py", ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
-                                                    str(ckpts["ae"]), "--save_dir", str(a_file), "--device", "cpu",
-                                                    "--resolution", "32"]), "is a file")
-    one_line(*cli(capsys, VOXDIFF, ["--preset", "tiny", "--run_dir", str(a_file)]), "is a file")
-    one_line(*cli(capsys, "eval.py", ["chair", str(empty), "--json", str(tmp_path)]), "is a directory")
-    one_line(*cli(capsys, "autoencoder.py", ["--batch_size", "0"]), "batch_size must be >= 1")
-    one_line(*cli(capsys, "diffusion/train.py", ["--ckpt_every", "0"]), "ckpt_every must be >= 1")
-    cfg_file = tmp_path / "empty.json"
-    cfg_file.write_text("")
-    one_line(*cli(capsys, VOXDIFF, ["--config", str(cfg_file)]), "empty.json")
-    no_config = torch.load(ckpts["ae"], weights_only=True)
-    no_config["model_config"] = {}
-    torch.save(no_config, tmp_path / "ae_empty.pt")
-    one_line(*cli(capsys, "diffusion/sample.py", ["--ldm_ckpt_path", str(ckpts["ldm"]), "--ae_ckpt_path",
-                                                    str(tmp_path / "ae_empty.pt"), "--save_dir", str(tmp_path / "o"),
-                                                    "--device", "cpu"]), "ae_empty.pt")
-
-
-def test_6_full_disk_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from voxdiff import checkpoint
     from voxdiff.utils import open_npy_memmap
 
@@ -253,7 +212,7 @@ def test_6_full_disk_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.
     assert exc.value.code == 28 and "no space left on the device" in capsys.readouterr().err
 
 
-def test_6_a_cut_log_line_does_not_block_resume(tiny_voxel_dir: Path, tmp_path: Path) -> None:
+def test_a_cut_last_log_line_is_dropped_and_resume_completes(tiny_voxel_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "ae"
     train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir), progress=False)
     log = run_dir / "log.jsonl"
@@ -265,10 +224,10 @@ def test_6_a_cut_log_line_does_not_block_resume(tiny_voxel_dir: Path, tmp_path: 
     assert "dropped a cut last line" in (run_dir / "train.log").read_text()
 
 
-# ---- 7. leftovers ---------------------------------------------------------------------------------------------------
+# ---- leftovers -------------------------------------------------------------------------------------------------------
 
 
-def test_7_leftovers_of_killed_runs_are_cleaned_and_failed_runs_leave_no_folder(
+def test_leftovers_of_killed_runs_are_cleaned_and_failed_runs_leave_no_folder(
         tiny_voxel_dir: Path, ckpts: dict[str, Path], tmp_path: Path) -> None:
     from voxdiff.sampling import sample_to_files
 
@@ -322,7 +281,7 @@ def test_report_counts_empty_and_bloated_and_meets_no_goal(tmp_path: Path) -> No
     assert not any(g["met"] for g in res["goal"].values())
     report = {"eval": {"chair": res}, "machine": {"platform": "test", "torch": "-", "cuda": False, "cpus": 2},
               "date": "today", "command": "test", "timings": {}, "notes": []}
-    cfg = dataclasses.replace(pipeline_preset("tiny"), run_dir=str(tmp_path))
+    cfg = dataclasses.replace(run_preset("tiny"), run_dir=str(tmp_path))
     write_report(cfg, report)
     md = (tmp_path / "report.md").read_text()
     assert "| model |" in md and "| 1/6 | 1/6 |" in md and ": met" not in md and "1 empty samples" in md
@@ -333,11 +292,11 @@ def test_report_counts_empty_and_bloated_and_meets_no_goal(tmp_path: Path) -> No
 def test_trainer_preview_binarises_like_the_final_sampling(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The pipeline gives the LDM's preview the sampling threshold, and the preview goes through the same
     LatentVoxelPipeline.to_grids as sample.py with that threshold."""
-    from voxdiff.pipeline import resolve
+    from voxdiff.runner import resolve
     from voxdiff.sampling import LatentVoxelPipeline
     from voxdiff.training import ldm
 
-    base = pipeline_preset("tiny")
+    base = run_preset("tiny")
     cfg = resolve(dataclasses.replace(base, sample=dataclasses.replace(base.sample, threshold=0.37)))
     assert cfg.ldm.preview_threshold == 0.37
     seen: list[Any] = []
@@ -348,8 +307,6 @@ def test_trainer_preview_binarises_like_the_final_sampling(monkeypatch: pytest.M
         return real(self, z, labels, binarization, resolution)
 
     monkeypatch.setattr(LatentVoxelPipeline, "to_grids", spy)
-    from conftest import make_ae_ckpt
-
     from voxdiff.checkpoint import load_autoencoder
     from voxdiff.models.unet3d import UNet3D
 
