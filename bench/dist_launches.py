@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout (or a snapshot of it) first
 
-from conftest import make_voxel_dir  # noqa: E402
+from helpers import make_voxel_dir  # noqa: E402
 from test_distributed import ENV, free_port, prepare_driver  # noqa: E402
 
 ABORT = re.compile(r"terminate called|SIGABRT|Signal 6|exitcode\s*:\s*-6|core dumped|Fatal Python error")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 # Re-exported for test files that still import these names from conftest; new code imports them from helpers.
-from helpers import ENV, OCC, ROOT, TINY_AE, TINY_UNET, make_ae_ckpt, make_ldm_ckpt, make_voxel_dir  # noqa: F401
+from helpers import make_ae_ckpt, make_ldm_ckpt, make_voxel_dir
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 # One intra-op thread for everything the tests run (here and in subprocesses): the cores are shared, and "auto" thread

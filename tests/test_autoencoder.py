@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_AE, make_voxel_dir
+from helpers import TINY_AE, make_voxel_dir
 
 from voxdiff.binarize import ThresholdCalibrator, binarize, recon_metrics
 from voxdiff.checkpoint import AEMeta, Checkpoint, load_autoencoder, load_checkpoint, save_checkpoint
@@ -415,13 +414,3 @@ def test_variational_checkpoint_loads_back(vae_runs: dict[str, Path]) -> None:
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------------
-def test_cli_bad_dataset_path(python: str, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [python, str(ROOT / "autoencoder.py"), "--dataset_path", str(tmp_path / "missing"), "--ckpt_path",
-         str(tmp_path / "run"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "dataset directory not found" in lines[0]
-    assert not (tmp_path / "run" / "last.pt").exists()

@@ -8,7 +8,7 @@ import dataclasses
 import typing
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from voxdiff import config
 from voxdiff.cli import add_config_arguments, config_from_args, load_script

@@ -29,7 +29,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ENV, make_ae_ckpt, make_ldm_ckpt, make_voxel_dir
 from faultlib import (
     CORRUPTIONS,
     ROOT,
@@ -43,6 +42,7 @@ from faultlib import (
     snapshot,
     with_nan_weights,
 )
+from helpers import ENV, make_ae_ckpt, make_ldm_ckpt, make_voxel_dir
 
 from voxdiff.checkpoint import load_autoencoder, load_checkpoint, load_unet, save_checkpoint
 from voxdiff.cli import load_script

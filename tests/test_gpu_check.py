@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import ROOT
+from helpers import ROOT
 
 from voxdiff.cli import load_script
 

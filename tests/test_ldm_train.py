@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ENV, ROOT, TINY_UNET, make_ae_ckpt
+from helpers import ENV, ROOT, TINY_UNET, make_ae_ckpt
 
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import LDMTrainConfig, SchedulerConfig, UNetConfig, to_dict

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_UNET
+from helpers import TINY_UNET
 
 from voxdiff import precision as precision_mod
 from voxdiff import threads as threads_mod

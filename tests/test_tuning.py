@@ -64,7 +64,7 @@ def test_tune_scores_the_pipelines_own_samples(tmp_path: Path, monkeypatch: pyte
     """Each (scale, rescale, threshold) row scores exactly `pipe(category, n, seed=tune seed, batch_size=n, ...)`'s
     grids at that threshold: the tune decodes once per scale and binarises the call's probabilities itself."""
     import numpy as np
-    from conftest import make_ae_ckpt, make_ldm_ckpt, make_voxel_dir
+    from helpers import make_ae_ckpt, make_ldm_ckpt, make_voxel_dir
 
     from voxdiff.config import TuneConfig
     from voxdiff.sampling import LatentVoxelPipeline

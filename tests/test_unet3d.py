@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET
+from helpers import TINY_UNET
 
 from voxdiff.checkpoint import Checkpoint, LDMMeta, load_unet, save_checkpoint
 from voxdiff.config import UNET_PRESETS, UNetConfig, to_dict, unet_preset
