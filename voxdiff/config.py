@@ -653,7 +653,7 @@ def _preset_demo() -> RunConfig:
     safety cap that the report flags when it bites. The demo has no tune stage: its guidance (w = 1) and threshold
     (p > 0.25, a little below the AE's IoU-calibrated one, which fragments thin chair legs in samples) were chosen on
     fresh procedural training shapes of another draw, never on its references (docs/BENCHMARKS.md, "Quality run 3").
-    Steps fit ten minutes where only fp32 is safe; with bf16 it takes about six.
+    Steps fit ten minutes where only fp32 is safe (eight measured); with bf16 it takes four and a half.
     """
     return RunConfig(
         name="demo", run_dir="runs/demo", data_preset="small", resolution=32, render_n=8,
