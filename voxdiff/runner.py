@@ -479,19 +479,7 @@ def _run(cfg: RunConfig, stages: tuple[str, ...], force: bool, command: str, pro
     run_dir = Path(cfg.run_dir)
     ext = str(Path(external).resolve()) if external else None
     # ---- every refusal first: a refused rerun writes nothing (not config.json, not the log) ----
-    done = _Stages(run_dir, force)
-    order = [s for s in STAGES if s != "report"]
-    if rerun_from is not None:
-        done.forget(order[order.index(rerun_from) :])
-    wanted = [s for s in order if s in stages]
-    done.recover(cfg, ext)  # only when stages.json could not be read
-    # a stage trained for other settings is refused, not silently replaced: its outputs are someone's results
-    changed = [s for s in wanted if s in ("ae", "ldm") and done.changed(s, stage_key(s, cfg, ext))]
-    if changed:
-        raise VoxdiffError(f"stage {changed[0]}: the settings changed since {run_dir / changed[0]} was trained; pass "
-                           "--force to rerun every stage, or use another --run_dir")
-    if "data" in wanted:
-        check_data(cfg)
+    done, order, wanted = _plan_stages(cfg, stages, force, rerun_from, ext)
     # ---- then act ----
     for sub in ("data", "oracle", "baselines", "renders"):  # the lock is held: temp files here are a killed run's
         if (run_dir / sub).is_dir():
@@ -546,6 +534,36 @@ def _run(cfg: RunConfig, stages: tuple[str, ...], force: bool, command: str, pro
                 print(f"warning: {out['note']}", file=sys.stderr)
         if stage == "tune" and stage in report["stages"]:
             cfg = apply_tune(cfg, report["stages"]["tune"])
+    _summarise_stages(cfg, report)
+    if "report" in stages:
+        write_report(cfg, report)
+    return report
+
+
+def _plan_stages(cfg: RunConfig, stages: tuple[str, ...], force: bool, rerun_from: str | None,
+                 ext: str | None) -> tuple[_Stages, list[str], list[str]]:
+    """The stage records, the stage order and the stages asked for, after every refusal `_run` makes before it
+    writes anything (a changed AE/LDM setting, unusable data): a refused rerun leaves the run directory as it was."""
+    run_dir = Path(cfg.run_dir)
+    done = _Stages(run_dir, force)
+    order = [s for s in STAGES if s != "report"]
+    if rerun_from is not None:
+        done.forget(order[order.index(rerun_from) :])
+    wanted = [s for s in order if s in stages]
+    done.recover(cfg, ext)  # only when stages.json could not be read
+    # a stage trained for other settings is refused, not silently replaced: its outputs are someone's results
+    changed = [s for s in wanted if s in ("ae", "ldm") and done.changed(s, stage_key(s, cfg, ext))]
+    if changed:
+        raise VoxdiffError(f"stage {changed[0]}: the settings changed since {run_dir / changed[0]} was trained; pass "
+                           "--force to rerun every stage, or use another --run_dir")
+    if "data" in wanted:
+        check_data(cfg)
+    return done, order, wanted
+
+
+def _summarise_stages(cfg: RunConfig, report: dict[str, Any]) -> None:
+    """Fill the report's run-wide parts from the stage results (in place): the final config, the stages' notes and
+    runtimes, the eval results with their goal checks, the renders; kept apart from `_run` so the loop stays short."""
     report["config"] = to_dict(cfg)
     stages_out = report["stages"]
     report["notes"] = [r["note"] for r in stages_out.values() if isinstance(r, dict) and r.get("note")]
@@ -561,9 +579,6 @@ def _run(cfg: RunConfig, stages: tuple[str, ...], force: bool, command: str, pro
             res["goal"] = goal_check(res, cfg.goals)
     if "render" in stages_out:
         report["renders"] = stages_out["render"]
-    if "report" in stages:
-        write_report(cfg, report)
-    return report
 
 
 def choose_run_threads(cfg: RunConfig) -> ThreadChoice:

@@ -175,6 +175,51 @@ def _ddim_init(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scale: 
                 seed=cfg.seed, batch_size=cfg.batch_size, output="latents").latents
 
 
+def _start_latents(pipe: LatentVoxelPipeline, generator: torch.Generator, n: int,
+                   init: np.ndarray | None) -> torch.Tensor:
+    """A batch's starting latents, a leaf that requires grad: x_T ~ N(0, I), or the DDIM samples `init` that start
+    from this same draw. The draw is made either way, so the SDS steps after it draw the same t and ε after either
+    init (DDIM with η = 0 draws nothing more)."""
+    z0 = torch.randn((n, *pipe.latent_shape), generator=generator, device=pipe.device)
+    if init is not None:
+        z0 = torch.from_numpy(init).to(pipe.device)
+    return z0.detach().clone().requires_grad_(True)
+
+
+def _sds_step(cfg: SDSConfig, pipe: LatentVoxelPipeline, noise_scheduler: DDPMScheduler, z: torch.Tensor,
+              labels: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator, scale: float,
+              step: int, batch: int) -> torch.Tensor:
+    """One SDS step on a batch: t ~ U[lo, hi] per sample then ε ~ N(0, I) (in that order, from `generator`), the SDS
+    gradient (float32), refused when non-finite, applied through the surrogate loss by `optimizer`. Returns the
+    gradient, for the norms `_sds_category` records."""
+    device, n = pipe.device, len(z)
+    lo, hi = timestep_range(cfg, pipe.scheduler_config.num_train_timesteps, step)
+    t = torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
+    noise = torch.randn(z.shape, generator=generator, device=device)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, pipe.autocast_dtype):
+        grad = sds_grad(pipe.unet, noise_scheduler, z, labels, t, noise, scale, cfg.weighting).float()
+    if not torch.isfinite(grad).all():
+        raise VoxdiffError(f"non-finite SDS gradient at step {step} of batch {batch}; check the checkpoints")
+    sds_surrogate(z, grad).backward()
+    optimizer.step()
+    return grad
+
+
+def _run_facts(cfg: SDSConfig, pipe: LatentVoxelPipeline, out: Path, scale: float,
+               binarization: Binarization) -> dict[str, Any]:
+    """The parts of a category's sds.json entry fixed before it runs (config, checkpoints, t range, guidance,
+    binarisation, weighting), in the order the entry lists them."""
+    num_train_timesteps = pipe.scheduler_config.num_train_timesteps
+    return {
+        "config": to_dict(cfg), "version": __version__, "device": str(pipe.device), "file": str(out),
+        "ldm_ckpt": str(pipe.ldm_file), "ldm_step": pipe.ldm_step, "ae_ckpt": str(pipe.ae_file),
+        "num_train_timesteps": num_train_timesteps, "t_range": list(timestep_range(cfg, num_train_timesteps)),
+        "cfg_scale_effective": scale, "binarization": binarization.describe(),
+        "weighting": "1 - alpha_bar_t (DreamFusion)" if cfg.weighting == "sds" else "1",
+    }
+
+
 def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scale: float,
                   binarization: Binarization, log: Any, progress: bool) -> dict[str, Any]:
     """SDS for one category: batches of latents optimised, decoded like diffusion/sample.py, written atomically."""
@@ -201,13 +246,8 @@ def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scal
             start, end = batch * cfg.batch_size, min(cfg.num_samples, (batch + 1) * cfg.batch_size)
             generator = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, class_id, batch))
             labels = torch.full((end - start,), class_id, dtype=torch.long, device=device)
-            # 1. initial latents: x_T ~ N(0, I), or the DDIM samples that start from this same draw (so the steps
-            # below draw the same t and ε after either init: DDIM with η = 0 draws nothing more)
-            t0 = time.perf_counter()
-            z0 = torch.randn((end - start, *pipe.latent_shape), generator=generator, device=device)
-            if init_latents is not None:
-                z0 = torch.from_numpy(init_latents[start:end]).to(device)
-            z = z0.detach().clone().requires_grad_(True)
+            t0 = time.perf_counter()  # 1. initial latents
+            z = _start_latents(pipe, generator, end - start, None if init_latents is None else init_latents[start:end])
             optimizer = torch.optim.Adam([z], lr=cfg.lr)
             timing["init_s"] += time.perf_counter() - t0
 
@@ -224,16 +264,7 @@ def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scal
             norms = torch.zeros(end - start)
             for i in range(cfg.num_steps):
                 t0 = time.perf_counter()
-                lo, hi = timestep_range(cfg, num_train_timesteps, i)
-                t = torch.randint(lo, hi + 1, (end - start,), generator=generator, device=device)
-                noise = torch.randn(z.shape, generator=generator, device=device)
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device, pipe.autocast_dtype):
-                    grad = sds_grad(pipe.unet, noise_scheduler, z, labels, t, noise, scale, cfg.weighting).float()
-                if not torch.isfinite(grad).all():
-                    raise VoxdiffError(f"non-finite SDS gradient at step {i} of batch {batch}; check the checkpoints")
-                sds_surrogate(z, grad).backward()
-                optimizer.step()
+                grad = _sds_step(cfg, pipe, noise_scheduler, z, labels, optimizer, generator, scale, i, batch)
                 norms = grad.flatten(1).norm(dim=1).cpu()
                 step_norm[i] += float(norms.mean()) * (end - start) / cfg.num_samples
                 timing["optimise_s"] += time.perf_counter() - t0
@@ -255,11 +286,7 @@ def _sds_category(cfg: SDSConfig, category: str, pipe: LatentVoxelPipeline, scal
     timing["total_s"] = time.perf_counter() - t_start
     final = float(np.concatenate(final_norms).mean()) if cfg.num_steps else None
     summary: dict[str, Any] = {
-        "config": to_dict(cfg), "version": __version__, "device": str(device), "file": str(out),
-        "ldm_ckpt": str(pipe.ldm_file), "ldm_step": pipe.ldm_step, "ae_ckpt": str(pipe.ae_file),
-        "num_train_timesteps": num_train_timesteps, "t_range": list(timestep_range(cfg, num_train_timesteps)),
-        "cfg_scale_effective": scale, "binarization": binarization.describe(),
-        "weighting": "1 - alpha_bar_t (DreamFusion)" if cfg.weighting == "sds" else "1",
+        **_run_facts(cfg, pipe, out, scale, binarization),
         "timings": timing, "s_per_step": timing["optimise_s"] / max(1, num_batches * cfg.num_steps),
         "final_grad_norm_mean": final, "grad_norm_per_step": [round(float(x), 6) for x in step_norm],
         "mean_occupancy": occupied_sum / cfg.num_samples / side**3, "empty": empty,

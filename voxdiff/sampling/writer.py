@@ -141,13 +141,7 @@ def _sample_category(cfg: SampleConfig, category: str, pipe: LatentVoxelPipeline
     record_file = save_dir / f".{category}.progress.json"
     key = _progress_key(cfg, category, pipe)
     shape = (cfg.num_samples, side, side, side)
-    # the progress record: {"key", "done": {batch index: its figures}, "complete", "stats" once complete}
-    record = _read_progress(record_file, num_batches, log) if info.is_main else {}
-    if record.get("key") != key:
-        record = {"key": key, "done": {}, "complete": False}
-    if info.is_main and record["complete"] and final.is_file() and not _whole_npy(final, shape, log):
-        record = {"key": key, "done": {}, "complete": False}  # the samples were damaged after they were complete
-    record = broadcast_object(record)  # rank 0's reading of the progress file decides for every rank
+    record = _agreed_record(record_file, final, key, shape, num_batches, info, log)
     if record["complete"] and final.is_file():
         if cfg.render and info.is_main and not final.with_suffix(".png").is_file():
             _render_samples(final, cfg.render, category)  # an output lost after the samples were complete
@@ -163,12 +157,7 @@ def _sample_category(cfg: SampleConfig, category: str, pipe: LatentVoxelPipeline
         if fresh_all and info.is_main:
             # the old record goes first: a partial file (re)made below never meets a record of batches it does not hold
             record_file.unlink(missing_ok=True)
-            try:
-                open_npy_memmap(partial, shape).flush()  # disk space reserved up front
-            except OSError as e:  # a full disk: no half-reserved file left behind, and the error names the samples
-                partial.unlink(missing_ok=True)
-                what = (e.strerror or str(e)).replace(str(partial), str(final))
-                raise OSError(e.errno, what, str(final)) from None
+            _reserve_partial(partial, final, shape)
     if not fresh_all:
         log.info("%s: resuming, %d of %d batches done", category, len(record["done"]), num_batches)
     samples = np.lib.format.open_memmap(partial, mode="r+")
@@ -221,6 +210,31 @@ def _sample_category(cfg: SampleConfig, category: str, pipe: LatentVoxelPipeline
         log.info("%s: stopped after %d new batches (%d/%d done); rerun to continue", category, new,
                  len(record["done"]), num_batches)
     return {**stats, "file": str(final) if done else None}, new
+
+
+def _agreed_record(record_file: Path, final: Path, key: str, shape: tuple[int, ...], num_batches: int, info: Any,
+                   log: logging.Logger) -> dict[str, Any]:
+    """The category's progress record every rank works from: rank 0's reading of the progress file, or a fresh record
+    when it is for other settings (`key`) or the complete samples were damaged since, broadcast to every rank.
+
+    A record is {"key", "done": {batch index: its figures}, "complete", "stats" once complete}."""
+    record = _read_progress(record_file, num_batches, log) if info.is_main else {}
+    if record.get("key") != key:
+        record = {"key": key, "done": {}, "complete": False}
+    if info.is_main and record["complete"] and final.is_file() and not _whole_npy(final, shape, log):
+        record = {"key": key, "done": {}, "complete": False}  # the samples were damaged after they were complete
+    return broadcast_object(record)  # rank 0's reading of the progress file decides for every rank
+
+
+def _reserve_partial(partial: Path, final: Path, shape: tuple[int, ...]) -> None:
+    """Create the zeroed partial samples file, reserving its disk space up front; on a full disk no half-reserved file
+    is left behind, and the error names the samples file (`final`) the user asked for, not the partial one."""
+    try:
+        open_npy_memmap(partial, shape).flush()  # disk space reserved up front
+    except OSError as e:  # a full disk: no half-reserved file left behind, and the error names the samples
+        partial.unlink(missing_ok=True)
+        what = (e.strerror or str(e)).replace(str(partial), str(final))
+        raise OSError(e.errno, what, str(final)) from None
 
 
 def _read_progress(path: Path, num_batches: int, log: logging.Logger) -> dict[str, Any]:
