@@ -48,7 +48,8 @@ def test_shipped_checkpoints_are_compact_and_load() -> None:
 
 def test_shipped_model_stores_its_tuned_settings_and_make_sample_leaves_them_to_it() -> None:
     meta = load_checkpoint(MODEL / "ldm.pt", kind="ldm").meta
-    assert meta.sampling == TUNED
+    assert {k: meta.sampling[k] for k in TUNED} == TUNED
+    assert meta.sampling.get("eta", 0.0) == 0.0 and meta.sampling.get("topk") is None  # the rest: library defaults
     argv = make_sample_argv()
     given = [a for a in argv if a.startswith("--") and a[2:].removeprefix("no_") in SAMPLING_KEYS]
     assert not given, f"make sample overrides the model's stored settings with {given}"
