@@ -19,9 +19,12 @@ from typing import Any
 
 from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter, output_file, positive_int, probability
 from voxdiff.config import CATEGORIES
+from voxdiff.device import resolve_device
+from voxdiff.errors import VoxdiffError, run_cli
+from voxdiff.files import atomic_write_json
+from voxdiff.logs import get_logger
 from voxdiff.metrics_backends import default_workers
 from voxdiff.scoring import References, open_samples, score_sets
-from voxdiff.utils import VoxdiffError, atomic_write_json, get_logger, resolve_device, run_cli
 
 ALL = "all"
 

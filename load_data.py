@@ -25,7 +25,8 @@ from voxdiff.data.partseg import (
     write_synthetic_partseg,
 )
 from voxdiff.data.voxelize import check_resolution, preprocess
-from voxdiff.utils import VoxdiffError, dir_lock, run_cli
+from voxdiff.errors import VoxdiffError, run_cli
+from voxdiff.files import dir_lock
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,9 +20,9 @@ from tqdm import tqdm
 from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter, probability
 from voxdiff.config import CATEGORIES
 from voxdiff.data.voxelize import open_voxels
+from voxdiff.errors import VoxdiffError, run_cli
 from voxdiff.mesh import export_mesh, export_pointcloud
 from voxdiff.render import DEFAULT_VIEW, DEFAULT_VIEWS, Style, render_voxels
-from voxdiff.utils import VoxdiffError, run_cli
 
 
 def parse_view(text: str) -> tuple[float, float]:

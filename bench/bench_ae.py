@@ -17,9 +17,9 @@ import time
 import torch
 
 from voxdiff.config import AEConfig
+from voxdiff.device import resolve_device
 from voxdiff.losses import reconstruction_loss
 from voxdiff.models.autoencoder import VoxelAutoencoder
-from voxdiff.utils import resolve_device
 
 
 def samples_per_s(device: torch.device, res: int, batch: int, steps: int, warmup: int, bf16: bool) -> float:

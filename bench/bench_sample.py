@@ -16,10 +16,10 @@ import time
 import torch
 
 from voxdiff.config import UNET_PRESETS, SchedulerConfig, unet_preset
+from voxdiff.device import resolve_device
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.sampling import guided_eps, sample_latents
 from voxdiff.schedulers import make_scheduler
-from voxdiff.utils import resolve_device
 
 
 def _sync(device: torch.device) -> None:

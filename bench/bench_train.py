@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from voxdiff.config import run_preset
+from voxdiff.device import flush_denormals
 from voxdiff.losses import reconstruction_loss
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import cpu_has_bf16
-from voxdiff.utils import flush_denormals
 
 
 def _timed(step: Any, steps: int, warmup: int) -> float:

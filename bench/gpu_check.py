@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from voxdiff.checkpoint import AEMeta
 from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
 from voxdiff.config import CATEGORIES, AEConfig, SchedulerConfig, run_preset, unet_preset
+from voxdiff.device import flush_denormals, resolve_device
+from voxdiff.files import atomic_write_json
 from voxdiff.losses import reconstruction_loss
 from voxdiff.metrics import Backend, chamfer_blocks
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import autocast, choose_precision, forward_probe, gradient_probe
 from voxdiff.sampling import LatentVoxelPipeline
-from voxdiff.utils import atomic_write_json, flush_denormals, resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -261,6 +262,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from voxdiff.utils import run_cli
+    from voxdiff.errors import run_cli
 
     run_cli(main)

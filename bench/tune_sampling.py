@@ -15,9 +15,11 @@ from pathlib import Path
 from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_from_args
 from voxdiff.config import CATEGORIES, TuneConfig
 from voxdiff.data.voxelize import open_voxels, voxel_path
+from voxdiff.device import flush_denormals, resolve_device
+from voxdiff.errors import run_cli
+from voxdiff.files import atomic_write_json
 from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.tuning import tune_sampling
-from voxdiff.utils import atomic_write_json, flush_denormals, resolve_device, run_cli
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list]:

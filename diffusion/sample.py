@@ -23,7 +23,7 @@ from voxdiff.checkpoint import SAMPLING_KEYS
 from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, given
 from voxdiff.cliflags import config_from_flags
 from voxdiff.config import SampleConfig
-from voxdiff.utils import run_cli
+from voxdiff.errors import run_cli
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list]:

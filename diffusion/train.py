@@ -21,7 +21,7 @@ import json
 from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments
 from voxdiff.cliflags import config_from_flags
 from voxdiff.config import UNET_PRESETS, LDMTrainConfig, unet_preset
-from voxdiff.utils import run_cli
+from voxdiff.errors import run_cli
 
 
 def build_parser(preset: str = "course") -> tuple[argparse.ArgumentParser, list]:

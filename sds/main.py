@@ -16,7 +16,7 @@ import json
 from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments
 from voxdiff.cliflags import config_from_flags
 from voxdiff.config import SDSConfig
-from voxdiff.utils import run_cli
+from voxdiff.errors import run_cli
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list]:

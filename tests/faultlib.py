@@ -18,7 +18,7 @@ import torch
 from helpers import ROOT
 
 from voxdiff.cli import load_script
-from voxdiff.utils import run_cli
+from voxdiff.errors import run_cli
 
 VOXDIFF = "python -m voxdiff"
 

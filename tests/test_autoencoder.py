@@ -15,6 +15,8 @@ from helpers import TINY_AE, make_voxel_dir
 from voxdiff.binarize import ThresholdCalibrator, binarize, recon_metrics
 from voxdiff.checkpoint import AEMeta, Checkpoint, load_autoencoder, load_checkpoint, save_checkpoint
 from voxdiff.config import AEConfig, AETrainConfig, to_dict
+from voxdiff.device import seed_everything
+from voxdiff.errors import VoxdiffError
 from voxdiff.losses import kl_to_standard_normal, pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.models.autoencoder import LOGVAR_RANGE, VoxelAutoencoder
 from voxdiff.training.autoencoder import (
@@ -23,7 +25,6 @@ from voxdiff.training.autoencoder import (
     evaluate,
     train_autoencoder,
 )
-from voxdiff.utils import VoxdiffError, seed_everything
 
 TINY = TINY_AE
 

@@ -20,7 +20,8 @@ from voxdiff.checkpoint import (
 )
 from voxdiff.config import AEConfig, AETrainConfig, LDMTrainConfig, check_literal, from_dict, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
-from voxdiff.utils import VoxdiffError, atomic_save_npy, atomic_write_json
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import atomic_save_npy, atomic_write_json
 
 
 def test_config_roundtrip_nested() -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from voxdiff.data.shapes import generate_split
 from voxdiff.data.voxelize import voxel_indices, voxelize_points, voxelize_reference
-from voxdiff.utils import VoxdiffError
+from voxdiff.errors import VoxdiffError
 
 
 def test_hand_built_cloud_exact_indices() -> None:

@@ -26,8 +26,8 @@ from helpers import ROOT, TINY_AE, TINY_UNET, free_port, make_ae_ckpt
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import AETrainConfig, LDMTrainConfig, SampleConfig, SchedulerConfig, to_dict
 from voxdiff.distributed import DistInfo, check_same_config, epoch_sampler, init_distributed, split_batch
+from voxdiff.errors import VoxdiffError
 from voxdiff.models.autoencoder import VoxelAutoencoder
-from voxdiff.utils import VoxdiffError
 
 ENV = {**BASE_ENV, "PYTHONPATH": str(ROOT)}  # bench/dist_launches.py imports ENV and free_port from here
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -39,7 +39,7 @@ import json, os, sys, threading, weakref
 import torch
 from voxdiff.config import AETrainConfig, LDMTrainConfig, SampleConfig, from_dict
 from voxdiff.distributed import check_same_config, cleanup, init_distributed, raise_together, together
-from voxdiff.utils import VoxdiffError
+from voxdiff.errors import VoxdiffError
 
 torch.set_num_threads(1)
 spec = json.loads(open(sys.argv[1]).read())

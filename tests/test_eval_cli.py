@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from voxdiff import metrics
-from voxdiff.utils import run_cli
+from voxdiff.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

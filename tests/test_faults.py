@@ -49,8 +49,8 @@ from voxdiff.cli import load_script
 from voxdiff.config import run_preset, to_dict
 from voxdiff.data.partseg import write_synthetic_partseg
 from voxdiff.data.voxelize import preprocess
+from voxdiff.errors import VoxdiffError, cli_name
 from voxdiff.runner import resolve, run
-from voxdiff.utils import VoxdiffError, cli_name
 
 H5_COUNTS = {"train": {"airplane": 3, "chair": 3, "table": 3}, "val": {"airplane": 2, "chair": 2, "table": 2},
              "test": {"airplane": 2, "chair": 2, "table": 2}}

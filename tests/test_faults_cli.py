@@ -67,7 +67,7 @@ def warning_lines(err: str) -> list[str]:
 
 
 def without_progress(code: int, err: str) -> tuple[int, str]:
-    """(code, stderr) less the progress lines a command prints on a non-terminal as it works (voxdiff.utils.Progress):
+    """(code, stderr) less the progress lines a command prints on a non-terminal as it works (voxdiff.logs.Progress):
     what is left of a failed run is its error."""
     return code, "".join(line for line in err.splitlines(keepends=True) if ", elapsed " not in line)
 

@@ -13,11 +13,11 @@ from helpers import ENV, ROOT, TINY_UNET, make_ae_ckpt
 
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import LDMTrainConfig, SchedulerConfig, UNetConfig, to_dict
+from voxdiff.errors import VoxdiffError
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training.common import warmup_lr
 from voxdiff.training.ldm import diffusion_loss, ema_multi_avg_fn, min_snr_weight, train_ldm
-from voxdiff.utils import VoxdiffError
 
 TINY = UNetConfig(**{**to_dict(TINY_UNET), "dropout": 0.1})
 

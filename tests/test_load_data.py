@@ -16,7 +16,8 @@ import pytest
 from voxdiff.config import CATEGORIES, SPLITS
 from voxdiff.data.partseg import iter_category_points, write_synthetic_partseg
 from voxdiff.data.voxelize import voxelize_points
-from voxdiff.utils import file_sha256, run_cli
+from voxdiff.errors import run_cli
+from voxdiff.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -12,7 +12,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from voxdiff import metrics, metrics_backends, scoring
-from voxdiff.utils import VoxdiffError
+from voxdiff.errors import VoxdiffError
 
 # ------------------------------------------------------------------------------------------ brute-force reference
 

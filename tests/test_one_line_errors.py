@@ -126,7 +126,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tree(root: Path) -> dict[str, tuple[int, int, int]]:
     """Every path under `root` with its size, inode and mtime (a directory: its inode), less the directory locks a
-    command may leave (voxdiff.utils.dir_lock keeps the file and drops the kernel lock): any other write shows."""
+    command may leave (voxdiff.files.dir_lock keeps the file and drops the kernel lock): any other write shows."""
     return {str(p.relative_to(root)): (st.st_size, st.st_ino, st.st_mtime_ns) if p.is_file() else (-1, st.st_ino, 0)
             for p in sorted(root.rglob("*")) if p.name != ".lock" for st in [p.stat()]}
 

@@ -23,10 +23,10 @@ from voxdiff.config import (
     run_preset,
     to_dict,
 )
+from voxdiff.errors import VoxdiffError
 from voxdiff.report import goal_check, reading, summary_lines
 from voxdiff.runner import resolve, run, stage_key
 from voxdiff.sampling import LatentVoxelPipeline
-from voxdiff.utils import VoxdiffError
 
 STRUCTURE_KEYS = ("sample_stray", "ref_stray", "sample_fragmented", "ref_fragmented")
 READINGS = ("close to the data", "partly there: misses ", "far from the data")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from voxdiff import mesh, render
-from voxdiff.utils import VoxdiffError
+from voxdiff.errors import VoxdiffError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,7 +240,7 @@ def _load_cli():  # visualize.py is a script, not a package module: load it by p
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from voxdiff.utils import run_cli
+    from voxdiff.errors import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli(_load_cli().main, argv)

@@ -22,6 +22,7 @@ from voxdiff import threads as threads_mod
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import LDMTrainConfig, SchedulerConfig, UNetConfig, to_dict
 from voxdiff.distributed import DistInfo
+from voxdiff.errors import VoxdiffError
 from voxdiff.precision import check_bf16, choose_precision, gradient_probe
 from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.threads import BusyWatch, ThreadChoice, available_cores, candidates, choose_threads
@@ -29,7 +30,6 @@ from voxdiff.training import common
 from voxdiff.training import ldm as ldm_mod
 from voxdiff.training.common import StepGuard
 from voxdiff.training.ldm import train_ldm
-from voxdiff.utils import VoxdiffError
 
 TINY = UNetConfig(**{**to_dict(TINY_UNET), "dropout": 0.0})  # ch_mult (1, 2) on a 4³ latent: its lowest level is 2³
 CPU = torch.device("cpu")
@@ -438,7 +438,7 @@ def test_cuda_rng_states_restore_on_a_machine_with_fewer_gpus(monkeypatch: pytes
 
 
 def test_a_cuda_index_this_machine_lacks_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from voxdiff.utils import resolve_device
+    from voxdiff.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -23,9 +23,10 @@ from helpers import TINY_AE, make_ae_ckpt, make_voxel_dir
 from voxdiff.cli import load_script
 from voxdiff.config import AETrainConfig, SampleConfig, run_preset
 from voxdiff.data.partseg import COUNT_PRESETS, PROCEDURAL_MARKER, write_synthetic_partseg
+from voxdiff.errors import VoxdiffError, run_cli
+from voxdiff.files import dir_lock
 from voxdiff.runner import run
 from voxdiff.training.autoencoder import train_autoencoder
-from voxdiff.utils import VoxdiffError, dir_lock, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +180,7 @@ def test_labels_outside_partseg_are_skipped_counted_and_logged(tmp_path: Path) -
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from voxdiff import checkpoint
-    from voxdiff.utils import open_npy_memmap
+    from voxdiff.files import open_npy_memmap
 
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -13,10 +13,10 @@ from helpers import ENV, OCC, ROOT, TINY_UNET
 
 from voxdiff.binarize import Binarization
 from voxdiff.config import SampleConfig, SchedulerConfig
+from voxdiff.errors import VoxdiffError
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.sampling import LatentVoxelPipeline, guided_eps, sample_latents, sample_to_files, upsample_nearest
 from voxdiff.schedulers import make_scheduler
-from voxdiff.utils import VoxdiffError
 
 TINY = TINY_UNET
 

@@ -14,11 +14,11 @@ from helpers import ENV, OCC, ROOT, TINY_UNET, make_voxel_dir
 
 from voxdiff import metrics
 from voxdiff.config import SampleConfig, SchedulerConfig, SDSConfig
+from voxdiff.errors import VoxdiffError
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.sampling import sample_to_files
 from voxdiff.schedulers import make_scheduler
 from voxdiff.sds import run_sds, sds_grad, sds_surrogate, timestep_range
-from voxdiff.utils import VoxdiffError
 
 TINY = TINY_UNET
 T = 100

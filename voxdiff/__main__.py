@@ -29,9 +29,9 @@ from voxdiff.config import (
     run_preset,
     tagged_fields,
 )
+from voxdiff.errors import VoxdiffError, run_cli
 from voxdiff.report import summary_lines
 from voxdiff.runner import RERUNNABLE, STAGES, resolve, run
-from voxdiff.utils import VoxdiffError, run_cli
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list]:

@@ -35,9 +35,10 @@ import torch
 
 from voxdiff import __version__
 from voxdiff.config import CATEGORIES, AEConfig, SampleConfig, SchedulerConfig, UNetConfig, from_dict, to_dict
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import atomic_path, file_sha256
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
-from voxdiff.utils import VoxdiffError, atomic_path, file_sha256
 
 FORMAT = 2
 Kind = Literal["autoencoder", "ldm"]

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from voxdiff.cli import Flag, config_from_args
-from voxdiff.utils import VoxdiffError
+from voxdiff.errors import VoxdiffError
 
 
 def name_flags(message: str, args: argparse.Namespace, flags: list[Flag]) -> str:

@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from voxdiff.utils import VoxdiffError, resolve_device
+from voxdiff.device import resolve_device
+from voxdiff.errors import VoxdiffError
 
 __all__ = [
     "DistInfo", "init_distributed", "is_main", "barrier", "cleanup", "all_gather_object", "broadcast_object",

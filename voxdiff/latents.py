@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from voxdiff.data.dataset import VoxelDataset, voxel_path
-from voxdiff.utils import Progress, atomic_path
+from voxdiff.files import atomic_path
+from voxdiff.logs import Progress
 
 __all__ = ["normalise", "denormalise", "encode_dataset", "cached_latents"]
 

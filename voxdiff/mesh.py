@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from voxdiff.utils import VoxdiffError, atomic_path, atomic_write_text
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import atomic_path, atomic_write_text
 
 # --------------------------------------------------------------------------------------------------------------------
 # grid geometry

@@ -27,8 +27,9 @@ Conventions for degenerate input (so that metrics stay finite and comparable):
   largest Chamfer distance between two non-empty shapes in the unit cube), COV = 0 and JSD = ln 2 (the maximum JSD).
 * An empty reference is refused (VoxdiffError): references are data, an empty one means a broken data file.
 
-Imports: numpy / scipy (+ the optional `edt` package for a 3-4× faster CPU transform), voxdiff.utils and
-voxdiff.metrics_backends, which imports torch only inside its torch path (so that eval.py starts without torch).
+Imports: numpy / scipy (+ the optional `edt` package for a 3-4× faster CPU transform), voxdiff.errors,
+voxdiff.logs and voxdiff.metrics_backends, which imports torch only inside its torch path (so that eval.py starts
+without torch).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ import numpy as np
 from scipy import ndimage
 
 from voxdiff import metrics_backends as backends
-from voxdiff.utils import Progress, VoxdiffError
+from voxdiff.errors import VoxdiffError
+from voxdiff.logs import Progress
 
 try:  # optional: seung-lab's multi-label EDT, exact and ~3-4x faster than scipy on these grids
     import edt as _edt

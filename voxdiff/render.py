@@ -27,8 +27,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 
 from voxdiff.config import check_literal  # noqa: E402
+from voxdiff.errors import VoxdiffError  # noqa: E402
+from voxdiff.files import atomic_path  # noqa: E402
 from voxdiff.mesh import occupancy, surface_voxels  # noqa: E402
-from voxdiff.utils import VoxdiffError, atomic_path  # noqa: E402
 
 ColorBy = Literal["height", "depth", "solid"]
 View = tuple[float, float]

@@ -19,8 +19,8 @@ import torch
 
 from voxdiff import __version__
 from voxdiff.config import GoalConfig, RunConfig
+from voxdiff.files import atomic_write_json, atomic_write_text
 from voxdiff.threads import cpu_model
-from voxdiff.utils import atomic_write_json, atomic_write_text
 
 RATIO_GOALS: dict[str, str] = {"cov": "≥", "mmd": "≤", "jsd": "≤"}  # model / oracle, bounded by GoalConfig's figure
 STRUCTURE_SLACK = 0.01  # stray / fragmented goals allow the data's share × GoalConfig.structure plus this

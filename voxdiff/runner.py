@@ -48,6 +48,10 @@ from voxdiff.config import CATEGORIES, RENAMED, SPLITS, RunConfig, tagged_fields
 from voxdiff.data.partseg import COUNT_PRESETS, write_synthetic_partseg
 from voxdiff.data.shapes import generate_split
 from voxdiff.data.voxelize import open_voxels, preprocess, voxel_path, voxelize_points
+from voxdiff.device import resolve_device
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import atomic_memmap, atomic_write_json, dir_lock, file_sha256, remove_leftovers
+from voxdiff.logs import Progress, get_logger
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import autocast, cpu_has_bf16
@@ -59,17 +63,6 @@ from voxdiff.threads import ThreadChoice, available_cores, candidates, choose_th
 from voxdiff.training.autoencoder import train_autoencoder
 from voxdiff.training.ldm import train_ldm
 from voxdiff.tuning import tune_sampling
-from voxdiff.utils import (
-    Progress,
-    VoxdiffError,
-    atomic_memmap,
-    atomic_write_json,
-    dir_lock,
-    file_sha256,
-    get_logger,
-    remove_leftovers,
-    resolve_device,
-)
 
 STAGES: tuple[str, ...] = ("data", "ae", "ldm", "tune", "sample", "eval", "render", "report")
 ORACLE_SEED_OFFSET = 1_000_003  # the oracle's shapes come from another seed than the data's, same generator

@@ -25,8 +25,9 @@ import numpy as np
 from voxdiff import __version__, metrics
 from voxdiff.config import category_index
 from voxdiff.data.voxelize import open_voxels, voxel_path
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import open_npy
 from voxdiff.metrics import GridSet, VoxelPoints
-from voxdiff.utils import VoxdiffError, open_npy
 
 REF_SPLITS: tuple[str, ...] = ("test", "val")  # the reference set is test then val, concatenated
 BLOAT_FACTOR = 2  # a sample is bloated above BLOAT_FACTOR × the largest training shape's occupied voxels
@@ -104,7 +105,7 @@ def _max_voxels(arr: np.ndarray, resolution: int) -> int | None:
 
 
 def open_samples(path: str | os.PathLike[str]) -> np.ndarray:
-    """Memory-map a samples .npy with a clear one-line error for a missing or unreadable file (utils.open_npy: a text
+    """Memory-map a samples .npy with a clear one-line error for a missing or unreadable file (files.open_npy: a text
     file or an archive named .npy is "not a .npy file", never numpy's "pickled (object) data")."""
     p = Path(path)
     if p.is_dir():

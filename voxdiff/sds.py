@@ -35,20 +35,14 @@ import torch
 from voxdiff import __version__
 from voxdiff.binarize import Binarization
 from voxdiff.config import CATEGORIES, SDSConfig, category_index, to_dict
+from voxdiff.device import flush_denormals, resolve_device
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import atomic_memmap, atomic_write_json, dir_lock
+from voxdiff.logs import Progress, get_logger
 from voxdiff.precision import autocast
 from voxdiff.render import render_voxels
 from voxdiff.sampling import LatentVoxelPipeline, batch_seed, guided_eps
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler, expand_as_sample
-from voxdiff.utils import (
-    Progress,
-    VoxdiffError,
-    atomic_memmap,
-    atomic_write_json,
-    dir_lock,
-    flush_denormals,
-    get_logger,
-    resolve_device,
-)
 
 __all__ = ["sds_weight", "sds_grad", "sds_surrogate", "timestep_range", "run_sds"]
 

@@ -29,9 +29,10 @@ import torch
 from voxdiff.binarize import Binarization
 from voxdiff.config import TuneConfig
 from voxdiff.data.voxelize import open_voxels, voxel_path
+from voxdiff.errors import VoxdiffError
+from voxdiff.logs import Progress
 from voxdiff.metrics import evaluate
 from voxdiff.sampling import LatentVoxelPipeline
-from voxdiff.utils import Progress, VoxdiffError
 
 CRITERIA = ("jsd", "mmd", "cov", "nna", "voxels", "structure")
 STRAY_FLOOR = 1e-3  # data stray shares below this (0.1 % of voxels) count as this: clean data divides by no zero

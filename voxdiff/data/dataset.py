@@ -17,7 +17,8 @@ from voxdiff.config import CATEGORIES, SPLITS, category_index
 
 # Re-exported: file naming and opening live with the code that writes the grids (numpy only, so CLIs start fast).
 from voxdiff.data.voxelize import downsample_max, open_voxels, voxel_path  # noqa: F401
-from voxdiff.utils import Progress, VoxdiffError
+from voxdiff.errors import VoxdiffError
+from voxdiff.logs import Progress
 
 
 class VoxelDataset(Dataset):

@@ -24,7 +24,9 @@ import numpy as np
 
 from voxdiff.config import CATEGORIES, PARTSEG_LABELS, SPLITS
 from voxdiff.data.shapes import NUM_POINTS, generate_shape, shape_rng
-from voxdiff.utils import Progress, VoxdiffError, atomic_path, atomic_write_text, file_sha256, staging_dir
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import atomic_path, atomic_write_text, file_sha256, staging_dir
+from voxdiff.logs import Progress
 
 PARTSEG_URL = "https://shapenet.cs.stanford.edu/media/shapenet_part_seg_hdf5_data.zip"
 MAX_PER_FILE = 2048

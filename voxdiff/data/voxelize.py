@@ -21,17 +21,9 @@ import numpy as np
 
 from voxdiff.config import CATEGORIES, PARTSEG_LABELS, SPLITS
 from voxdiff.data.partseg import PARTSEG_NUM_CATEGORIES, iter_category_points, scan_split
-from voxdiff.utils import (
-    Progress,
-    VoxdiffError,
-    atomic_memmap,
-    atomic_save_npy,
-    atomic_write_json,
-    atomic_write_text,
-    get_logger,
-    open_npy,
-    staging_dir,
-)
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import atomic_memmap, atomic_save_npy, atomic_write_json, atomic_write_text, open_npy, staging_dir
+from voxdiff.logs import Progress, get_logger
 
 
 def voxel_path(root: str | os.PathLike[str], category: str, split: str) -> Path:

@@ -12,9 +12,10 @@
     out = pipe("chair", num_samples=16, seed=0)                      # out.grids: (16, R, R, R) bool
 
 Imports run one way, guidance <- pipeline <- writer, and from those down to the leaf modules (config, schedulers,
-binarize, precision, utils, ...): nothing in voxdiff imports "up" into the stages that use sampling (sds, tuning,
-training, pipeline stages). No plotting library is imported here: the writer's PNGs come from voxdiff.render, loaded
-only when a job renders. Every name below is re-exported so that `from voxdiff.sampling import X` keeps working.
+binarize, precision, errors, files, logs, device, ...): nothing in voxdiff imports "up" into the stages that use
+sampling (sds, tuning, training, pipeline stages). No plotting library is imported here: the writer's PNGs come from
+voxdiff.render, loaded only when a job renders. Every name below is re-exported so that
+`from voxdiff.sampling import X` keeps working.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ seed=s)` returns exactly the shapes `sample_to_files` (voxdiff.sampling.writer) 
 batch size; on a CPU, same thread count).
 
 Imports voxdiff.sampling.guidance and the layers below (checkpoint, config, binarize, latents, models, precision,
-schedulers, utils); never the writer, and no plotting library.
+schedulers, errors, files, logs, device); never the writer, and no plotting library.
 """
 
 from __future__ import annotations
@@ -54,12 +54,15 @@ from voxdiff.config import (
     category_index,
     from_dict,
 )
+from voxdiff.device import flush_denormals, resolve_device
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import file_sha256
 from voxdiff.latents import denormalise
+from voxdiff.logs import Progress
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.precision import PrecisionChoice, autocast, choose_precision, forward_probe
 from voxdiff.sampling.guidance import sample_latents
 from voxdiff.schedulers import DDIMScheduler, DDPMScheduler
-from voxdiff.utils import Progress, VoxdiffError, file_sha256, flush_denormals, resolve_device
 
 __all__ = ["upsample_nearest", "batch_seed", "resolve_sampling", "SamplingPlan", "VoxelPipelineOutput",
            "LatentVoxelPipeline", "OutputKind", "OUTPUT_KINDS"]

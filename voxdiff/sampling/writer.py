@@ -5,8 +5,8 @@ Per-batch seeds make every batch a pure function of (settings, seed, category, b
 is rerun writes exactly the arrays an uninterrupted one would, under torchrun as in one process.
 
 The top of voxdiff.sampling: imports the pipeline (voxdiff.sampling.pipeline) and the layers below (config,
-checkpoint, distributed, threads, utils). PNGs of the samples come from voxdiff.render, imported only when a job
-renders: importing voxdiff.sampling never imports matplotlib.
+checkpoint, distributed, threads, errors, files, logs, device). PNGs of the samples come from voxdiff.render,
+imported only when a job renders: importing voxdiff.sampling never imports matplotlib.
 """
 
 from __future__ import annotations
@@ -27,21 +27,14 @@ import torch
 from voxdiff import __version__
 from voxdiff.checkpoint import SAMPLING_KEYS
 from voxdiff.config import SampleConfig, category_index, to_dict
+from voxdiff.device import flush_denormals
 from voxdiff.distributed import all_gather_object, broadcast_object, check_same_config, init_distributed, together
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import atomic_write_json, dir_lock, file_sha256, open_npy, open_npy_memmap
+from voxdiff.logs import Progress, get_logger
 from voxdiff.precision import PrecisionChoice
 from voxdiff.sampling.pipeline import LatentVoxelPipeline, SamplingPlan, _unet_probe, resolve_sampling
 from voxdiff.threads import BusyWatch, ThreadChoice, choose_threads
-from voxdiff.utils import (
-    Progress,
-    VoxdiffError,
-    atomic_write_json,
-    dir_lock,
-    file_sha256,
-    flush_denormals,
-    get_logger,
-    open_npy,
-    open_npy_memmap,
-)
 
 __all__ = ["sample_to_files"]
 

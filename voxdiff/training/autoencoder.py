@@ -38,12 +38,12 @@ from voxdiff.checkpoint import (
 from voxdiff.config import CATEGORIES, AETrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, downsample_max
 from voxdiff.distributed import DistInfo, mean_over_ranks, wrap_ddp
+from voxdiff.errors import VoxdiffError
 from voxdiff.losses import pos_weight_from_occupancy, reconstruction_loss
 from voxdiff.metrics import chamfer_matrix
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.precision import autocast
 from voxdiff.training import common
-from voxdiff.utils import VoxdiffError
 
 KIND = "autoencoder"
 # Training-config fields that fix the data order / model: a resume with different values cannot continue exactly.

@@ -22,6 +22,7 @@ import torch
 
 from voxdiff.checkpoint import Checkpoint, Kind, check_resumable, load_checkpoint
 from voxdiff.config import RENAMED, TrainConfig, to_dict
+from voxdiff.device import flush_denormals, seed_everything
 from voxdiff.distributed import (
     DistInfo,
     any_rank,
@@ -33,18 +34,12 @@ from voxdiff.distributed import (
     split_batch,
     together,
 )
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import atomic_path, dir_lock
+from voxdiff.logs import Progress, get_logger
 from voxdiff.precision import PrecisionChoice, choose_precision, gradient_probe
 from voxdiff.render import plot_curves
 from voxdiff.threads import BusyWatch, ThreadChoice, choose_threads
-from voxdiff.utils import (
-    Progress,
-    VoxdiffError,
-    atomic_path,
-    dir_lock,
-    flush_denormals,
-    get_logger,
-    seed_everything,
-)
 
 
 class RunLogger:

@@ -40,7 +40,10 @@ from voxdiff.checkpoint import (
 from voxdiff.config import LDMTrainConfig, to_dict
 from voxdiff.data.dataset import VoxelDataset, voxel_path
 from voxdiff.distributed import DistInfo, rank_rng, share_device_rng, together, wrap_ddp
+from voxdiff.errors import VoxdiffError
+from voxdiff.files import file_sha256
 from voxdiff.latents import cached_latents, normalise
+from voxdiff.logs import get_logger  # noqa: F401 (get_logger: used as ldm.get_logger)
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import autocast
@@ -48,7 +51,6 @@ from voxdiff.render import Style, render_voxels
 from voxdiff.sampling import LatentVoxelPipeline
 from voxdiff.schedulers import DDPMScheduler
 from voxdiff.training import common
-from voxdiff.utils import VoxdiffError, file_sha256, get_logger  # noqa: F401 (get_logger: used as ldm.get_logger)
 
 __all__ = ["train_ldm", "ema_multi_avg_fn", "diffusion_loss", "min_snr_weight", "KIND"]
 

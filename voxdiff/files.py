@@ -1,33 +1,26 @@
-"""Small shared helpers: atomic file writes, device choice, seeding, CLI error reporting, file logging.
+"""File helpers: hashing, atomic writes, .npy reading and memmaps, staging directories and directory locks.
 
-Standard library + numpy at import time; torch is imported lazily so that leaf modules (data, metrics) stay light.
+Standard library + numpy; imports only voxdiff.errors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
-import logging
 import os
-import random
 import shutil
 import socket
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-
-class VoxdiffError(Exception):
-    """An error caused by the user's input (bad file, flag or checkpoint): the CLIs print it as one line and exit 2."""
+from voxdiff.errors import VoxdiffError
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -163,95 +156,6 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def resolve_device(name: str | None = "auto") -> Any:
-    """torch.device from a flag: 'auto'/None -> cuda when available, else cpu; refuses cuda when there is none."""
-    import torch  # lazily, like every torch import here: eval.py and visualize.py start without torch
-
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise VoxdiffError(f"invalid --device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VoxdiffError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise VoxdiffError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                           f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) global generators."""
-    import torch  # lazily: see resolve_device
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def get_logger(name: str, log_file: str | os.PathLike[str] | None = None) -> logging.Logger:
-    """A logger writing to `log_file` (appending) and warnings+ to stderr; progress itself goes to tqdm."""
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, delay=True)  # made at the first line: a refused command leaves none
-        fh.setFormatter(fmt)
-        logger.addHandler(fh)
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setLevel(logging.WARNING)
-    sh.setFormatter(fmt)
-    logger.addHandler(sh)
-    return logger
-
-
-def cli_name(argv0: str | None = None) -> str:
-    """How the user started the program: `eval.py`, or `python -m voxdiff` for a package's `__main__.py`."""
-    p = Path(argv0 if argv0 is not None else sys.argv[0])
-    if p.name == "__main__.py":
-        return f"python -m {p.parent.name}"
-    return p.name
-
-
-def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None, prog: str | None = None) -> None:
-    """Run a CLI `main(argv)`; user errors become one line on stderr, `{prog}: error: ...`, and exit status 2.
-
-    VoxdiffError, ValueError, EOFError and OSError (missing or unreadable files, a full disk, a path that is a file
-    where a directory is needed, ...) are reported in one line naming the file, without a traceback; a full disk
-    exits 28 (ENOSPC). Anything else is a bug and keeps its traceback. `prog` defaults to `cli_name()`.
-    """
-    prog = prog or cli_name()
-    try:
-        main(argv)
-    except (VoxdiffError, ValueError, EOFError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
-        sys.exit(28 if e.errno == errno.ENOSPC else 2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-def os_error_line(e: OSError) -> str:
-    """One line for an OSError: what went wrong and with which file."""
-    what = e.strerror or str(e).splitlines()[0] if (e.strerror or str(e)) else type(e).__name__
-    if e.errno == errno.ENOSPC:
-        what = f"no space left on the device ({what})"
-    name = e.filename if e.filename is not None else ""
-    if name and str(name) not in what:
-        return f"{name}: {what}"
-    return what
-
-
 def remove_leftovers(directory: str | os.PathLike[str]) -> None:
     """Delete what killed writers left in `directory`: temporary files and staging directories (`.*.tmp`).
 
@@ -327,98 +231,3 @@ def dir_lock(directory: str | os.PathLike[str], what: str = "run",
             os.ftruncate(fd, 0)  # released cleanly: the next owner sees no stale entry
     finally:
         os.close(fd)
-
-
-class Progress:
-    """Progress of a long loop that tells the truth on a terminal and in logs.
-
-    On a terminal: a tqdm bar. Otherwise (a log file, CI, nohup): a plain line on stderr every `every_s` seconds and
-    at the end, so a bar never silently disappears. `log` (a logger) also gets those lines, whatever the terminal.
-    With `time_cap_s`, once the measured rate says the cap will stop the loop before `total`, the total shown becomes
-    the step the cap will stop at, so the ETA is right.
-    """
-
-    def __init__(self, total: int | None, desc: str, *, unit: str = "step", initial: int = 0,
-                 time_cap_s: float | None = None, enabled: bool = True, every_s: float = 30.0,
-                 log: logging.Logger | None = None, stream: Any = None) -> None:
-        self._time = time.monotonic
-        self.total, self.desc, self.unit, self.n, self.initial = total, desc, unit, initial, initial
-        self.cap, self.every_s, self.log, self.enabled = time_cap_s, every_s, log, enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(enabled and getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = self._last = self._time()
-        self.postfix = ""
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream,
-                        disable=not self.tty)
-
-    def shown_total(self) -> int | None:
-        """`total`, or the step at which the time cap will stop the loop when that comes first."""
-        done, dt = self.n - self.initial, self._time() - self.t0
-        if self.cap is None or done <= 0 or dt <= 0:
-            return self.total
-        at_cap = self.n + int(done / dt * max(0.0, self.cap - dt))
-        return at_cap if self.total is None or at_cap < self.total else self.total
-
-    def line(self) -> str:
-        dt = self._time() - self.t0
-        rate = (self.n - self.initial) / dt if dt > 0 else 0.0
-        total = self.shown_total()
-        left = (total - self.n) / rate if total is not None and rate > 0 else None
-        units = self.unit[:-1] + "ies" if self.unit.endswith("y") else self.unit + "s"
-        parts = [f"{self.desc}: {self.n}" + (f"/{total} {units} ({100 * self.n / max(1, total):.0f}%)"
-                                             if total else f" {units}"),
-                 f"{rate:.2f} {units}/s", f"elapsed {_hms(dt)}"]
-        if left is not None:
-            parts.append(f"eta {_hms(left)}" + (" (time cap)" if total != self.total else ""))
-        if self.postfix:
-            parts.append(self.postfix)
-        return ", ".join(parts)
-
-    def update(self, n: int = 1, **postfix: Any) -> None:
-        self.n += n
-        if postfix:
-            self.postfix = " ".join(f"{k}={v}" for k, v in postfix.items())
-        now = self._time()
-        if self.tty:
-            total = self.shown_total()
-            if total != self.bar.total:
-                self.bar.total = total
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(n)
-        if now - self._last >= self.every_s:
-            self._last = now
-            self._emit()
-
-    def _emit(self) -> None:
-        text = self.line()
-        if self.log is not None:
-            self.log.info("progress %s", text)
-        if self.enabled and not self.tty:
-            print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            self.bar.close()
-        else:
-            self.bar.close()
-            if self.n > self.initial:
-                self._emit()
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def flush_denormals(device: Any) -> None:
-    """On CPU, compute with subnormal floats flushed to zero.
-
-    Weights, activations and gradients that drift into the subnormal range make x86 convolution kernels many times
-    slower: measured here, an AE training run fell from 5.5 steps/s to under 1 after about 200 steps without this.
-    Deterministic; the values it changes are below 1.2e-38. A no-op for other devices.
-    """
-    import torch  # lazily: see resolve_device
-
-    if torch.device(device).type == "cpu":
-        torch.set_flush_denormal(True)
