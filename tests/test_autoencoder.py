@@ -262,6 +262,19 @@ def test_format1_checkpoints_load_but_do_not_resume(tmp_path: Path, tiny_voxel_d
         load_autoencoder(tmp_path / "empty.pt")
 
 
+@pytest.mark.parametrize("schedule, warmup, last_lr",
+                         [("constant", 0, 1.0), ("cosine", 1, 0.1), ("constant", 100, 0.04)])
+def test_lr_schedule_sets_the_optimizer_lr(tiny_voxel_dir: Path, tmp_path: Path, schedule: str, warmup: int,
+                                           last_lr: float) -> None:
+    """The AE's LR follows warmup_steps and lr_schedule (cosine: down to lr/10 at the last step); the optimizer state
+    in last.pt holds the LR of the last step."""
+    cfg = tiny_cfg(tiny_voxel_dir, tmp_path / "run", num_steps=4, ckpt_every=100, lr_schedule=schedule,
+                   warmup_steps=warmup)
+    train_autoencoder(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt", kind="autoencoder")
+    assert ckpt.optimizer["param_groups"][0]["lr"] == pytest.approx(last_lr * cfg.lr)
+
+
 def test_time_cap_stops_cleanly_and_says_so(tiny_voxel_dir: Path, tmp_path: Path) -> None:
     """A spent --max_minutes cap stops before the next step, still writes checkpoints with latent stats, and the
     result carries the one-line note the pipeline's report prints."""

@@ -147,7 +147,8 @@ def test_rerun_from_eval_keeps_the_models_and_rescores(tiny_run: tuple[Path, dic
 def test_stage_keys_are_those_of_runs_recorded_before() -> None:
     """A stage key hashes the stage's settings without where-and-how fields (paths, device, threads, resume, the
     guard's patience: metadata "local"), the AE block under its first name "seed": the keys a run directory recorded
-    before those were declared in config.py, and before the starter network was renamed "course", still match."""
+    before those were declared in config.py, before the starter network was renamed "course", and before the AE's LR
+    schedule fields were added ("added": out of the key at their defaults), still match."""
     local = ("dataset_path", "ckpt_path", "ae_ckpt_path", "ldm_ckpt_path", "save_dir", "latent_cache_dir", "resume",
              "overwrite", "device", "threads", "max_bad_steps")
     for name in ("tiny", "full"):
@@ -157,8 +158,11 @@ def test_stage_keys_are_those_of_runs_recorded_before() -> None:
             recorded = {k: v for k, v in to_dict(getattr(cfg, stage)).items() if k not in local}
             if stage == "ae":
                 recorded["model"]["block"] = "seed"
+                del recorded["warmup_steps"], recorded["lr_schedule"]  # added in 0.5.0: out of the key at defaults
             digest = hashlib.sha256(json.dumps(recorded, sort_keys=True, default=str).encode()).hexdigest()[:16]
             assert stage_key(stage, cfg, None) == digest, (name, stage)
+        cosine = dataclasses.replace(cfg, ae=dataclasses.replace(cfg.ae, lr_schedule="cosine"))
+        assert stage_key("ae", cosine, None) != stage_key("ae", cfg, None)  # away from its default it is keyed
 
 
 def test_cli_rejects_bad_stage(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ Each field says what it is in its metadata, written once here and read everywher
                 another machine resumes the run
     "switch"    a boolean that turns its whole config on or off: under a prefix its flags are the prefix's word
                 (`--tune` / `--no_tune`)
+    "added"     a field added after runs were recorded with its class: left out of the runner's stage keys while it
+                holds its default, so those runs stay up to date
 A subclass that redefines a field (a new default) repeats its metadata.
 """
 
@@ -333,6 +335,9 @@ class AETrainConfig(TrainConfig):
     kl_weight: float = field(default=0.0, metadata={
         "help": "weight of the KL term to N(0, I) per latent number (needs model.variational; Stable Diffusion's "
                 "AutoencoderKL uses about 1e-6 of a sum over pixels)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear LR warmup", "added": True})
+    lr_schedule: LRSchedule = field(default="constant", metadata={
+        "help": "after warmup: constant, or cosine decay to lr/10", "added": True})
     holdout_fraction: float = field(default=0.05, metadata={
         "help": "per category, held out of TRAIN for best.pt and threshold calibration"})
     holdout_max: int = field(default=100, metadata={"help": "at most this many held-out shapes per category"})
@@ -346,6 +351,8 @@ class AETrainConfig(TrainConfig):
         check_range("pos_weight", self.pos_weight, lo=0.0, lo_open=True, optional=True)
         check_range("latent_noise", self.latent_noise, lo=0.0, hi=10.0)
         check_range("kl_weight", self.kl_weight, lo=0.0)
+        check_range("warmup_steps", self.warmup_steps, lo=0)
+        check_literal(self.lr_schedule, LRSchedule, "lr_schedule")
         if self.kl_weight > 0 and not self.model.variational:
             raise ValueError("kl_weight needs a variational AE (model.variational)")
         check_range("holdout_fraction", self.holdout_fraction, lo=0.0, hi=1.0, lo_open=True, hi_open=True)

@@ -117,10 +117,12 @@ _OLD_NAME = {new: old for old, new in RENAMED.items()}
 
 def _strip(settings: dict[str, Any], cls: type) -> dict[str, Any]:
     """A stage's settings (of config class `cls`) as its key holds them: without the local fields (metadata "local":
-    where files are, and how this machine runs the stage), and with the AE block under the name keys were first
-    written with (config.RENAMED), so a run recorded before the rename is still up to date."""
+    where files are, and how this machine runs the stage), without fields added since runs were recorded (metadata
+    "added") while they hold their defaults, and with the AE block under the name keys were first written with
+    (config.RENAMED), so a run recorded before the addition or the rename is still up to date."""
     local = tagged_fields(cls, "local")
-    out = {k: v for k, v in settings.items() if k not in local}
+    added = {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("added")}
+    out = {k: v for k, v in settings.items() if k not in local and not (k in added and v == added[k])}
     model = out.get("model")
     if isinstance(model, dict) and model.get("block") in _OLD_NAME:
         out["model"] = {**model, "block": _OLD_NAME[model["block"]]}

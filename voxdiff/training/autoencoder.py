@@ -250,6 +250,9 @@ def _train_autoencoder(cfg: AETrainConfig, progress: bool, stack: contextlib.Exi
     model.train()
     for step in loop:
         x = _to_device(grids[fit_idx[order.batch(step).numpy()]], device)
+        for group in opt.param_groups:
+            group["lr"] = common.warmup_lr(step, cfg.lr, cfg.warmup_steps,
+                                           total_steps if cfg.lr_schedule == "cosine" else None)
         with loop.timed():
             with autocast(device, runtime.autocast_dtype):
                 out = net(x, latent_noise=cfg.latent_noise, return_kl=variational)
