@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # 1. open (memory-mapped) and pick the slice to draw
     arr = open_voxels(args.samples)
-    n_all, r = len(arr), arr.shape[-1]
+    n_all, res = len(arr), arr.shape[-1]
     if args.n < 1:
         raise VoxdiffError(f"--n must be >= 1; got {args.n}")
     if not 0 <= args.start < n_all:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             n_mesh += 1
     # 4. report
     empty = int((occ == 0).sum())
-    msg = f"wrote {out}: shapes {args.start}..{stop - 1} of {n_all} at {r}^3, mean occupancy {100 * occ.mean():.2g}%"
+    msg = f"wrote {out}: shapes {args.start}..{stop - 1} of {n_all} at {res}^3, mean occupancy {100 * occ.mean():.2g}%"
     msg += f", {empty} empty"
     if args.mesh_dir:
         msg += f"; {n_mesh} {args.mesh_format} meshes in {args.mesh_dir}"

@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             cfg = AETrainConfig(dataset_path=data, ckpt_path=str(Path(tmp) / name), model=model, loss=loss,
                                 batch_size=a.batch_size, num_steps=a.steps, lr=2e-3, ckpt_every=a.steps, device="cpu")
             t0 = time.perf_counter()
-            r = train_autoencoder(dataclasses.replace(cfg), progress=False)
+            result = train_autoencoder(dataclasses.replace(cfg), progress=False)
             net = VoxelAutoencoder(model)
             row = {"recipe": name, "latent": "×".join(map(str, net.latent_shape)),
-                   "params": sum(q.numel() for q in net.parameters()), "iou_cal": r["best_iou_cal"],
-                   "threshold": r["heldout_threshold"], "iou_05": r["heldout_iou_05"],
-                   "voxel_ratio_05": r["heldout_voxel_ratio_05"], "seconds": time.perf_counter() - t0}
+                   "params": sum(q.numel() for q in net.parameters()), "iou_cal": result["best_iou_cal"],
+                   "threshold": result["heldout_threshold"], "iou_05": result["heldout_iou_05"],
+                   "voxel_ratio_05": result["heldout_voxel_ratio_05"], "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(f"{name:17s} {row['latent']:8s} {row['params']:7d}  {row['iou_cal']:.3f}   {row['threshold']:.3f} "
                   f" {row['iou_05']:.3f}     {row['voxel_ratio_05']:.2f}              {row['seconds']:.0f}",

@@ -41,11 +41,11 @@ def surface_points(rng: np.random.Generator, n: int = 2048) -> np.ndarray:
     return p * half + centre
 
 
-def write_set(path: Path, n: int, r: int, rng: np.random.Generator) -> np.ndarray:
-    """Voxelise n random shapes into an (n,r,r,r) uint8 .npy memmap at `path` and return it read-only."""
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, r, r, r))
+def write_set(path: Path, n: int, res: int, rng: np.random.Generator) -> np.ndarray:
+    """Voxelise n random shapes into an (n,res,res,res) uint8 .npy memmap at `path` and return it read-only."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, res, res, res))
     for i in range(n):
-        idx = np.clip(np.rint(surface_points(rng) * (r - 1)), 0, r - 1).astype(np.int64)
+        idx = np.clip(np.rint(surface_points(rng) * (res - 1)), 0, res - 1).astype(np.int64)
         arr[i][tuple(idx.T)] = 1
     arr.flush()
     del arr
@@ -54,9 +54,9 @@ def write_set(path: Path, n: int, r: int, rng: np.random.Generator) -> np.ndarra
 
 def baseline_cd(a: np.ndarray, b: np.ndarray) -> float:
     """Course-style Chamfer of two grids: points / (R-1), a cKDTree per shape per pair, squared NN distances."""
-    r = a.shape[-1]
-    x = np.argwhere(a > 0) / (r - 1)
-    y = np.argwhere(b > 0) / (r - 1)
+    res = a.shape[-1]
+    x = np.argwhere(a > 0) / (res - 1)
+    y = np.argwhere(b > 0) / (res - 1)
     dy, _ = cKDTree(x).query(y)
     dx, _ = cKDTree(y).query(x)
     return float(np.mean(dy**2) + np.mean(dx**2))
@@ -79,11 +79,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
-    r = args.resolution
+    resolution = args.resolution
     workers = args.workers or default_workers()
     with tempfile.TemporaryDirectory() as tmp:
-        samples = write_set(Path(tmp) / "s.npy", args.n_samples, r, rng)
-        refs = write_set(Path(tmp) / "r.npy", args.n_refs, r, rng)
+        samples = write_set(Path(tmp) / "s.npy", args.n_samples, resolution, rng)
+        refs = write_set(Path(tmp) / "r.npy", args.n_refs, resolution, rng)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
         cpu0 = _cpu_seconds()
@@ -108,7 +108,7 @@ def main() -> None:
         t_pairs = time.perf_counter() - t0
         t_base = t_pairs / len(pairs) * n_pairs
 
-    print(f"resolution {r}³, {args.n_samples} samples × {args.n_refs} references, workers={workers}")
+    print(f"resolution {resolution}³, {args.n_samples} samples × {args.n_refs} references, workers={workers}")
     print(f"mean voxels/shape: samples {res['sample_mean_voxels']:.0f}, refs {res['ref_mean_voxels']:.0f}")
     print(f"voxdiff evaluate (JSD+MMD+COV+1-NNA, D_sr+D_ss+D_rr): {t_vox:.2f} s wall, {cpu_vox:.1f} CPU-s")
     how = "measured" if full else f"extrapolated from {len(pairs)} pairs"

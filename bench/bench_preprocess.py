@@ -64,17 +64,17 @@ def main() -> None:
     # 2. Voxelization: vectorised (chunks of 32) vs per-point loop, same shapes, same process.
     pts = np.concatenate([generate_split(c, args.n_vox // 3 + 1, seed=1, split="val")[0] for c in
                           ("airplane", "chair", "table")])[: args.n_vox]
-    for r in (64, 128):
+    for resolution in (64, 128):
         t = time.perf_counter()
         for s in range(0, len(pts), 32):
-            voxelize_points(pts[s : s + 32], r)
+            voxelize_points(pts[s : s + 32], resolution)
         fast = (time.perf_counter() - t) / len(pts) * 1e3
         t = time.perf_counter()
         for p in pts[: args.n_loop]:
-            loop_baseline(p, r)
+            loop_baseline(p, resolution)
         slow = (time.perf_counter() - t) / args.n_loop * 1e3
-        ok = all(np.array_equal(loop_baseline(p, r), voxelize_points(p[None], r)[0]) for p in pts[:3])
-        print(f"voxelize {r:3d}^3: voxdiff {fast:7.3f} ms/shape, per-point loop {slow:7.2f} ms/shape, "
+        ok = all(np.array_equal(loop_baseline(p, resolution), voxelize_points(p[None], resolution)[0]) for p in pts[:3])
+        print(f"voxelize {resolution:3d}^3: voxdiff {fast:7.3f} ms/shape, per-point loop {slow:7.2f} ms/shape, "
               f"ratio {slow / fast:6.1f}x (same grids: {ok})")
 
     # 3. Peak RSS of preprocessing one split of n_rss shapes at 128^3 (child process; output is n_rss × 2 MiB).

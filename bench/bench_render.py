@@ -24,17 +24,17 @@ import numpy as np  # noqa: E402
 from voxdiff.render import Style, render_voxels  # noqa: E402
 
 
-def toy_shape(r: int, t: int) -> np.ndarray:
+def toy_shape(res: int, t: int) -> np.ndarray:
     """Solid test shapes with large surfaces (the worst case for point counts): box, ball or table."""
-    i, j, k = np.ogrid[:r, :r, :r]
-    c = r / 2
+    i, j, k = np.ogrid[:res, :res, :res]
+    c = res / 2
     kind = t % 3
     if kind == 0:
-        return (abs(i - c) < r * 0.35) & (abs(j - c * 0.7) < r * 0.15) & (abs(k - c) < r * 0.25)
+        return (abs(i - c) < res * 0.35) & (abs(j - c * 0.7) < res * 0.15) & (abs(k - c) < res * 0.25)
     if kind == 1:
-        return (i - c) ** 2 + (j - c) ** 2 + (k - c) ** 2 < (r * 0.38) ** 2
-    top = (abs(j - r * 0.7) < r * 0.03) & (abs(i - c) < r * 0.4) & (abs(k - c) < r * 0.3)
-    legs = (j < r * 0.7) & (abs(abs(i - c) - r * 0.35) < r * 0.03) & (abs(abs(k - c) - r * 0.25) < r * 0.03)
+        return (i - c) ** 2 + (j - c) ** 2 + (k - c) ** 2 < (res * 0.38) ** 2
+    top = (abs(j - res * 0.7) < res * 0.03) & (abs(i - c) < res * 0.4) & (abs(k - c) < res * 0.3)
+    legs = (j < res * 0.7) & (abs(abs(i - c) - res * 0.35) < res * 0.03) & (abs(abs(k - c) - res * 0.25) < res * 0.03)
     return top | legs
 
 

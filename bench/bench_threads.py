@@ -29,10 +29,10 @@ def worker(preset: str, net: str, threads: int, steps: int, precision: str) -> d
     import torch
     import torch.nn.functional as F
 
-    from voxdiff.config import run_preset
     from voxdiff.models.autoencoder import VoxelAutoencoder
     from voxdiff.models.unet3d import UNet3D
     from voxdiff.precision import autocast
+    from voxdiff.presets import run_preset
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
@@ -42,8 +42,8 @@ def worker(preset: str, net: str, threads: int, steps: int, precision: str) -> d
     dtype = torch.bfloat16 if precision == "bf16" else None
     if net == "ae":
         model = VoxelAutoencoder(cfg.ae.model)
-        r, b = cfg.ae.model.resolution, cfg.ae.batch_size
-        x = (torch.rand(b, 1, r, r, r, generator=g) > 0.95).float()
+        res, b = cfg.ae.model.resolution, cfg.ae.batch_size
+        x = (torch.rand(b, 1, res, res, res, generator=g) > 0.95).float()
         loss_fn = lambda: F.binary_cross_entropy_with_logits(model(x).float(), x)  # noqa: E731
     else:
         model = UNet3D(cfg.ldm.model)
@@ -119,7 +119,7 @@ def main() -> int:
                         base = rates[0]
                     rows.append((threads, policy, rates))
             for threads, policy, rates in rows:
-                cells = [f"{r:.2f}" + (f" ({r / base:.2f}x)" if base else "") for r in rates]
+                cells = [f"{rate:.2f}" + (f" ({rate / base:.2f}x)" if base else "") for rate in rates]
                 print(f"| {threads} | {policy} | " + " | ".join(cells) + " |")
     return 0
 

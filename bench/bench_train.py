@@ -26,12 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from voxdiff.config import run_preset
 from voxdiff.device import flush_denormals
 from voxdiff.losses import reconstruction_loss
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import cpu_has_bf16
+from voxdiff.presets import run_preset
 
 
 def _timed(step: Any, steps: int, warmup: int) -> float:
@@ -51,8 +51,8 @@ def ae_step_fn(model_cfg: Any, batch: int, bf16: bool, channels_last: bool, comp
     model = VoxelAutoencoder(model_cfg).to(memory_format=fmt)
     fwd = torch.compile(model) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    r = model_cfg.resolution
-    x = (torch.rand(batch, 1, r, r, r, generator=torch.Generator().manual_seed(0)) > 0.96).float()
+    res = model_cfg.resolution
+    x = (torch.rand(batch, 1, res, res, res, generator=torch.Generator().manual_seed(0)) > 0.96).float()
     x = x.contiguous(memory_format=fmt)
 
     def step() -> None:
@@ -142,19 +142,20 @@ def loops(name: str, a: argparse.Namespace, tmp: Path) -> None:
         ae_cfg = dataclasses.replace(cfg.ae, dataset_path=str(data), ckpt_path=str(tmp / f"{name}_ae_{precision}"),
                                      num_steps=steps, max_minutes=None, precision=precision, ckpt_every=every,
                                      device="cpu")
-        r = train_autoencoder(ae_cfg, progress=False)
+        result = train_autoencoder(ae_cfg, progress=False)
         runs[precision] = Path(ae_cfg.ckpt_path)
-        print(f"AE     loop {precision:5s} {steps:5d} steps  {r['samples_per_s']:8.1f} shapes/s  overhead "
-              f"{100 * r['overhead_fraction']:4.1f}% of {r['seconds']:.0f} s  held-out IoU (calibrated) "
-              f"{r['best_iou_cal']:.4f}  voxels/true {r['heldout_voxel_ratio_cal']:.2f}", flush=True)
+        print(f"AE     loop {precision:5s} {steps:5d} steps  {result['samples_per_s']:8.1f} shapes/s  overhead "
+              f"{100 * result['overhead_fraction']:4.1f}% of {result['seconds']:.0f} s  held-out IoU (calibrated) "
+              f"{result['best_iou_cal']:.4f}  voxels/true {result['heldout_voxel_ratio_cal']:.2f}", flush=True)
         ldm_cfg = dataclasses.replace(cfg.ldm, dataset_path=str(data), ae_ckpt_path=str(runs[precision]),
                                       ckpt_path=str(tmp / f"{name}_ldm_{precision}"), num_steps=steps,
                                       max_minutes=None, precision=precision, device="cpu", preview=False,
                                       ckpt_every=every)
-        r = train_ldm(ldm_cfg, progress=False)
-        print(f"U-Net  loop {precision:5s} {steps:5d} steps  {r['steps_per_s'] * cfg.ldm.batch_size:8.1f} shapes/s  "
-              f"overhead {100 * r['overhead_fraction']:4.1f}% of {r['seconds']:.0f} s  held-out loss "
-              f"{r['best_heldout_loss']:.4f}", flush=True)
+        result = train_ldm(ldm_cfg, progress=False)
+        shapes_per_s = result["steps_per_s"] * cfg.ldm.batch_size
+        print(f"U-Net  loop {precision:5s} {steps:5d} steps  {shapes_per_s:8.1f} shapes/s  "
+              f"overhead {100 * result['overhead_fraction']:4.1f}% of {result['seconds']:.0f} s  held-out loss "
+              f"{result['best_heldout_loss']:.4f}", flush=True)
 
 
 def main() -> None:

@@ -50,8 +50,8 @@ def launch(i: int, args: argparse.Namespace) -> tuple[str, float, str]:
             env.update(PYTHONFAULTHANDLER="1", TORCH_CUSTOM_TERMINATE="1")
         t0 = time.perf_counter()
         try:
-            r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=args.timeout)
-            rc, err = r.returncode, r.stderr
+            proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=args.timeout)
+            rc, err = proc.returncode, proc.stderr
         except subprocess.TimeoutExpired as e:
             rc, err = -999, f"TIMEOUT after {args.timeout}s\n{e.stderr or ''}"
         dt = time.perf_counter() - t0

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from voxdiff.checkpoint import AEMeta
 from voxdiff.cli import ArgumentParser, DefaultsHelpFormatter
-from voxdiff.config import CATEGORIES, AEConfig, SchedulerConfig, run_preset, unet_preset
+from voxdiff.config import CATEGORIES, AEConfig, SchedulerConfig, unet_preset
 from voxdiff.device import flush_denormals, resolve_device
 from voxdiff.files import atomic_write_json
 from voxdiff.losses import reconstruction_loss
@@ -39,6 +39,7 @@ from voxdiff.metrics import Backend, chamfer_blocks
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import autocast, choose_precision, forward_probe, gradient_probe
+from voxdiff.presets import run_preset
 from voxdiff.sampling import LatentVoxelPipeline
 
 
@@ -64,8 +65,8 @@ def ae_steps(cfg: AEConfig, batch: int, steps: int, device: torch.device) -> dic
     fmt = torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
     model = VoxelAutoencoder(cfg).to(device, memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    r = cfg.resolution
-    x = (torch.rand(batch, 1, r, r, r, device=device) > 0.96).float().contiguous(memory_format=fmt)
+    res = cfg.resolution
+    x = (torch.rand(batch, 1, res, res, res, device=device) > 0.96).float().contiguous(memory_format=fmt)
     choice = choose_precision("auto", device, *gradient_probe(model, lambda m: reconstruction_loss(m(x), x, "bce")))
     amp = choice.dtype
 
@@ -78,7 +79,7 @@ def ae_steps(cfg: AEConfig, batch: int, steps: int, device: torch.device) -> dic
         opt.step()
 
     s = _timed(step, steps, 2, device)
-    return {"resolution": r, "latent": list(model.latent_shape), "batch": batch, "precision": choice.record(),
+    return {"resolution": res, "latent": list(model.latent_shape), "batch": batch, "precision": choice.record(),
             "s_per_step": s, "shapes_per_s": batch / s}
 
 
@@ -141,14 +142,14 @@ def sampling(ae_cfg: AEConfig, unet_cfg: Any, n: int, batch: int, steps: int, re
 def metrics_paths(n: int, resolution: int, device: torch.device) -> dict[str, Any]:
     """The exact Chamfer blocks of n samples against n references by the numpy and the torch path."""
     rng = np.random.default_rng(0)
-    r = resolution
+    res = resolution
 
     def shapes(k: int) -> np.ndarray:  # sparse random plates and bars, like surface voxels
-        g = np.zeros((k, r, r, r), np.uint8)
+        g = np.zeros((k, res, res, res), np.uint8)
         for i in range(k):
-            a, b = sorted(rng.integers(0, r, 2))
-            g[i, a : b + 1, rng.integers(0, r), :] = 1
-            g[i, rng.integers(0, r), :, rng.integers(0, r)] = 1
+            a, b = sorted(rng.integers(0, res, 2))
+            g[i, a : b + 1, rng.integers(0, res), :] = 1
+            g[i, rng.integers(0, res), :, rng.integers(0, res)] = 1
         return g
 
     s, ref = shapes(n), shapes(n)
@@ -160,7 +161,7 @@ def metrics_paths(n: int, resolution: int, device: torch.device) -> dict[str, An
     _sync(device)
     t_torch = time.perf_counter() - t0
     same = all(np.array_equal(x, y) for x, y in zip(a, b))
-    return {"n": n, "resolution": r, "identical": bool(same), "numpy_s": t_numpy, "torch_s": t_torch}
+    return {"n": n, "resolution": res, "identical": bool(same), "numpy_s": t_numpy, "torch_s": t_torch}
 
 
 def gpu_paths(device: torch.device, work: Path) -> dict[str, Any]:

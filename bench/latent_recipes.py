@@ -152,13 +152,14 @@ def run_recipe(name: str, recipe: dict[str, Any], a: Any, root: Path) -> list[di
     return rows
 
 
-def _line(r: dict[str, Any]) -> str:
-    lat = "×".join(map(str, r["latent"][:2])) + "³"
-    return (f"{r['recipe']:14s} {r['category']:8s} {lat:6s} AE {r['ae_minutes']:4.1f}m IoU {r['ae_iou']:.3f} | "
-            f"LDM {r['ldm_minutes']:4.1f}m loss {r['ldm_loss']:.4f} | JSD {r['jsd']:.4f} MMD {r['mmd']:.5f} "
-            f"COV {r['cov']:.3f} 1-NNA {r['nna_balanced']:.3f} | stray {r['sample_stray']:.1%}/{r['ref_stray']:.1%} "
-            f"frag {r['sample_fragmented']:.0%}/{r['ref_fragmented']:.0%} vox {r['sample_mean_voxels']:.0f}/"
-            f"{r['ref_mean_voxels']:.0f}")
+def _line(row: dict[str, Any]) -> str:
+    lat = "×".join(map(str, row["latent"][:2])) + "³"
+    return (f"{row['recipe']:14s} {row['category']:8s} {lat:6s} AE {row['ae_minutes']:4.1f}m IoU {row['ae_iou']:.3f} | "
+            f"LDM {row['ldm_minutes']:4.1f}m loss {row['ldm_loss']:.4f} | JSD {row['jsd']:.4f} MMD {row['mmd']:.5f} "
+            f"COV {row['cov']:.3f} 1-NNA {row['nna_balanced']:.3f} | "
+            f"stray {row['sample_stray']:.1%}/{row['ref_stray']:.1%} "
+            f"frag {row['sample_fragmented']:.0%}/{row['ref_fragmented']:.0%} vox {row['sample_mean_voxels']:.0f}/"
+            f"{row['ref_mean_voxels']:.0f}")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -178,8 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.list:
-        for name, r in RECIPES.items():
-            print(name, json.dumps(r))
+        for name, recipe in RECIPES.items():
+            print(name, json.dumps(recipe))
         return []
     if not a.dataset_path:
         p.error("--dataset_path is required")
@@ -193,11 +194,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in a.recipes:
         if name in done:
             continue
-        for r in run_recipe(name, RECIPES[name], a, root):
-            rows.append(r)
+        for row in run_recipe(name, RECIPES[name], a, root):
+            rows.append(row)
             with rows_file.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            print(_line(r), flush=True)
+                f.write(json.dumps(row) + "\n")
+            print(_line(row), flush=True)
     return rows
 
 

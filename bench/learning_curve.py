@@ -110,14 +110,14 @@ def _plot(rows: list[dict[str, Any]], path: Path, goals: Any) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title, goal) in zip(axes, panels):
         for cat in CATEGORIES:
-            sub = [r for r in rows if r["category"] == cat]
-            x = [r["step"] for r in sub]
+            sub = [row for row in rows if row["category"] == cat]
+            x = [row["step"] for row in sub]
             if key == "stray_ratio":
-                y = [r["sample_stray"] / max(r["ref_stray"], 1e-9) for r in sub]
+                y = [row["sample_stray"] / max(row["ref_stray"], 1e-9) for row in sub]
             elif key == "frag":
-                y = [r["sample_fragmented"] for r in sub]
+                y = [row["sample_fragmented"] for row in sub]
             else:
-                y = [r[key] for r in sub]
+                y = [row[key] for row in sub]
             (line,) = ax.plot(x, y, marker="o", label=cat)
             if key == "frag":
                 ax.axhline(sub[0]["ref_fragmented"], ls="--", lw=0.8, color=line.get_color())

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from voxdiff.config import run_preset
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import cpu_has_bf16
+from voxdiff.presets import run_preset
 
 LIMITS = {"fp32": 1e-3, "bf16": 0.25}
 
@@ -68,7 +68,7 @@ def check_network(name: str, model: torch.nn.Module, make_loss: Callable[[torch.
         for _ in range(n):
             loss, grads = _run(model, make_loss(torch.float32), mode)
             e_out = _rel(loss, ref_loss)
-            errs = [_rel(g, r) for g, r in zip(grads, ref_grads)]
+            errs = [_rel(g, ref) for g, ref in zip(grads, ref_grads)]
             i = max(range(len(errs)), key=errs.__getitem__)
             worst_out = max(worst_out, e_out)
             if errs[i] > worst_grad:
@@ -83,8 +83,8 @@ def preset_networks(preset: str) -> list[tuple[str, torch.nn.Module, Callable[[t
     """The preset's AE and U-Net with fixed inputs of the preset's batch size."""
     cfg = run_preset(preset)
     g = torch.Generator().manual_seed(0)
-    r, b = cfg.ae.model.resolution, cfg.ae.batch_size
-    x = (torch.rand(b, 1, r, r, r, generator=g) > 0.95).double()
+    res, b = cfg.ae.model.resolution, cfg.ae.batch_size
+    x = (torch.rand(b, 1, res, res, res, generator=g) > 0.95).double()
     torch.manual_seed(0)
     ae = VoxelAutoencoder(cfg.ae.model)
     lat = tuple(ae.latent_shape)
@@ -94,7 +94,7 @@ def preset_networks(preset: str) -> list[tuple[str, torch.nn.Module, Callable[[t
     t = torch.randint(0, 1000, (bz,), generator=g)
     y = torch.randint(0, 3, (bz,), generator=g)
     return [
-        (f"{preset} AE {r}³ b{b}", ae,
+        (f"{preset} AE {res}³ b{b}", ae,
          lambda dt: lambda m: F.binary_cross_entropy_with_logits(m(x.to(dt)).to(dt), x.to(dt))),
         (f"{preset} U-Net {lat} b{bz}", unet, lambda dt: lambda m: F.mse_loss(m(z.to(dt), t, y).to(dt), z.to(dt))),
     ]

@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     pipe = LatentVoxelPipeline.from_checkpoints(a.ae_ckpt_path, a.ldm_ckpt_path, device=device)
     resolution = int(open_voxels(voxel_path(a.dataset_path, CATEGORIES[0], "train")).shape[-1])
     out = tune_sampling(pipe, a.dataset_path, CATEGORIES, cfg, resolution)
-    for r in out["rows"]:
-        print(f"{r['category']:9s} w={r['cfg_scale']:<4g} φ={r['rescale']:<4g} t={r['threshold']:<5g} "
-              f"JSD {r['jsd']:.4f} "
-              f"MMD {r['mmd']:.5f} COV {r['cov']:.3f} 1-NNA(eq) {r['nna_balanced']:.3f} "
-              f"voxels {r['sample_mean_voxels']:.0f}/{r['ref_mean_voxels']:.0f}")
+    for row in out["rows"]:
+        print(f"{row['category']:9s} w={row['cfg_scale']:<4g} φ={row['rescale']:<4g} t={row['threshold']:<5g} "
+              f"JSD {row['jsd']:.4f} "
+              f"MMD {row['mmd']:.5f} COV {row['cov']:.3f} 1-NNA(eq) {row['nna_balanced']:.3f} "
+              f"voxels {row['sample_mean_voxels']:.0f}/{row['ref_mean_voxels']:.0f}")
     print(f"pick: {out['pick']}")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(a.out) / "tune.json", out)

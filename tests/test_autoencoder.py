@@ -182,7 +182,7 @@ def test_resume_equals_uninterrupted(runs: dict[str, Path]) -> None:
     assert a.meta.threshold == b.meta.threshold and a.meta.latent_mean == b.meta.latent_mean
     # the resumed run's log holds each step once
     rows = [json.loads(line) for line in (runs["split"] / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5]
 
 
 def test_checkpoint_round_trip(runs: dict[str, Path]) -> None:
@@ -293,7 +293,7 @@ def test_holdout_slice_is_train_only_and_never_trained_on(tiny_voxel_dir: Path, 
     counts = {"airplane": 40, "chair": 8, "table": 3}
     rows = holdout_rows(counts, 0.25, 5, seed=3)
     assert [len(rows[c]) for c in counts] == [5, 2, 1]  # capped, rounded, at least one
-    assert all(0 <= r < counts[c] for c in counts for r in rows[c])
+    assert all(0 <= row < counts[c] for c in counts for row in rows[c])
     assert rows == holdout_rows(counts, 0.25, 5, seed=3) and rows != holdout_rows(counts, 0.25, 5, seed=4)
     train_autoencoder(tiny_cfg(tiny_voxel_dir, tmp_path / "run", num_steps=2))
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt", kind="autoencoder")
@@ -402,13 +402,13 @@ def test_variational_training_logs_a_kl_the_weight_pulls_down(vae_runs: dict[str
     logs = {}
     for name in ("kl0", "kl"):
         rows = [json.loads(line) for line in (vae_runs[name] / "log.jsonl").read_text().splitlines()]
-        logs[name] = [r for r in rows if "loss" in r]
-        assert [r["step"] for r in logs[name]] == [1, 2, 3, 4, 5, 6]
-        assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) and r["kl"] > 0 for r in logs[name])
+        logs[name] = [row for row in rows if "loss" in row]
+        assert [row["step"] for row in logs[name]] == [1, 2, 3, 4, 5, 6]
+        assert all(math.isfinite(row["loss"]) and math.isfinite(row["kl"]) and row["kl"] > 0 for row in logs[name])
         assert "kl" in (vae_runs[name] / "log.csv").read_text().splitlines()[0].split(",")
     assert logs["kl"][0]["kl"] == logs["kl0"][0]["kl"]
     assert logs["kl"][0]["loss"] == pytest.approx(logs["kl0"][0]["loss"] + 1e-3 * logs["kl0"][0]["kl"], rel=1e-6)
-    later = {name: np.mean([r["kl"] for r in rows[1:]]) for name, rows in logs.items()}
+    later = {name: np.mean([row["kl"] for row in rows[1:]]) for name, rows in logs.items()}
     assert later["kl"] < 0.95 * later["kl0"]
 
 

@@ -24,6 +24,7 @@ from voxdiff.config import (
     tagged_fields,
     to_dict,
 )
+from voxdiff.presets import run_preset
 
 STAGE_SCRIPTS = {"autoencoder.py": AETrainConfig, "diffusion/train.py": LDMTrainConfig,
                  "diffusion/sample.py": SampleConfig, "sds/main.py": SDSConfig}
@@ -34,7 +35,7 @@ RETIRED = {"--guidance_scale": "--cfg_scale", "--max_steps": "--num_steps", "--n
            "--ldm_minutes": "--ldm.max_minutes", "--init_steps": "--steps", "--categories": "--category",
            "--sample_every": "--preview_every", "--calib_fraction": "--holdout_fraction"}
 CONFIGS = [c for c in vars(config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
-TAGS = ("derived", "from_run", "local", "switch")
+TAGS = ("derived", "from_run", "local", "switch", "added")
 
 
 def leaf_fields(cls: type, path: str = "") -> list[str]:
@@ -119,7 +120,7 @@ def test_help_comes_from_the_metadata_and_switches_read_as_words() -> None:
     assert "--tune" in by_option and "--tune.enabled" not in by_option and "--tune.no_enabled" not in by_option
     assert by_option["--tune"].dest == "tune.enabled"
     for argv, on in ((["--tune"], True), (["--no_tune"], False)):
-        cfg = config_from_args(RunConfig, parser.parse_args(argv), flags, config.run_preset("demo"))
+        cfg = config_from_args(RunConfig, parser.parse_args(argv), flags, run_preset("demo"))
         assert cfg.tune.enabled is on
     # derived fields are never flags: the AE sets the U-Net's input width, CATEGORIES its class count
     assert not {"--ldm.in_channels", "--ldm.num_classes"} & set(by_option)

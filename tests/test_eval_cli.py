@@ -136,10 +136,10 @@ def _write(tmp_path: Path, arr: np.ndarray) -> str:
 @pytest.mark.parametrize(
     "make, msg",
     [
-        (lambda r: np.full((2, r, r, r), np.nan, np.float32), "NaN"),
-        (lambda r: np.zeros((2, r, r), np.uint8), r"\(N,R,R,R\)"),
-        (lambda r: np.full((2, r, r, r), 0.7, np.float32), "--threshold 0.5"),
-        (lambda r: np.zeros((2, 16, 16, 16), np.uint8), "16³ but references are 32³"),
+        (lambda res: np.full((2, res, res, res), np.nan, np.float32), "NaN"),
+        (lambda res: np.zeros((2, res, res), np.uint8), r"\(N,R,R,R\)"),
+        (lambda res: np.full((2, res, res, res), 0.7, np.float32), "--threshold 0.5"),
+        (lambda res: np.zeros((2, 16, 16, 16), np.uint8), "16³ but references are 32³"),
     ],
 )
 def test_cli_bad_samples(eval_cli, tiny_voxel_dir, tmp_path, capsys, make, msg):

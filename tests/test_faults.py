@@ -46,10 +46,11 @@ from helpers import ENV, make_ae_ckpt, make_ldm_ckpt, make_voxel_dir
 
 from voxdiff.checkpoint import load_autoencoder, load_checkpoint, load_unet, save_checkpoint
 from voxdiff.cli import load_script
-from voxdiff.config import run_preset, to_dict
+from voxdiff.config import to_dict
 from voxdiff.data.partseg import write_synthetic_partseg
 from voxdiff.data.voxelize import preprocess
 from voxdiff.errors import VoxdiffError, cli_name
+from voxdiff.presets import run_preset
 from voxdiff.runner import resolve, run
 
 H5_COUNTS = {"train": {"airplane": 3, "chair": 3, "table": 3}, "val": {"airplane": 2, "chair": 2, "table": 2},

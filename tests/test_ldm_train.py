@@ -212,9 +212,9 @@ def test_v_prediction_min_snr_zero_snr_run_keeps_steps(tiny_voxel_dir: Path, ae_
     res = train_ldm(_cfg(tiny_voxel_dir, ae_dir, run, **kw), progress=False)
     assert res["step"] == 4 and np.isfinite(res["loss_smooth"]) and np.isfinite(res["best_heldout_loss"])
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    losses = [row["loss"] for row in rows if "loss" in row]
     assert len(losses) == 4 and np.isfinite(losses).all()
-    assert all(np.isfinite(r["val_loss"]) for r in rows if "val_loss" in r)
+    assert all(np.isfinite(row["val_loss"]) for row in rows if "val_loss" in row)
     assert sorted(p.name for p in run.glob("step*.pt")) == ["step2.pt", "step4.pt"]
     last = load_checkpoint(run / "last.pt", kind="ldm")
     assert last.meta.scheduler["prediction_type"] == "v_prediction" and last.train_config["snr_gamma"] == 5.0

@@ -34,9 +34,9 @@ def _brute_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array([[_cd(x, y) for y in pb] for x in pa])
 
 
-def _brute_jsd(s: np.ndarray, r: np.ndarray, eps: float = 1e-10) -> float:
+def _brute_jsd(s: np.ndarray, refs: np.ndarray, eps: float = 1e-10) -> float:
     p = s.sum(0).astype(np.float64).ravel()
-    q = r.sum(0).astype(np.float64).ravel()
+    q = refs.sum(0).astype(np.float64).ravel()
     p, q = p / p.sum(), q / q.sum()
     m = (p + q) / 2
 
@@ -46,32 +46,32 @@ def _brute_jsd(s: np.ndarray, r: np.ndarray, eps: float = 1e-10) -> float:
     return (kl(p, m) + kl(q, m)) / 2
 
 
-def _brute_all(s: np.ndarray, r: np.ndarray) -> dict[str, float]:
-    d = _brute_matrix(np.concatenate([s, r]), np.concatenate([s, r]))
+def _brute_all(s: np.ndarray, refs: np.ndarray) -> dict[str, float]:
+    d = _brute_matrix(np.concatenate([s, refs]), np.concatenate([s, refs]))
     n = len(s)
     d_sr = d[:n, n:]
     mmd = float(np.mean(d_sr.min(axis=0)))
     live = np.isfinite(d_sr).any(axis=1)
-    cov = len(set(np.argmin(d_sr[live], axis=1).tolist())) / len(r)
+    cov = len(set(np.argmin(d_sr[live], axis=1).tolist())) / len(refs)
     np.fill_diagonal(d, np.inf)
-    lab = np.r_[np.zeros(n), np.ones(len(r))]
+    lab = np.r_[np.zeros(n), np.ones(len(refs))]
     nn = np.argmin(d, axis=1)
     correct = (lab[nn] == lab) | ~np.isfinite(d.min(axis=1))
-    return {"jsd": _brute_jsd(s, r), "mmd": mmd, "cov": cov, "nna": float(correct.mean())}
+    return {"jsd": _brute_jsd(s, refs), "mmd": mmd, "cov": cov, "nna": float(correct.mean())}
 
 
 # ------------------------------------------------------------------------------------------------------- fixtures
 
 
-def _sparse_set(n: int, r: int, rng: np.random.Generator, density: float = 0.01) -> np.ndarray:
+def _sparse_set(n: int, res: int, rng: np.random.Generator, density: float = 0.01) -> np.ndarray:
     """Random sparse shapes: a few blobs of surface-like points plus noise voxels (never empty)."""
-    g = np.zeros((n, r, r, r), np.uint8)
+    g = np.zeros((n, res, res, res), np.uint8)
     for i in range(n):
-        c = rng.uniform(0.3, 0.7, 3) * (r - 1)
-        k = max(4, int(density * r**3))
+        c = rng.uniform(0.3, 0.7, 3) * (res - 1)
+        k = max(4, int(density * res**3))
         p = rng.normal(size=(k, 3))
-        p = c + p / np.linalg.norm(p, axis=1, keepdims=True) * rng.uniform(0.1, 0.35) * r
-        p = np.clip(np.rint(p), 0, r - 1).astype(int)
+        p = c + p / np.linalg.norm(p, axis=1, keepdims=True) * rng.uniform(0.1, 0.35) * res
+        p = np.clip(np.rint(p), 0, res - 1).astype(int)
         g[i][tuple(p.T)] = 1
     return g
 
@@ -79,15 +79,15 @@ def _sparse_set(n: int, r: int, rng: np.random.Generator, density: float = 0.01)
 @pytest.fixture(scope="module")
 def sets() -> dict[int, tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
-    return {r: (_sparse_set(14, r, rng), _sparse_set(11, r, rng)) for r in (16, 32)}
+    return {res: (_sparse_set(14, res, rng), _sparse_set(11, res, rng)) for res in (16, 32)}
 
 
 # ------------------------------------------------------------------------------------------------------ the tests
 
 
-@pytest.mark.parametrize("r", [16, 32])
-def test_evaluate_matches_brute_force(sets, r):
-    s, ref = sets[r]
+@pytest.mark.parametrize("res", [16, 32])
+def test_evaluate_matches_brute_force(sets, res):
+    s, ref = sets[res]
     got = metrics.evaluate(s, ref, progress=False)
     want = _brute_all(s, ref)
     for key in ("jsd", "mmd", "cov", "nna"):
@@ -105,9 +105,9 @@ def test_chamfer_matrix_matches_brute_force(sets):
     np.testing.assert_array_equal(d_rr, d_rr.T)
 
 
-@pytest.mark.parametrize("r", [16, 32])
-def test_torch_engine_equals_numpy(sets, r):
-    s, ref = sets[r]
+@pytest.mark.parametrize("res", [16, 32])
+def test_torch_engine_equals_numpy(sets, res):
+    s, ref = sets[res]
     a = metrics.chamfer_blocks(s, ref, metrics.Backend(engine="numpy"))
     b = metrics.chamfer_blocks(s, ref, metrics.Backend(engine="torch", device="cpu"))
     for x, y in zip(a, b):
@@ -116,11 +116,11 @@ def test_torch_engine_equals_numpy(sets, r):
 
 def test_edt_backends_agree_with_kdtree():
     rng = np.random.default_rng(3)
-    r = 20
-    idx = np.unique(rng.integers(0, r**3, 30))
-    d2 = metrics.edt_sq(idx, r)
-    grid = np.stack(np.unravel_index(np.arange(r**3), (r,) * 3), 1)
-    want, _ = cKDTree(np.stack(np.unravel_index(idx, (r,) * 3), 1)).query(grid)
+    res = 20
+    idx = np.unique(rng.integers(0, res**3, 30))
+    d2 = metrics.edt_sq(idx, res)
+    grid = np.stack(np.unravel_index(np.arange(res**3), (res,) * 3), 1)
+    want, _ = cKDTree(np.stack(np.unravel_index(idx, (res,) * 3), 1)).query(grid)
     np.testing.assert_array_equal(d2, np.rint(want**2))
 
 
@@ -243,8 +243,8 @@ def test_one_nna_balanced_uses_equal_sets():
 # ------------------------------------------------------------------------------------------------------ structure
 
 
-def _grid(r: int, *voxels: tuple[int, int, int]) -> np.ndarray:
-    g = np.zeros((r, r, r), np.uint8)
+def _grid(res: int, *voxels: tuple[int, int, int]) -> np.ndarray:
+    g = np.zeros((res, res, res), np.uint8)
     for v in voxels:
         g[v] = 1
     return g
@@ -278,25 +278,25 @@ def test_structure_stray_counts_voxels_without_a_face_neighbour(voxels, stray):
 def test_structure_fragmented_and_empty_shapes():
     """Two equal far-apart blobs plus specks: the largest part holds under half the voxels (fragmented). One big blob
     plus a few specks: not fragmented. Exactly half is not "less than half". Empty shapes are skipped."""
-    r = 16
-    two_blobs = np.zeros((r, r, r), np.uint8)
+    res = 16
+    two_blobs = np.zeros((res, res, res), np.uint8)
     _box(two_blobs, (1, 1, 1), 2)
     _box(two_blobs, (10, 10, 10), 2)  # 8 + 8 voxels, far apart
     two_blobs[5, 12, 2] = two_blobs[12, 3, 7] = 1  # two specks: the largest part is 8 of 18
-    big_blob = np.zeros((r, r, r), np.uint8)
+    big_blob = np.zeros((res, res, res), np.uint8)
     _box(big_blob, (4, 4, 4), 3)  # 27 voxels
     for v in ((0, 0, 15), (15, 0, 0), (0, 15, 0)):
         big_blob[v] = 1  # 27 of 30
-    halves = np.zeros((r, r, r), np.uint8)
+    halves = np.zeros((res, res, res), np.uint8)
     _box(halves, (1, 1, 1), 2)
     _box(halves, (10, 10, 10), 2)  # 8 of 16: exactly half
-    empty = np.zeros((r, r, r), np.uint8)
+    empty = np.zeros((res, res, res), np.uint8)
     assert _structure(two_blobs)["fragmented"] == 1.0
     assert _structure(big_blob)["fragmented"] == 0.0
     assert _structure(halves)["fragmented"] == 0.0
     # parts are 26-connected: a diagonal chain touching by edges and corners is one part (3 of 5 voxels), though every
     # voxel of it is stray
-    chain = _grid(r, (2, 2, 2), (3, 3, 2), (4, 4, 3), (12, 2, 2), (2, 12, 12))
+    chain = _grid(res, (2, 2, 2), (3, 3, 2), (4, 4, 3), (12, 2, 2), (2, 12, 12))
     assert _structure(chain) == {"stray": 1.0, "fragmented": 0.0}
     got = _structure(two_blobs, empty, big_blob, empty)
     assert got["fragmented"] == 0.5  # 1 of the 2 non-empty shapes; the empty ones count nowhere
@@ -411,13 +411,13 @@ def test_scoring_bad_input_is_one_line(tiny_voxel_dir, tmp_path):
         scoring.References.load(tmp_path, "chair")
 
 
-def _boxes(n: int, seed: int, r: int = 16) -> np.ndarray:
-    """n random boxes in an r³ grid (a family of shapes: new draws are new shapes)."""
+def _boxes(n: int, seed: int, res: int = 16) -> np.ndarray:
+    """n random boxes in a res³ grid (a family of shapes: new draws are new shapes)."""
     rng = np.random.default_rng(seed)
-    g = np.zeros((n, r, r, r), np.uint8)
+    g = np.zeros((n, res, res, res), np.uint8)
     for i in range(n):
-        lo = rng.integers(0, r // 2, 3)
-        hi = lo + rng.integers(2, r // 2, 3)
+        lo = rng.integers(0, res // 2, 3)
+        hi = lo + rng.integers(2, res // 2, 3)
         g[i, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1
     return g
 

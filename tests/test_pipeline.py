@@ -16,14 +16,13 @@ from voxdiff.__main__ import main
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import (
     CATEGORIES,
-    RUN_PRESETS,
     GoalConfig,
     RunConfig,
     from_dict,
-    run_preset,
     to_dict,
 )
 from voxdiff.errors import VoxdiffError
+from voxdiff.presets import RUN_PRESETS, run_preset
 from voxdiff.report import goal_check, reading, summary_lines
 from voxdiff.runner import resolve, run, stage_key
 from voxdiff.sampling import LatentVoxelPipeline
@@ -53,11 +52,11 @@ def test_presets_roundtrip() -> None:
 
 def test_tiny_pipeline_artefacts(tiny_run: tuple[Path, dict]) -> None:
     run_dir, report = tiny_run
-    r = 32
+    resolution = 32  # the tiny preset's
     for cat in CATEGORIES:
         for sub in ("samples", "oracle"):
             arr = np.load(run_dir / sub / f"{cat}.npy")
-            assert arr.shape == (4, r, r, r) and arr.dtype == np.uint8 and set(np.unique(arr)) <= {0, 1}
+            assert arr.shape == (4, *(resolution,) * 3) and arr.dtype == np.uint8 and set(np.unique(arr)) <= {0, 1}
         assert np.load(run_dir / "oracle" / f"{cat}.npy").any(axis=(1, 2, 3)).all()  # oracle shapes are never empty
         for split in ("train", "val", "test"):
             assert (run_dir / "data" / f"{cat}_voxels_{split}.npy").is_file()

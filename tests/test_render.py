@@ -38,10 +38,10 @@ def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     body = data[end:]
     if fmt == "ascii":
         rows = body.decode("ascii").split("\n")
-        verts = np.array([[float(x) for x in r.split()] for r in rows[:nv]])
+        verts = np.array([[float(x) for x in row.split()] for row in rows[:nv]])
         faces = None
         if nf is not None:
-            f = np.array([[int(x) for x in r.split()] for r in rows[nv : nv + nf]])
+            f = np.array([[int(x) for x in row.split()] for row in rows[nv : nv + nf]])
             assert (f[:, 0] == 3).all()
             faces = f[:, 1:]
         return verts, faces
@@ -65,8 +65,8 @@ def read_obj(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.array(v), np.array(f)
 
 
-def box_grid(r: int = 16, lo: tuple[int, int, int] = (4, 3, 5), hi: tuple[int, int, int] = (11, 13, 9)) -> np.ndarray:
-    g = np.zeros((r, r, r), np.uint8)
+def box_grid(res: int = 16, lo: tuple[int, int, int] = (4, 3, 5), hi: tuple[int, int, int] = (11, 13, 9)) -> np.ndarray:
+    g = np.zeros((res, res, res), np.uint8)
     g[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = 1
     return g
 
@@ -190,16 +190,16 @@ def test_mesh_module_does_not_import_matplotlib() -> None:
 
 @pytest.mark.parametrize("suffix, binary", [(".ply", True), (".ply", False), (".obj", True)])
 def test_export_box_mesh_parses_back(tmp_path: Path, suffix: str, binary: bool) -> None:
-    r, lo, hi = 16, (4, 3, 5), (11, 13, 9)
+    res, lo, hi = 16, (4, 3, 5), (11, 13, 9)
     path = tmp_path / f"box{suffix}"
-    nv, nf = mesh.export_mesh(box_grid(r, lo, hi), path, smooth=0.0, binary=binary)
+    nv, nf = mesh.export_mesh(box_grid(res, lo, hi), path, smooth=0.0, binary=binary)
     verts, faces = read_obj(path) if suffix == ".obj" else read_ply(path)
     assert faces is not None and len(verts) == nv and len(faces) == nf > 0
     assert verts.min() >= 0.0 and verts.max() <= 1.0
     assert faces.min() >= 0 and faces.max() < nv
     # unsmoothed, the surface sits half a voxel outside the occupied voxel centres (index / (R-1))
-    np.testing.assert_allclose(verts.min(0), (np.array(lo) - 0.5) / (r - 1), atol=1e-5)
-    np.testing.assert_allclose(verts.max(0), (np.array(hi) + 0.5) / (r - 1), atol=1e-5)
+    np.testing.assert_allclose(verts.min(0), (np.array(lo) - 0.5) / (res - 1), atol=1e-5)
+    np.testing.assert_allclose(verts.max(0), (np.array(hi) + 0.5) / (res - 1), atol=1e-5)
     assert_closed(faces)
 
 

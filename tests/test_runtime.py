@@ -250,7 +250,7 @@ def test_step_loop_counts_steps_and_keeps_its_cadences(tmp_path: Path) -> None:
             due.append(loop.step)
     assert seen == [1, 2, 3, 4, 5, 6] and loop.step == 7 and loop.stopped == "num_steps"
     assert logged == [2, 4, 6, 7] and due == [3, 6] and loop.unsaved()
-    assert [r["step"] for r in loop.runlog.rows] == [2, 4, 6, 7] and loop.runtime.guard.skipped == 1
+    assert [row["step"] for row in loop.runlog.rows] == [2, 4, 6, 7] and loop.runtime.guard.skipped == 1
     result = loop.result({"best": 1.0}, {})
     assert list(result)[:4] == ["step", "total_steps", "stopped", "best"] and result["step"] == 7
     assert "steps_per_s" in result and "world_size" not in result
@@ -398,7 +398,7 @@ def test_pipeline_times_threads_once_and_a_config_rerun_keeps_the_count(tmp_path
     import json
 
     from voxdiff import runner
-    from voxdiff.config import run_preset
+    from voxdiff.presets import run_preset
 
     timed: list[int] = []
 

@@ -21,10 +21,11 @@ from faultlib import cli, one_line
 from helpers import TINY_AE, make_ae_ckpt, make_voxel_dir
 
 from voxdiff.cli import load_script
-from voxdiff.config import AETrainConfig, SampleConfig, run_preset
+from voxdiff.config import AETrainConfig, SampleConfig
 from voxdiff.data.partseg import COUNT_PRESETS, PROCEDURAL_MARKER, write_synthetic_partseg
 from voxdiff.errors import VoxdiffError, run_cli
 from voxdiff.files import dir_lock
+from voxdiff.presets import run_preset
 from voxdiff.runner import run
 from voxdiff.training.autoencoder import train_autoencoder
 
@@ -221,7 +222,7 @@ def test_a_cut_last_log_line_is_dropped_and_resume_completes(tiny_voxel_dir: Pat
     res = train_autoencoder(_ae_cfg(tiny_voxel_dir, run_dir, num_steps=3, resume=True), progress=False)
     assert res["step"] == 3
     rows = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses again
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3]
     assert "dropped a cut last line" in (run_dir / "train.log").read_text()
 
 

@@ -141,7 +141,7 @@ def test_cli_end_to_end_scored_by_metrics(ckpts: dict[str, Path], tmp_path: Path
     assert meta["config"]["cfg_scale"] == 2.0 and meta["t_range"] == [10, 90] and meta["empty"] == 0
     assert np.isfinite(meta["final_grad_norm_mean"]) and len(meta["grad_norm_per_step"]) == 4
     assert {p.name for p in (out / "renders").iterdir()} == {f"table_step_0000{i}.png" for i in (0, 2, 4)}
-    refs_dir = make_voxel_dir(tmp_path / "refs", r=32, n={"test": 3, "val": 2})
+    refs_dir = make_voxel_dir(tmp_path / "refs", res=32, n={"test": 3, "val": 2})
     refs = np.concatenate([np.load(refs_dir / f"table_voxels_{s}.npy") for s in ("test", "val")])
     res = metrics.evaluate(a, refs, progress=False)
     assert res["n_samples"] == 3 and res["n_refs"] == 5 and res["n_empty_samples"] == 0

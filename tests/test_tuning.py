@@ -34,14 +34,14 @@ def test_pick_weighs_thickness_and_jsd_not_only_chamfer() -> None:
     assert pick(rows) == (1.0, 0.0, 0.5)
 
 
-def test_structure_badness_is_noise_in_multiples_of_the_data() -> None:
+def test_structure_distance_is_noise_in_multiples_of_the_data() -> None:
     """stray / data's stray + fragmented / max(data's fragmented, 1 %); clean data (0 %) divides by the floors."""
     row = _row("chair", 1.0, 0.5, 0.1, 0.004, 0.5, 0.6, 100, stray=0.03, fragmented=0.05)
-    assert tuning._badness(row, "structure") == pytest.approx(0.03 / 0.01 + 0.05 / 0.01)
+    assert tuning._distance_from_data(row, "structure") == pytest.approx(0.03 / 0.01 + 0.05 / 0.01)
     row.update(ref_stray=0.02, ref_fragmented=0.10)
-    assert tuning._badness(row, "structure") == pytest.approx(1.5 + 0.5)
+    assert tuning._distance_from_data(row, "structure") == pytest.approx(1.5 + 0.5)
     row.update(ref_stray=0.0, ref_fragmented=0.0)
-    assert tuning._badness(row, "structure") == pytest.approx(0.03 / tuning.STRAY_FLOOR + 0.05 / 0.01)
+    assert tuning._distance_from_data(row, "structure") == pytest.approx(0.03 / tuning.STRAY_FLOOR + 0.05 / 0.01)
 
 
 def test_structure_turns_the_pick_away_from_noisy_samples(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,7 +71,7 @@ def test_tune_scores_the_pipelines_own_samples(tmp_path: Path, monkeypatch: pyte
 
     ae = make_ae_ckpt(tmp_path / "ae.pt", holdout={"chair": [0, 1, 2]})
     pipe = LatentVoxelPipeline.from_checkpoints(ae, make_ldm_ckpt(tmp_path / "ldm.pt"))
-    data = make_voxel_dir(tmp_path / "data", r=32, n={"train": 3})
+    data = make_voxel_dir(tmp_path / "data", res=32, n={"train": 3})
     scored: list[np.ndarray] = []
 
     def spy(grids: np.ndarray, refs: np.ndarray, progress: bool = False) -> dict:
@@ -95,19 +95,19 @@ def test_tune_scores_the_pipelines_own_samples(tmp_path: Path, monkeypatch: pyte
 def test_tiny_pipeline_samples_with_the_pick(tmp_path: Path) -> None:
     import dataclasses
 
-    from voxdiff.config import run_preset
+    from voxdiff.presets import run_preset
     from voxdiff.runner import run
 
     cfg = dataclasses.replace(run_preset("tiny"), run_dir=str(tmp_path / "run"), device="cpu")
     report = run(cfg, stages=("data", "ae", "ldm", "tune", "sample"), progress=False)
     chosen = report["stages"]["tune"]["pick"]
     rows = report["stages"]["tune"]["rows"]
-    assert {r["category"] for r in rows} == {"airplane", "chair", "table"}
+    assert {row["category"] for row in rows} == {"airplane", "chair", "table"}
     assert "structure" in report["stages"]["tune"]["criteria"]
-    for r in rows:  # each setting's noise, beside the held-out shapes' own
-        assert all(0.0 <= r[k] <= 1.0 for k in STRUCTURE_KEYS), r
+    for row in rows:  # each setting's noise, beside the held-out shapes' own
+        assert all(0.0 <= row[k] <= 1.0 for k in STRUCTURE_KEYS), row
     for cat in ("airplane", "chair", "table"):  # one held-out set per category: the same data figures in every row
-        assert len({(r["ref_stray"], r["ref_fragmented"]) for r in rows if r["category"] == cat}) == 1
+        assert len({(row["ref_stray"], row["ref_fragmented"]) for row in rows if row["category"] == cat}) == 1
     sample_cfg = json.loads((tmp_path / "run" / "samples" / "sample.json").read_text())["config"]
     assert sample_cfg["cfg_scale"] == chosen["cfg_scale"] and sample_cfg["threshold"] == pytest.approx(
         chosen["threshold"])

@@ -19,17 +19,16 @@ from typing import Any
 
 from voxdiff.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_from_args
 from voxdiff.config import (
-    RUN_PRESETS,
     AETrainConfig,
     LDMTrainConfig,
     RunConfig,
     SampleConfig,
     TuneConfig,
     from_dict,
-    run_preset,
     tagged_fields,
 )
 from voxdiff.errors import VoxdiffError, run_cli
+from voxdiff.presets import RUN_PRESETS, run_preset
 from voxdiff.report import summary_lines
 from voxdiff.runner import RERUNNABLE, STAGES, resolve, run
 
@@ -37,7 +36,7 @@ from voxdiff.runner import RERUNNABLE, STAGES, resolve, run
 def build_parser() -> tuple[argparse.ArgumentParser, list]:
     p = ArgumentParser(prog="python -m voxdiff", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=list(RUN_PRESETS), default="demo",
-                   help="named configuration of every stage (voxdiff/config.py) (default: %(default)s)")
+                   help="named configuration of every stage (voxdiff/presets.py) (default: %(default)s)")
     p.add_argument("--config", help="a config.json written by an earlier run (instead of --preset) (default: none)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated subset of the stages (default: %(default)s)")

@@ -1,9 +1,10 @@
-"""Configuration dataclasses and named presets. Standard library only (a leaf module).
+"""Configuration dataclasses. Standard library only (a leaf module).
 
 Every stage is a library function taking one of these objects; the CLIs build them from flags and the stage runner
-(`python -m voxdiff`, voxdiff.runner) builds them from a preset, so both run the same code.
+(`python -m voxdiff`, voxdiff.runner) builds them from a named preset (voxdiff.presets), so both run the same code.
 
-Each field says what it is in its metadata, written once here and read everywhere else:
+Each field says what it is in its metadata, written once here (`setting(default, help, **tags)`, `nested(cls, help)`:
+`dataclasses.field` with `metadata={"help": help, **tags}`) and read everywhere else:
     "help"      its --help text (the CLIs' flags are generated from the fields: voxdiff/cli.py)
     "derived"   set by the program from other settings (the U-Net's input width from the AE, the class count from
                 CATEGORIES): never a flag
@@ -118,6 +119,35 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def setting(default: Any, help_text: str, **tags: bool) -> Any:
+    """A config field: its default, its --help text and its tags (see the module docstring), as
+    `field(default=default, metadata={"help": help_text, **tags})`."""
+    return field(default=default, metadata={"help": help_text, **tags})
+
+
+def nested(cls: type, help_text: str) -> Any:
+    """A config field holding a fresh config object of class `cls` (`field(default_factory=cls, metadata=...)`)."""
+    return field(default_factory=cls, metadata={"help": help_text})
+
+
+def _precision_setting(forward: str, check: str) -> Any:
+    """The `precision` field of a stage: the autocast dtype of its `forward`, "auto" meaning bf16 where `check`
+    passes."""
+    return setting("auto", f"autocast dtype of {forward}; auto: bf16 only where {check} passes on this machine, "
+                           "else fp32")
+
+
+def _threads_setting(timed_on: str) -> Any:
+    """The `threads` field of a stage: "auto" is timed at start-up on `timed_on`."""
+    return setting("auto", f"CPU intra-op threads; auto: timed at start-up on {timed_on} (1, 2, 4 ... cores)",
+                   from_run=True, local=True)
+
+
+def _device_setting() -> Any:
+    """The `device` field of a stage."""
+    return setting("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...", from_run=True, local=True)
+
+
 # Old name -> name. The course's starter network was first called "seed", which reads as the RNG seed; checkpoints and
 # config.json files written before it was renamed "course" still say so. AEConfig (its block) and unet_preset read the
 # old name; the stage runner keys its records by it (voxdiff.runner._strip), so runs recorded before stay up to date.
@@ -132,19 +162,17 @@ class AEConfig:
     BatchNorm, transposed convolutions).
     """
 
-    resolution: int = field(default=64, metadata={"help": "input grid side (a power of two)"})
-    channels: tuple[int, ...] = field(default=(12, 24, 48), metadata={
-        "help": "width of each stride-2 stage; their number sets the latent side"})
-    latent_channels: int = field(default=16, metadata={"help": "channels of the latent (the LDM's input width)"})
-    negative_slope: float = field(default=0.2, metadata={"help": "LeakyReLU slope"})
-    block: AEBlock = field(default="course", metadata={
-        "help": "course: the starter code's conv stack; resnet: a residual block at every resolution"})
-    norm: AENorm = field(default="batch", metadata={
-        "help": "batch: BatchNorm3d (starter code); group: GroupNorm (batch-size independent)"})
-    upsample: AEUpsample = field(default="transpose", metadata={
-        "help": "transpose: ConvTranspose3d (starter code); nearest: nearest upsample + conv"})
-    variational: bool = field(default=False, metadata={
-        "help": "the encoder predicts a mean and a log-variance (AutoencoderKL); the latent is the mean"})
+    resolution: int = setting(64, "input grid side (a power of two)")
+    channels: tuple[int, ...] = setting((12, 24, 48), "width of each stride-2 stage; their number sets the latent side")
+    latent_channels: int = setting(16, "channels of the latent (the LDM's input width)")
+    negative_slope: float = setting(0.2, "LeakyReLU slope")
+    block: AEBlock = setting(
+        "course", "course: the starter code's conv stack; resnet: a residual block at every resolution")
+    norm: AENorm = setting("batch", "batch: BatchNorm3d (starter code); group: GroupNorm (batch-size independent)")
+    upsample: AEUpsample = setting(
+        "transpose", "transpose: ConvTranspose3d (starter code); nearest: nearest upsample + conv")
+    variational: bool = setting(
+        False, "the encoder predicts a mean and a log-variance (AutoencoderKL); the latent is the mean")
 
     def __post_init__(self) -> None:
         if isinstance(self.block, str) and self.block in RENAMED:  # checkpoints, config.json files from before
@@ -171,17 +199,16 @@ class UNetConfig:
     """UNet3D over the latent. Defaults are the starter code's size (ch 192, mult 1,2,2, attention at level 1, 3 res
     blocks): the "course" preset."""
 
-    in_channels: int = field(default=16, metadata={"help": "latent channels (set from the AE)", "derived": True})
-    ch: int = field(default=192, metadata={"help": "base width"})
-    ch_mult: tuple[int, ...] = field(default=(1, 2, 2), metadata={
-        "help": "width multiplier per resolution level (one stride-2 step between levels)"})
-    num_res_blocks: int = field(default=3, metadata={"help": "residual blocks per level"})
-    attn_levels: tuple[int, ...] = field(default=(1,), metadata={"help": "levels with self-attention after each block"})
-    dropout: float = field(default=0.1, metadata={"help": "residual-block dropout"})
-    num_classes: int = field(default=len(CATEGORIES), metadata={
-        "help": "class labels (+1 null class for guidance)", "derived": True})
-    num_groups: int = field(default=32, metadata={"help": "GroupNorm groups"})
-    num_heads: int = field(default=4, metadata={"help": "attention heads"})
+    in_channels: int = setting(16, "latent channels (set from the AE)", derived=True)
+    ch: int = setting(192, "base width")
+    ch_mult: tuple[int, ...] = setting(
+        (1, 2, 2), "width multiplier per resolution level (one stride-2 step between levels)")
+    num_res_blocks: int = setting(3, "residual blocks per level")
+    attn_levels: tuple[int, ...] = setting((1,), "levels with self-attention after each block")
+    dropout: float = setting(0.1, "residual-block dropout")
+    num_classes: int = setting(len(CATEGORIES), "class labels (+1 null class for guidance)", derived=True)
+    num_groups: int = setting(32, "GroupNorm groups")
+    num_heads: int = setting(4, "attention heads")
 
     def __post_init__(self) -> None:
         levels = len(self.ch_mult)
@@ -227,19 +254,19 @@ def unet_preset(name: str, **overrides: Any) -> UNetConfig:
 class SchedulerConfig:
     """DDPM noise schedule (Ho et al. 2020): linear betas 1e-4 -> 0.02 over T = 1000 steps, epsilon prediction."""
 
-    num_train_timesteps: int = field(default=1000, metadata={"help": "diffusion steps T"})
-    beta_start: float = field(default=1e-4, metadata={"help": "β of the first diffusion step"})
-    beta_end: float = field(default=0.02, metadata={"help": "β of the last diffusion step"})
-    beta_schedule: BetaSchedule = field(default="linear", metadata={
-        "help": "linear (DDPM), scaled_linear (linear in √β: Stable Diffusion) or cosine (Nichol & Dhariwal 2021)"})
-    prediction_type: PredictionType = field(default="epsilon", metadata={
-        "help": "the network predicts the noise ε, or v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho 2022)"})
-    timestep_spacing: TimestepSpacing = field(default="leading", metadata={
-        "help": "inference timesteps: leading (T−k, ..., 0; DDIM's) or trailing (T−1, ..., k−1: sampling starts at "
-                "the last trained step; Lin et al. 2024)"})
-    rescale_betas_zero_snr: bool = field(default=False, metadata={
-        "help": "rescale the schedule so ᾱ_T = 0: the last step is pure noise, as sampling assumes (Lin et al. 2024; "
-                "needs v_prediction)"})
+    num_train_timesteps: int = setting(1000, "diffusion steps T")
+    beta_start: float = setting(1e-4, "β of the first diffusion step")
+    beta_end: float = setting(0.02, "β of the last diffusion step")
+    beta_schedule: BetaSchedule = setting(
+        "linear", "linear (DDPM), scaled_linear (linear in √β: Stable Diffusion) or cosine (Nichol & Dhariwal 2021)")
+    prediction_type: PredictionType = setting(
+        "epsilon", "the network predicts the noise ε, or v = √ᾱ·ε − √(1−ᾱ)·x_0 (Salimans & Ho 2022)")
+    timestep_spacing: TimestepSpacing = setting(
+        "leading", "inference timesteps: leading (T−k, ..., 0; DDIM's) or trailing (T−1, ..., k−1: sampling starts at "
+        "the last trained step; Lin et al. 2024)")
+    rescale_betas_zero_snr: bool = setting(
+        False, "rescale the schedule so ᾱ_T = 0: the last step is pure noise, as sampling assumes (Lin et al. 2024; "
+        "needs v_prediction)")
 
     def __post_init__(self) -> None:
         check_literal(self.beta_schedule, BetaSchedule, "beta_schedule")
@@ -260,40 +287,33 @@ class TrainConfig:
     `max_minutes` is only a safety cap, and a run it stops says so.
     """
 
-    dataset_path: str = field(default="data/hdf5_data", metadata={
-        "help": "directory of {category}_voxels_{split}.npy", "from_run": True, "local": True})
-    ckpt_path: str = field(default="checkpoints/run", metadata={
-        "help": "run directory: last.pt, best.pt, train.log, log.csv/png", "from_run": True, "local": True})
-    categories: tuple[str, ...] = field(default=CATEGORIES, metadata={"help": "categories trained on (all: every one)"})
-    batch_size: int = field(default=64, metadata={"help": "global batch (split across ranks under torchrun)"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    num_steps: int | None = field(default=None, metadata={
-        "help": "optimizer steps; none: num_epochs passes over the training set"})
-    num_epochs: int | None = field(default=50, metadata={"help": "passes over the training set when num_steps is none"})
-    max_minutes: float | None = field(default=None, metadata={
-        "help": "safety cap on wall time (the run says so when it stops there); none: no cap"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    precision: Precision = field(default="auto", metadata={
-        "help": "autocast dtype of training forwards; auto: bf16 only where a start-up check of this network's "
-                "forward and backward against fp32 passes on this machine, else fp32"})
-    threads: str = field(default="auto", metadata={
-        "help": "CPU intra-op threads; auto: timed at start-up on this network (1, 2, 4 ... cores)", "from_run": True,
-        "local": True})
-    max_bad_steps: int = field(default=10, metadata={
-        "help": "steps in a row with a non-finite or absurd loss or gradient before the run stops (each such step is "
-                "skipped: parameters, optimizer and EMA unchanged)", "local": True})
-    device: str = field(default="auto", metadata={
-        "help": "auto (cuda when available), cpu, cuda, cuda:1, ...", "from_run": True, "local": True})
-    seed: int = field(default=0, metadata={
-        "help": "random seed: initial weights, data order, noise", "from_run": True})
-    resume: bool = field(default=False, metadata={
-        "help": "continue exactly from {ckpt_path}/last.pt", "from_run": True, "local": True})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace an existing run in ckpt_path (without it, an existing checkpoint is refused)",
-        "from_run": True, "local": True})
-    log_every: int = field(default=10, metadata={"help": "steps between loss rows in log.csv"})
-    ckpt_every: int = field(default=500, metadata={"help": "steps between held-out validation, last.pt and best.pt"})
+    dataset_path: str = setting(
+        "data/hdf5_data", "directory of {category}_voxels_{split}.npy", from_run=True, local=True)
+    ckpt_path: str = setting(
+        "checkpoints/run", "run directory: last.pt, best.pt, train.log, log.csv/png", from_run=True, local=True)
+    categories: tuple[str, ...] = setting(CATEGORIES, "categories trained on (all: every one)")
+    batch_size: int = setting(64, "global batch (split across ranks under torchrun)")
+    lr: float = setting(1e-3, "AdamW learning rate")
+    num_steps: int | None = setting(None, "optimizer steps; none: num_epochs passes over the training set")
+    num_epochs: int | None = setting(50, "passes over the training set when num_steps is none")
+    max_minutes: float | None = setting(
+        None, "safety cap on wall time (the run says so when it stops there); none: no cap")
+    grad_clip: float = setting(1.0, "max gradient norm (0: off)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    precision: Precision = _precision_setting(
+        "training forwards", "a start-up check of this network's forward and backward against fp32")
+    threads: str = _threads_setting("this network")
+    max_bad_steps: int = setting(
+        10, "steps in a row with a non-finite or absurd loss or gradient before the run stops (each such step is "
+        "skipped: parameters, optimizer and EMA unchanged)", local=True)
+    device: str = _device_setting()
+    seed: int = setting(0, "random seed: initial weights, data order, noise", from_run=True)
+    resume: bool = setting(False, "continue exactly from {ckpt_path}/last.pt", from_run=True, local=True)
+    overwrite: bool = setting(
+        False, "replace an existing run in ckpt_path (without it, an existing checkpoint is refused)",
+        from_run=True, local=True)
+    log_every: int = setting(10, "steps between loss rows in log.csv")
+    ckpt_every: int = setting(500, "steps between held-out validation, last.pt and best.pt")
 
     def __post_init__(self) -> None:
         for c in self.categories:
@@ -324,26 +344,22 @@ class TrainConfig:
 class AETrainConfig(TrainConfig):
     """Autoencoder training run (`autoencoder.py`, `voxdiff.training.train_autoencoder`)."""
 
-    ckpt_path: str = field(default="checkpoints/ae", metadata={
-        "help": "run directory: last.pt, best.pt, train.log, log.csv/png", "from_run": True, "local": True})
-    loss: AELoss = field(default="bce", metadata={
-        "help": "reconstruction loss (voxdiff/losses.py); bce gives the data's thickness at p > 0.5"})
-    pos_weight: float | None = field(default=None, metadata={
-        "help": "weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data"})
-    latent_noise: float = field(default=0.0, metadata={
-        "help": "σ: decode latents + σ·(batch std)·ε in training, a decoder robust to imperfect latents"})
-    kl_weight: float = field(default=0.0, metadata={
-        "help": "weight of the KL term to N(0, I) per latent number (needs model.variational; Stable Diffusion's "
-                "AutoencoderKL uses about 1e-6 of a sum over pixels)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear LR warmup", "added": True})
-    lr_schedule: LRSchedule = field(default="constant", metadata={
-        "help": "after warmup: constant, or cosine decay to lr/10", "added": True})
-    holdout_fraction: float = field(default=0.05, metadata={
-        "help": "per category, held out of TRAIN for best.pt and threshold calibration"})
-    holdout_max: int = field(default=100, metadata={"help": "at most this many held-out shapes per category"})
-    sync_bn: bool = field(default=False, metadata={
-        "help": "under torchrun: SyncBatchNorm (full-global-batch statistics; CUDA only)"})
-    model: AEConfig = field(default_factory=AEConfig, metadata={"help": "the autoencoder network"})
+    ckpt_path: str = setting(
+        "checkpoints/ae", "run directory: last.pt, best.pt, train.log, log.csv/png", from_run=True, local=True)
+    loss: AELoss = setting("bce", "reconstruction loss (voxdiff/losses.py); bce gives the data's thickness at p > 0.5")
+    pos_weight: float | None = setting(
+        None, "weighted_bce's occupied-voxel weight; none: (1 - p) / p of the training data")
+    latent_noise: float = setting(
+        0.0, "σ: decode latents + σ·(batch std)·ε in training, a decoder robust to imperfect latents")
+    kl_weight: float = setting(
+        0.0, "weight of the KL term to N(0, I) per latent number (needs model.variational; Stable Diffusion's "
+        "AutoencoderKL uses about 1e-6 of a sum over pixels)")
+    warmup_steps: int = setting(0, "linear LR warmup", added=True)
+    lr_schedule: LRSchedule = setting("constant", "after warmup: constant, or cosine decay to lr/10", added=True)
+    holdout_fraction: float = setting(0.05, "per category, held out of TRAIN for best.pt and threshold calibration")
+    holdout_max: int = setting(100, "at most this many held-out shapes per category")
+    sync_bn: bool = setting(False, "under torchrun: SyncBatchNorm (full-global-batch statistics; CUDA only)")
+    model: AEConfig = nested(AEConfig, "the autoencoder network")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -363,38 +379,32 @@ class AETrainConfig(TrainConfig):
 class LDMTrainConfig(TrainConfig):
     """Latent diffusion training run (`diffusion/train.py`, `voxdiff.training.train_ldm`)."""
 
-    ckpt_path: str = field(default="checkpoints/ldm", metadata={
-        "help": "run directory: last.pt, best.pt, train.log, log.csv/png, previews", "from_run": True, "local": True})
-    batch_size: int = field(default=16, metadata={"help": "global batch (split across ranks under torchrun)"})
-    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (reached after warmup_steps)"})
-    num_steps: int | None = field(default=10000, metadata={
-        "help": "optimizer steps; none: num_epochs passes over the training latents"})
-    num_epochs: int | None = field(default=None, metadata={
-        "help": "passes over the training latents when num_steps is none"})
-    ae_ckpt_path: str = field(default="checkpoints/ae", metadata={
-        "help": "trained AE checkpoint file or run directory", "from_run": True, "local": True})
-    use_cfg: bool = field(default=True, metadata={
-        "help": "train with label dropout, so classifier-free guidance can be used when sampling"})
-    cfg_dropout: float = field(default=0.1, metadata={"help": "label dropout probability (with use_cfg)"})
-    warmup_steps: int = field(default=500, metadata={"help": "linear LR warmup"})
-    lr_schedule: LRSchedule = field(default="constant", metadata={
-        "help": "after warmup: constant, or cosine decay to lr/10"})
-    ema_decay: float = field(default=0.999, metadata={
-        "help": "decay of the exponential moving average of the weights (what sampling uses by default)"})
-    snr_gamma: float | None = field(default=None, metadata={
-        "help": "min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper); none: plain MSE"})
-    keep_steps: tuple[int, ...] = field(default=(), metadata={
-        "help": "also keep the checkpoint of these steps as step{N}.pt (a learning curve)"})
-    preview: bool = field(default=True, metadata={
-        "help": "render 2 samples per category at the end (and every preview_every steps)"})
-    preview_every: int | None = field(default=None, metadata={
-        "help": "steps between preview renders; none: only at the end"})
-    preview_threshold: float = field(default=0.5, metadata={
-        "help": "previews binarise as p > this (the stage runner sets its sampling threshold)", "from_run": True})
-    latent_cache_dir: str | None = field(default=None, metadata={
-        "help": "none: latents/ beside the AE checkpoint", "local": True})
-    model: UNetConfig = field(default_factory=UNetConfig, metadata={"help": "the U-Net over the latent"})
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata={"help": "the noise schedule"})
+    ckpt_path: str = setting(
+        "checkpoints/ldm", "run directory: last.pt, best.pt, train.log, log.csv/png, previews",
+        from_run=True, local=True)
+    batch_size: int = setting(16, "global batch (split across ranks under torchrun)")
+    lr: float = setting(2e-4, "AdamW learning rate (reached after warmup_steps)")
+    num_steps: int | None = setting(10000, "optimizer steps; none: num_epochs passes over the training latents")
+    num_epochs: int | None = setting(None, "passes over the training latents when num_steps is none")
+    ae_ckpt_path: str = setting(
+        "checkpoints/ae", "trained AE checkpoint file or run directory", from_run=True, local=True)
+    use_cfg: bool = setting(True, "train with label dropout, so classifier-free guidance can be used when sampling")
+    cfg_dropout: float = setting(0.1, "label dropout probability (with use_cfg)")
+    warmup_steps: int = setting(500, "linear LR warmup")
+    lr_schedule: LRSchedule = setting("constant", "after warmup: constant, or cosine decay to lr/10")
+    ema_decay: float = setting(
+        0.999, "decay of the exponential moving average of the weights (what sampling uses by default)")
+    snr_gamma: float | None = setting(
+        None, "min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper); none: plain MSE")
+    keep_steps: tuple[int, ...] = setting(
+        (), "also keep the checkpoint of these steps as step{N}.pt (a learning curve)")
+    preview: bool = setting(True, "render 2 samples per category at the end (and every preview_every steps)")
+    preview_every: int | None = setting(None, "steps between preview renders; none: only at the end")
+    preview_threshold: float = setting(
+        0.5, "previews binarise as p > this (the stage runner sets its sampling threshold)", from_run=True)
+    latent_cache_dir: str | None = setting(None, "none: latents/ beside the AE checkpoint", local=True)
+    model: UNetConfig = nested(UNetConfig, "the U-Net over the latent")
+    scheduler: SchedulerConfig = nested(SchedulerConfig, "the noise schedule")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -410,48 +420,37 @@ class LDMTrainConfig(TrainConfig):
 
 
 @dataclass
-class GenerateConfig:
+class SamplingBaseConfig:
     """What sampling and SDS share: the checkpoints, where the files go, how many shapes, guidance, output resolution
     and binarisation (decode -> p > threshold, or top-k, at the AE's resolution -> nearest upsampling)."""
 
-    ldm_ckpt_path: str = field(default="checkpoints/ldm", metadata={
-        "help": "LDM checkpoint file or run directory (best.pt, else last.pt)", "from_run": True, "local": True})
-    ae_ckpt_path: str = field(default="checkpoints/ae", metadata={
-        "help": "AE checkpoint file or run directory (best.pt, else last.pt)", "from_run": True, "local": True})
-    save_dir: str = field(default="samples", metadata={
-        "help": "gets {category}.npy and a JSON summary with a log", "from_run": True, "local": True})
-    categories: tuple[str, ...] = field(default=CATEGORIES, metadata={"help": "categories sampled (all: every one)"})
-    num_samples: int = field(default=1000, metadata={"help": "shapes per category"})
-    batch_size: int = field(default=100, metadata={"help": "shapes denoised at once"})
-    use_cfg: bool = field(default=True, metadata={
-        "help": "classifier-free guidance; --no_use_cfg samples the plain conditional model (w = 0)"})
-    cfg_scale: float = field(default=1.0, metadata={
-        "help": "guidance w in (1 + w)·ε_c − w·ε_u: 0 = plain conditional; the same as a \"guidance scale\" of 1 + w "
-                "in the other common convention"})
-    resolution: int = field(default=128, metadata={
-        "help": "output grid side: the AE's or a power-of-two multiple of it", "from_run": True})
-    binarize: BinarizeMode = field(default="threshold", metadata={
-        "help": "threshold: p > --threshold; calibrated: the AE's held-out threshold; topk: the k most probable "
-                "voxels"})
-    threshold: float = field(default=0.5, metadata={
-        "help": "occupied = probability > threshold (with --binarize threshold)"})
-    topk: int | None = field(default=None, metadata={
-        "help": "voxels kept per shape at --resolution (with --binarize topk); none: the category's mean training "
-                "count"})
-    guidance_rescale: float = field(default=0.0, metadata={
-        "help": "φ of Lin et al. 2024: pull the guided ε̂ back to the conditional one's scale"})
-    clamp_latents: bool = field(default=True, metadata={
-        "help": "clip each predicted latent to the range of the training latents (per channel)"})
-    use_ema: bool = field(default=True, metadata={"help": "the EMA weights of the LDM"})
-    precision: Precision = field(default="auto", metadata={
-        "help": "autocast dtype of the U-Net's forward; auto: bf16 only where a start-up check against fp32 passes "
-                "on this machine, else fp32"})
-    threads: str = field(default="auto", metadata={
-        "help": "CPU intra-op threads; auto: timed at start-up on the U-Net (1, 2, 4 ... cores)", "from_run": True,
-        "local": True})
-    device: str = field(default="auto", metadata={
-        "help": "auto (cuda when available), cpu, cuda, cuda:1, ...", "from_run": True, "local": True})
-    seed: int = field(default=0, metadata={"help": "random seed of the sampling noise", "from_run": True})
+    ldm_ckpt_path: str = setting(
+        "checkpoints/ldm", "LDM checkpoint file or run directory (best.pt, else last.pt)", from_run=True, local=True)
+    ae_ckpt_path: str = setting(
+        "checkpoints/ae", "AE checkpoint file or run directory (best.pt, else last.pt)", from_run=True, local=True)
+    save_dir: str = setting("samples", "gets {category}.npy and a JSON summary with a log", from_run=True, local=True)
+    categories: tuple[str, ...] = setting(CATEGORIES, "categories sampled (all: every one)")
+    num_samples: int = setting(1000, "shapes per category")
+    batch_size: int = setting(100, "shapes denoised at once")
+    use_cfg: bool = setting(True, "classifier-free guidance; --no_use_cfg samples the plain conditional model (w = 0)")
+    cfg_scale: float = setting(
+        1.0, "guidance w in (1 + w)·ε_c − w·ε_u: 0 = plain conditional; the same as a \"guidance scale\" of 1 + w in "
+        "the other common convention")
+    resolution: int = setting(128, "output grid side: the AE's or a power-of-two multiple of it", from_run=True)
+    binarize: BinarizeMode = setting(
+        "threshold", "threshold: p > --threshold; calibrated: the AE's held-out threshold; topk: the k most probable "
+        "voxels")
+    threshold: float = setting(0.5, "occupied = probability > threshold (with --binarize threshold)")
+    topk: int | None = setting(
+        None, "voxels kept per shape at --resolution (with --binarize topk); none: the category's mean training count")
+    guidance_rescale: float = setting(
+        0.0, "φ of Lin et al. 2024: pull the guided ε̂ back to the conditional one's scale")
+    clamp_latents: bool = setting(True, "clip each predicted latent to the range of the training latents (per channel)")
+    use_ema: bool = setting(True, "the EMA weights of the LDM")
+    precision: Precision = _precision_setting("the U-Net's forward", "a start-up check against fp32")
+    threads: str = _threads_setting("the U-Net")
+    device: str = _device_setting()
+    seed: int = setting(0, "random seed of the sampling noise", from_run=True)
 
     def __post_init__(self) -> None:
         check_literal(self.binarize, BinarizeMode, "binarize")
@@ -469,14 +468,14 @@ class GenerateConfig:
 
 
 @dataclass
-class SampleConfig(GenerateConfig):
+class SampleConfig(SamplingBaseConfig):
     """Sampling run (`diffusion/sample.py`, `voxdiff.sampling.sample_to_files`)."""
 
-    sampler: SamplerName = field(default="ddim", metadata={"help": "reverse process: ddpm (all T steps) or ddim"})
-    steps: int | None = field(default=None, metadata={"help": "denoising steps; none: all T for ddpm, 50 for ddim"})
-    eta: float = field(default=0.0, metadata={"help": "DDIM stochasticity (0 deterministic, 1 ~ DDPM)"})
-    render: int | None = field(default=16, metadata={
-        "help": "PNG of the first N shapes of each category ({category}.png); none: no PNG", "from_run": True})
+    sampler: SamplerName = setting("ddim", "reverse process: ddpm (all T steps) or ddim")
+    steps: int | None = setting(None, "denoising steps; none: all T for ddpm, 50 for ddim")
+    eta: float = setting(0.0, "DDIM stochasticity (0 deterministic, 1 ~ DDPM)")
+    render: int | None = setting(
+        16, "PNG of the first N shapes of each category ({category}.png); none: no PNG", from_run=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -496,32 +495,28 @@ ACTS_ONLY_WITH: dict[str, tuple[str, Any]] = {
 
 
 @dataclass
-class SDSConfig(GenerateConfig):
+class SDSConfig(SamplingBaseConfig):
     """Score distillation on latents (`sds/main.py`, `voxdiff.sds.run_sds`); w(t) = 1 − ᾱ_t ("sds") or 1 ("uniform").
 
     t ~ U[t_min·T, t_max·T] per sample per step (with `anneal`, the upper bound falls linearly to t_min over the run).
     """
 
-    save_dir: str = field(default="samples_sds", metadata={
-        "help": "gets {category}.npy, sds.json, sds.log, renders/", "from_run": True, "local": True})
-    categories: tuple[str, ...] = field(default=("chair",), metadata={"help": "categories distilled (all: every one)"})
-    num_samples: int = field(default=100, metadata={"help": "shapes per category"})
-    batch_size: int = field(default=100, metadata={"help": "latents optimised at once"})
-    resolution: int = field(default=64, metadata={
-        "help": "output grid side: the AE's or a power-of-two multiple of it", "from_run": True})
-    num_steps: int = field(default=200, metadata={
-        "help": "SDS optimisation steps per batch (0: keep the initial latents)"})
-    lr: float = field(default=0.02, metadata={"help": "Adam learning rate on the (normalised) latents"})
-    t_min: float = field(default=0.02, metadata={"help": "lowest noise level, as a fraction of T"})
-    t_max: float = field(default=0.98, metadata={"help": "highest noise level, as a fraction of T"})
-    anneal: bool = field(default=False, metadata={"help": "lower the upper t bound linearly to t_min over the run"})
-    weighting: SDSWeighting = field(default="sds", metadata={"help": "w(t): sds = 1 − ᾱ_t (DreamFusion), uniform = 1"})
-    init: SDSInit = field(default="noise", metadata={
-        "help": "initial latents: noise (N(0, I)) or ddim (DDIM samples, η = 0)"})
-    steps: int = field(default=50, metadata={"help": "DDIM steps of --init ddim"})
-    render_every: int | None = field(default=50, metadata={
-        "help": "render the first batch every K steps; none: no renders"})
-    render_n: int = field(default=8, metadata={"help": "shapes per render"})
+    save_dir: str = setting(
+        "samples_sds", "gets {category}.npy, sds.json, sds.log, renders/", from_run=True, local=True)
+    categories: tuple[str, ...] = setting(("chair",), "categories distilled (all: every one)")
+    num_samples: int = setting(100, "shapes per category")
+    batch_size: int = setting(100, "latents optimised at once")
+    resolution: int = setting(64, "output grid side: the AE's or a power-of-two multiple of it", from_run=True)
+    num_steps: int = setting(200, "SDS optimisation steps per batch (0: keep the initial latents)")
+    lr: float = setting(0.02, "Adam learning rate on the (normalised) latents")
+    t_min: float = setting(0.02, "lowest noise level, as a fraction of T")
+    t_max: float = setting(0.98, "highest noise level, as a fraction of T")
+    anneal: bool = setting(False, "lower the upper t bound linearly to t_min over the run")
+    weighting: SDSWeighting = setting("sds", "w(t): sds = 1 − ᾱ_t (DreamFusion), uniform = 1")
+    init: SDSInit = setting("noise", "initial latents: noise (N(0, I)) or ddim (DDIM samples, η = 0)")
+    steps: int = setting(50, "DDIM steps of --init ddim")
+    render_every: int | None = setting(50, "render the first batch every K steps; none: no renders")
+    render_n: int = setting(8, "shapes per render")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -541,18 +536,16 @@ class TuneConfig:
     """Pick the guidance scale and the threshold of the final sampling on the held-out slice of the TRAIN split
     (`voxdiff.tuning`): never on val or test, which are the references the reported metrics use."""
 
-    enabled: bool = field(default=False, metadata={
-        "help": "run the tune stage; its pick replaces the sample stage's cfg_scale and threshold", "switch": True})
-    cfg_scales: tuple[float, ...] = field(default=(0.0, 1.0, 2.0, 4.0), metadata={"help": "guidance scales w tried"})
-    rescales: tuple[float, ...] = field(default=(0.0,), metadata={"help": "guidance rescale φ tried with every w > 0"})
-    clamp_latents: bool = field(default=True, metadata={
-        "help": "clip predicted latents to the training latents' range (as the sampling does)"})
-    thresholds: tuple[float, ...] = field(default=(0.3, 0.4, 0.5, 0.6, 0.7), metadata={
-        "help": "thresholds tried (with the AE's calibrated one)"})
-    num_samples: int = field(default=100, metadata={
-        "help": "samples per category and scale, scored against the category's held-out shapes"})
-    steps: int = field(default=50, metadata={"help": "DDIM steps"})
-    seed: int = field(default=1234, metadata={"help": "another stream than the final samples'"})
+    enabled: bool = setting(
+        False, "run the tune stage; its pick replaces the sample stage's cfg_scale and threshold", switch=True)
+    cfg_scales: tuple[float, ...] = setting((0.0, 1.0, 2.0, 4.0), "guidance scales w tried")
+    rescales: tuple[float, ...] = setting((0.0,), "guidance rescale φ tried with every w > 0")
+    clamp_latents: bool = setting(True, "clip predicted latents to the training latents' range (as the sampling does)")
+    thresholds: tuple[float, ...] = setting(
+        (0.3, 0.4, 0.5, 0.6, 0.7), "thresholds tried (with the AE's calibrated one)")
+    num_samples: int = setting(100, "samples per category and scale, scored against the category's held-out shapes")
+    steps: int = setting(50, "DDIM steps")
+    seed: int = setting(1234, "another stream than the final samples'")
 
     def __post_init__(self) -> None:
         if not self.cfg_scales or not self.thresholds:
@@ -561,8 +554,8 @@ class TuneConfig:
             check_range("cfg_scales", w, lo=-1.0, hi=100.0)
         for t in self.thresholds:
             check_range("thresholds", t, lo=0.0, hi=1.0, hi_open=True)
-        for r in self.rescales:
-            check_range("rescales", r, lo=0.0, hi=1.0)
+        for rescale in self.rescales:
+            check_range("rescales", rescale, lo=0.0, hi=1.0)
         check_range("num_samples", self.num_samples, lo=2)
         check_range("steps", self.steps, lo=1)
 
@@ -572,16 +565,14 @@ class GoalConfig:
     """What a run's report calls good enough, per category, against the oracle (a fresh draw of the data) and the
     reference data itself. The defaults are the quality goal of the medium and full presets."""
 
-    cov: float = field(default=0.9, metadata={"help": "COV ≥ this × the oracle's"})
-    mmd: float = field(default=1.25, metadata={"help": "MMD ≤ this × the oracle's"})
-    jsd: float = field(default=2.0, metadata={"help": "JSD ≤ this × the oracle's"})
-    nna: float = field(default=0.65, metadata={
-        "help": "1-NNA on equal sets ≤ this (0.5 is indistinguishable from the data)"})
-    bloated: float = field(default=0.01, metadata={
-        "help": "share of samples with more voxels than twice the largest training shape ≤ this"})
-    structure: float = field(default=1.5, metadata={
-        "help": "stray voxels and fragmented samples ≤ this × the reference data's (+ 1 point of slack, so a data "
-                "figure of 0 % allows 1 %)"})
+    cov: float = setting(0.9, "COV ≥ this × the oracle's")
+    mmd: float = setting(1.25, "MMD ≤ this × the oracle's")
+    jsd: float = setting(2.0, "JSD ≤ this × the oracle's")
+    nna: float = setting(0.65, "1-NNA on equal sets ≤ this (0.5 is indistinguishable from the data)")
+    bloated: float = setting(0.01, "share of samples with more voxels than twice the largest training shape ≤ this")
+    structure: float = setting(
+        1.5, "stray voxels and fragmented samples ≤ this × the reference data's (+ 1 point of slack, so a data figure "
+        "of 0 % allows 1 %)")
 
     def __post_init__(self) -> None:
         for name in ("cov", "mmd", "jsd", "nna", "bloated", "structure"):
@@ -593,133 +584,24 @@ class RunConfig:
     """The main job end to end, run by the stage runner (`python -m voxdiff`, `voxdiff.runner.run`): data -> AE -> LDM
     -> tune -> sample -> eval -> render -> report."""
 
-    name: str = field(default="demo", metadata={"help": "the preset's name, written into the report"})
-    run_dir: str = field(default="runs/demo", metadata={
-        "help": "directory of the run: data, checkpoints, samples, report (its config.json reruns it)"})
-    dataset_path: str | None = field(default=None, metadata={
-        "help": "preprocessed voxels to use; none: procedural data generated into {run_dir}/data"})
-    data_preset: str = field(default="small", metadata={
-        "help": "procedural shape counts (voxdiff.data.partseg.COUNT_PRESETS)"})
-    resolution: int = field(default=64, metadata={"help": "grid side of the data, the samples and the evaluation"})
-    seed: int = field(default=0, metadata={"help": "random seed of the data and of every stage"})
-    device: str = field(default="auto", metadata={
-        "help": "device of every stage: auto (cuda when available), cpu, cuda, cuda:1, ..."})
-    threads: str = field(default="auto", metadata={
-        "help": "CPU intra-op threads of every stage; auto: timed once at start-up on the preset's AE and U-Net (1, "
-                "2, 4 ... cores), and the count chosen is written into the run's config.json"})
-    baselines: tuple[str, ...] = field(default=("train", "noise"), metadata={
-        "help": "trivial sets scored beside the model: train copies, noise"})
-    oracle: bool = field(default=True, metadata={"help": "score a fresh procedural draw: the best a model could do"})
-    render_n: int = field(default=16, metadata={"help": "shapes per row in the PNG sheets"})
-    goals: GoalConfig = field(default_factory=GoalConfig, metadata={"help": "what the report calls good enough"})
-    ae: AETrainConfig = field(default_factory=AETrainConfig, metadata={"help": "the ae stage (autoencoder.py)"})
-    ldm: LDMTrainConfig = field(default_factory=LDMTrainConfig, metadata={
-        "help": "the ldm stage (diffusion/train.py)"})
-    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"help": "the tune stage (voxdiff/tuning.py)"})
-    sample: SampleConfig = field(default_factory=SampleConfig, metadata={
-        "help": "the sample stage (diffusion/sample.py)"})
-
-
-def _preset_tiny() -> RunConfig:
-    """Seconds on a CPU: the test-sized run, so the real stage runner cannot rot."""
-    return RunConfig(
-        name="tiny", run_dir="runs/tiny", data_preset="tiny", resolution=32, render_n=4,
-        ae=AETrainConfig(model=AEConfig(resolution=32, channels=(4, 8)), batch_size=8, num_steps=3, lr=1e-3,
-                         log_every=1, ckpt_every=2, holdout_fraction=0.25),
-        ldm=LDMTrainConfig(model=unet_preset("small", ch=16, num_groups=4), batch_size=8, num_steps=4,
-                           warmup_steps=1, ckpt_every=2, log_every=1),
-        tune=TuneConfig(enabled=True, cfg_scales=(0.0, 1.0), thresholds=(0.5,), num_samples=2, steps=2),
-        sample=SampleConfig(num_samples=4, batch_size=4, sampler="ddim", steps=3, resolution=32),
-    )
-
-
-def _cpu_ae() -> AEConfig:
-    """The CPU presets' AE, a fresh object per preset: 32³ grids -> a (4, 8, 8, 8) latent (two stride-2 stages of
-    24 and 48 channels), the starter code's BatchNorm and transposed convolutions, plain BCE. Four latent channels,
-    not 16: a 16×8³ latent (8,192 numbers for a 32³ shape) reconstructs better but its diffusion model makes clouds at
-    CPU budgets; the sample-quality screen in docs/BENCHMARKS.md ("Quality run 3") chose 4×8³."""
-    return AEConfig(resolution=32, channels=(24, 48), latent_channels=4)
-
-
-def _cpu_unet() -> UNetConfig:
-    """The CPU presets' U-Net: "small" (ch 32, levels 8³ / 4³ / 2³) over the 4-channel latent."""
-    return unet_preset("small", in_channels=4)
-
-
-def _cpu_scheduler() -> SchedulerConfig:
-    """v-prediction with zero terminal SNR and trailing timesteps (Lin et al. 2024): sampling starts from pure noise
-    at the last trained step, as training saw it."""
-    return SchedulerConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
-
-
-def _preset_demo() -> RunConfig:
-    """The README's main job on 2 CPU cores in under ten minutes, fp32 included: 256 train shapes per category at 32³,
-    the medium preset's recipe scaled down. Its report checks the demo's own goals (GoalConfig below).
-
-    Training lengths are steps (the same command gives the same model on a busy machine); `max_minutes` is only a
-    safety cap that the report flags when it bites. The demo has no tune stage: its guidance (w = 1) and threshold
-    (p > 0.25, a little below the AE's IoU-calibrated one, which fragments thin chair legs in samples) were chosen on
-    fresh procedural training shapes of another draw, never on its references (docs/BENCHMARKS.md, "Quality run 3").
-    Steps fit ten minutes where only fp32 is safe (eight measured); with bf16 it takes four and a half.
-    """
-    return RunConfig(
-        name="demo", run_dir="runs/demo", data_preset="small", resolution=32, render_n=8,
-        goals=GoalConfig(cov=0.6, mmd=3.0, jsd=2.0, nna=0.9, bloated=0.01, structure=2.0),
-        ae=AETrainConfig(model=_cpu_ae(), batch_size=16, num_steps=800, max_minutes=8.0, lr=2e-3, log_every=10,
-                         ckpt_every=400),
-        ldm=LDMTrainConfig(model=_cpu_unet(), scheduler=_cpu_scheduler(), batch_size=32, num_steps=900,
-                           max_minutes=8.0, lr=1e-3, warmup_steps=100, lr_schedule="cosine", ckpt_every=300,
-                           ema_decay=0.995),
-        sample=SampleConfig(num_samples=100, batch_size=100, sampler="ddim", steps=25, resolution=32,
-                            cfg_scale=1.0, threshold=0.25),
-    )
-
-
-def _preset_medium() -> RunConfig:
-    """The CPU quality run: under 75 minutes on 2 CPU cores, ShapeNet-sized training splits, 1,000 samples per
-    category. The LDM keeps its checkpoints at 1k, 2k, 4k and 8k steps for a learning curve
-    (bench/learning_curve.py).
-
-    The guidance scale and the threshold of the final sampling are picked by the tune stage on held-out training
-    shapes. The `full` preset is the 64³ / 128³ configuration for a GPU.
-    """
-    return RunConfig(
-        name="medium", run_dir="runs/medium", data_preset="medium", resolution=32, render_n=16,
-        ae=AETrainConfig(model=_cpu_ae(), batch_size=16, num_steps=3500, max_minutes=25, lr=2e-3, log_every=20,
-                         ckpt_every=500),
-        ldm=LDMTrainConfig(model=_cpu_unet(), scheduler=_cpu_scheduler(), batch_size=32, num_steps=9000,
-                           max_minutes=40, lr=1e-3, warmup_steps=200, lr_schedule="cosine", ckpt_every=500,
-                           ema_decay=0.998, log_every=20, keep_steps=(1000, 2000, 4000, 8000)),
-        tune=TuneConfig(enabled=True, cfg_scales=(0.5, 1.0, 2.0), rescales=(0.0,), thresholds=(0.3, 0.4, 0.5),
-                        num_samples=100, steps=50),
-        sample=SampleConfig(num_samples=1000, batch_size=250, sampler="ddim", steps=50, resolution=32),
-    )
-
-
-def _preset_full() -> RunConfig:
-    """A GPU server: the ShapeNet-sized procedural set at 128³, the starter code's AE at 64³ and U-Net, 1,000
-    samples per category."""
-    return RunConfig(
-        name="full", run_dir="runs/full", data_preset="full", resolution=128, render_n=16,
-        ae=AETrainConfig(model=AEConfig(resolution=64), batch_size=64, num_epochs=100, lr=1e-3, ckpt_every=1000),
-        ldm=LDMTrainConfig(model=unet_preset("course"), batch_size=64, num_steps=100000, lr=2e-4, warmup_steps=1000,
-                           ckpt_every=2000, ema_decay=0.9999),
-        tune=TuneConfig(enabled=True),
-        sample=SampleConfig(num_samples=1000, batch_size=500, sampler="ddim", steps=50, resolution=128),
-    )
-
-
-# Named run presets of `python -m voxdiff --preset` (doubles as argparse `choices`).
-RUN_PRESETS: dict[str, Any] = {
-    "tiny": _preset_tiny,
-    "demo": _preset_demo,
-    "medium": _preset_medium,
-    "full": _preset_full,
-}
-
-
-def run_preset(name: str) -> RunConfig:
-    """A fresh RunConfig of a named preset."""
-    if name not in RUN_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(RUN_PRESETS)}")
-    return RUN_PRESETS[name]()
+    name: str = setting("demo", "the preset's name, written into the report")
+    run_dir: str = setting(
+        "runs/demo", "directory of the run: data, checkpoints, samples, report (its config.json reruns it)")
+    dataset_path: str | None = setting(
+        None, "preprocessed voxels to use; none: procedural data generated into {run_dir}/data")
+    data_preset: str = setting("small", "procedural shape counts (voxdiff.data.partseg.COUNT_PRESETS)")
+    resolution: int = setting(64, "grid side of the data, the samples and the evaluation")
+    seed: int = setting(0, "random seed of the data and of every stage")
+    device: str = setting("auto", "device of every stage: auto (cuda when available), cpu, cuda, cuda:1, ...")
+    threads: str = setting(
+        "auto", "CPU intra-op threads of every stage; auto: timed once at start-up on the preset's AE and U-Net (1, "
+        "2, 4 ... cores), and the count chosen is written into the run's config.json")
+    baselines: tuple[str, ...] = setting(
+        ("train", "noise"), "trivial sets scored beside the model: train copies, noise")
+    oracle: bool = setting(True, "score a fresh procedural draw: the best a model could do")
+    render_n: int = setting(16, "shapes per row in the PNG sheets")
+    goals: GoalConfig = nested(GoalConfig, "what the report calls good enough")
+    ae: AETrainConfig = nested(AETrainConfig, "the ae stage (autoencoder.py)")
+    ldm: LDMTrainConfig = nested(LDMTrainConfig, "the ldm stage (diffusion/train.py)")
+    tune: TuneConfig = nested(TuneConfig, "the tune stage (voxdiff/tuning.py)")
+    sample: SampleConfig = nested(SampleConfig, "the sample stage (diffusion/sample.py)")

@@ -45,8 +45,8 @@ def flush_denormals(device: Any) -> None:
     """On CPU, compute with subnormal floats flushed to zero.
 
     Weights, activations and gradients that drift into the subnormal range make x86 convolution kernels many times
-    slower: measured here, an AE training run fell from 5.5 steps/s to under 1 after about 200 steps without this.
-    Deterministic; the values it changes are below 1.2e-38. A no-op for other devices.
+    slower, so without this a CPU training run slows down part-way through. Deterministic; the values it changes are
+    below 1.2e-38. A no-op for other devices.
     """
     import torch  # lazily: see resolve_device
 

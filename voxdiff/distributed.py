@@ -254,7 +254,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def _differing(values: list[Any]) -> list[int]:
-    return [r for r, v in enumerate(values) if v != values[0]]
+    return [rank for rank, v in enumerate(values) if v != values[0]]
 
 
 def raise_together(error: BaseException | str | None) -> None:
@@ -267,7 +267,7 @@ def raise_together(error: BaseException | str | None) -> None:
     own: BaseException | None = VoxdiffError(error) if isinstance(error, str) else error
     if _active():
         msgs = all_gather_object(None if own is None else str(own) or type(own).__name__)
-        bad = [r for r, m in enumerate(msgs) if m is not None]
+        bad = [rank for rank, m in enumerate(msgs) if m is not None]
         if bad and own is None:
             first = msgs[bad[0]]
             raise VoxdiffError(f"rank {bad[0]} failed: {first}" if len(bad) == 1

@@ -50,7 +50,7 @@ class Progress:
                  log: logging.Logger | None = None, stream: Any = None) -> None:
         self._time = time.monotonic
         self.total, self.desc, self.unit, self.n, self.initial = total, desc, unit, initial, initial
-        self.cap, self.every_s, self.log, self.enabled = time_cap_s, every_s, log, enabled
+        self.time_cap_s, self.every_s, self.log, self.enabled = time_cap_s, every_s, log, enabled
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(enabled and getattr(self.stream, "isatty", lambda: False)())
         self.t0 = self._last = self._time()
@@ -61,9 +61,9 @@ class Progress:
     def shown_total(self) -> int | None:
         """`total`, or the step at which the time cap will stop the loop when that comes first."""
         done, dt = self.n - self.initial, self._time() - self.t0
-        if self.cap is None or done <= 0 or dt <= 0:
+        if self.time_cap_s is None or done <= 0 or dt <= 0:
             return self.total
-        at_cap = self.n + int(done / dt * max(0.0, self.cap - dt))
+        at_cap = self.n + int(done / dt * max(0.0, self.time_cap_s - dt))
         return at_cap if self.total is None or at_cap < self.total else self.total
 
     def line(self) -> str:

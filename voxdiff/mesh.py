@@ -77,10 +77,10 @@ def mesh_from_grid(grid: Any, threshold: float = 0.5, smooth: float = 0.7) -> tu
     occ = occupancy(grid, threshold)
     if not occ.any():
         raise VoxdiffError("empty grid: nothing to mesh")
-    r = occ.shape[0]
+    res = occ.shape[0]
     field = _smoothed_field(occ, smooth)
     verts, faces, _, _ = marching_cubes(field, level=0.5, allow_degenerate=False)
-    verts = np.clip((verts - 1.0) / max(r - 1, 1), 0.0, 1.0).astype(np.float32)
+    verts = np.clip((verts - 1.0) / max(res - 1, 1), 0.0, 1.0).astype(np.float32)
     return verts, faces.astype(np.int32)
 
 

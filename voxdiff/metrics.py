@@ -27,9 +27,9 @@ Conventions for degenerate input (so that metrics stay finite and comparable):
   largest Chamfer distance between two non-empty shapes in the unit cube), COV = 0 and JSD = ln 2 (the maximum JSD).
 * An empty reference is refused (VoxdiffError): references are data, an empty one means a broken data file.
 
-Imports: numpy / scipy (+ the optional `edt` package for a 3-4× faster CPU transform), voxdiff.errors,
-voxdiff.logs and voxdiff.metrics_backends, which imports torch only inside its torch path (so that eval.py starts
-without torch).
+Imports: numpy / scipy (+ the optional `edt` package, a faster CPU transform with the same integers: docs/BENCHMARKS.md,
+"Evaluation metrics (eval.py / voxdiff.metrics)"), voxdiff.errors, voxdiff.logs and voxdiff.metrics_backends, which
+imports torch only inside its torch path (so that eval.py starts without torch).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from voxdiff import metrics_backends as backends
 from voxdiff.errors import VoxdiffError
 from voxdiff.logs import Progress
 
-try:  # optional: seung-lab's multi-label EDT, exact and ~3-4x faster than scipy on these grids
+try:  # optional: seung-lab's multi-label EDT, exact and faster than scipy's on these grids (module docstring)
     import edt as _edt
 except ImportError:  # pragma: no cover - depends on the environment
     _edt = None
@@ -208,11 +208,11 @@ def jsd_counts(p_counts: np.ndarray, q_counts: np.ndarray, eps: float = EPS) -> 
 
 def jsd(samples: GridSet, references: GridSet, *, threshold: float | None = None) -> float:
     """JSD between two sets of (N,R,R,R) grids (see `jsd_counts`); `threshold` binarises the samples (x > t)."""
-    s = extract_points(samples, threshold=threshold, name="samples")
-    r = extract_points(references, name="references")
-    if s.resolution != r.resolution:
-        raise VoxdiffError(f"samples are {s.resolution}³ but references are {r.resolution}³")
-    return jsd_counts(s.occupancy, r.occupancy)
+    sample_pts = extract_points(samples, threshold=threshold, name="samples")
+    ref_pts = extract_points(references, name="references")
+    if sample_pts.resolution != ref_pts.resolution:
+        raise VoxdiffError(f"samples are {sample_pts.resolution}³ but references are {ref_pts.resolution}³")
+    return jsd_counts(sample_pts.occupancy, ref_pts.occupancy)
 
 
 # ------------------------------------------------------------------------------------------- exact Chamfer, numpy
@@ -296,10 +296,10 @@ def chamfer_matrix(a: GridSet, b: GridSet, backend: Backend = Backend()) -> np.n
     return _cd_from_sums(h_ab, h_ba, pa.counts, pb.counts, pa.resolution)
 
 
-def _concat(s: VoxelPoints, r: VoxelPoints) -> VoxelPoints:
-    idx = np.concatenate([s.indices, r.indices.astype(s.indices.dtype)])
-    off = np.concatenate([s.offsets, r.offsets[1:] + s.offsets[-1]])
-    return VoxelPoints(s.resolution, idx, off, s.occupancy + r.occupancy)
+def _concat(first: VoxelPoints, second: VoxelPoints) -> VoxelPoints:
+    idx = np.concatenate([first.indices, second.indices.astype(first.indices.dtype)])
+    off = np.concatenate([first.offsets, second.offsets[1:] + first.offsets[-1]])
+    return VoxelPoints(first.resolution, idx, off, first.occupancy + second.occupancy)
 
 
 def chamfer_blocks(samples: GridSet, references: GridSet,
@@ -308,14 +308,14 @@ def chamfer_blocks(samples: GridSet, references: GridSet,
 
     D_sr is the (N_sample × N_ref) matrix of MMD/COV; all three feed 1-NNA.
     """
-    s = extract_points(samples, name="samples")
-    r = extract_points(references, name="references")
-    if s.resolution != r.resolution:
-        raise VoxdiffError(f"samples are {s.resolution}³ but references are {r.resolution}³")
-    both = _concat(s, r)
+    sample_pts = extract_points(samples, name="samples")
+    ref_pts = extract_points(references, name="references")
+    if sample_pts.resolution != ref_pts.resolution:
+        raise VoxdiffError(f"samples are {sample_pts.resolution}³ but references are {ref_pts.resolution}³")
+    both = _concat(sample_pts, ref_pts)
     h = one_sided_sums(both, both, backend)
-    d = _cd_from_sums(h, h, both.counts, both.counts, s.resolution)
-    n = s.n
+    d = _cd_from_sums(h, h, both.counts, both.counts, sample_pts.resolution)
+    n = sample_pts.n
     return d[:n, :n], d[:n, n:], d[n:, n:]
 
 
@@ -379,7 +379,7 @@ def structure(points: VoxelPoints) -> dict[str, Any]:
     * fragmented: the share of non-empty shapes whose largest 26-connected component holds less than half of their
       voxels (a cloud of specks rather than one object). Empty shapes are counted by `n_empty_samples`, not here.
     """
-    r = points.resolution
+    res = points.resolution
     stray = 0
     fragmented = 0
     nonempty = 0
@@ -388,9 +388,9 @@ def structure(points: VoxelPoints) -> dict[str, Any]:
         if len(idx) == 0:
             continue
         nonempty += 1
-        grid = np.zeros(r**3, dtype=bool)
+        grid = np.zeros(res**3, dtype=bool)
         grid[idx] = True
-        grid = grid.reshape(r, r, r)
+        grid = grid.reshape(res, res, res)
         padded = np.pad(grid, 1)
         neighbours = np.zeros_like(grid)
         for axis in range(3):
@@ -425,37 +425,38 @@ def evaluate(
     Returns a JSON-able dict; `nna` is a fraction in [0, 1] (0.5 ideal).
     """
     t0 = time.perf_counter()
-    s = extract_points(samples, threshold=threshold, name="samples", progress=progress)
-    r = extract_points(references, name="references", progress=progress)
-    if s.resolution != r.resolution:
-        raise VoxdiffError(f"samples are {s.resolution}³ but references are {r.resolution}³; resample one of them")
-    empty_refs = np.flatnonzero(r.counts == 0)
+    sample_pts = extract_points(samples, threshold=threshold, name="samples", progress=progress)
+    ref_pts = extract_points(references, name="references", progress=progress)
+    if sample_pts.resolution != ref_pts.resolution:
+        raise VoxdiffError(f"samples are {sample_pts.resolution}³ but references are {ref_pts.resolution}³; resample "
+                           "one of them")
+    empty_refs = np.flatnonzero(ref_pts.counts == 0)
     if len(empty_refs):
         raise VoxdiffError(f"{len(empty_refs)} reference shape(s) are empty (first: index {empty_refs[0]})")
-    d_ss, d_sr, d_rr = chamfer_blocks(s, r, Backend(device, engine, workers, progress))
+    d_ss, d_sr, d_rr = chamfer_blocks(sample_pts, ref_pts, Backend(device, engine, workers, progress))
     mmd, cov = mmd_cov(d_sr)
-    vox = s.resolution**3
-    n_empty = int((s.counts == 0).sum())
-    s_struct, r_struct = structure(s), structure(r)
+    vox = sample_pts.resolution**3
+    n_empty = int((sample_pts.counts == 0).sum())
+    sample_struct, ref_struct = structure(sample_pts), structure(ref_pts)
     return {
-        "jsd": jsd_counts(s.occupancy, r.occupancy),
+        "jsd": jsd_counts(sample_pts.occupancy, ref_pts.occupancy),
         "mmd": mmd,
         "cov": cov,
         "nna": one_nna(d_ss, d_sr, d_rr),
         "nna_balanced": one_nna_balanced(d_ss, d_sr, d_rr),
-        "n_samples": s.n,
-        "n_refs": r.n,
+        "n_samples": sample_pts.n,
+        "n_refs": ref_pts.n,
         "n_empty_samples": n_empty,
-        "all_samples_empty": n_empty == s.n,
-        "resolution": s.resolution,
-        "sample_mean_occupancy": float(s.counts.mean() / vox),
-        "ref_mean_occupancy": float(r.counts.mean() / vox),
-        "sample_mean_voxels": float(s.counts.mean()),
-        "ref_mean_voxels": float(r.counts.mean()),
-        "sample_stray": s_struct["stray"],
-        "ref_stray": r_struct["stray"],
-        "sample_fragmented": s_struct["fragmented"],
-        "ref_fragmented": r_struct["fragmented"],
+        "all_samples_empty": n_empty == sample_pts.n,
+        "resolution": sample_pts.resolution,
+        "sample_mean_occupancy": float(sample_pts.counts.mean() / vox),
+        "ref_mean_occupancy": float(ref_pts.counts.mean() / vox),
+        "sample_mean_voxels": float(sample_pts.counts.mean()),
+        "ref_mean_voxels": float(ref_pts.counts.mean()),
+        "sample_stray": sample_struct["stray"],
+        "ref_stray": ref_struct["stray"],
+        "sample_fragmented": sample_struct["fragmented"],
+        "ref_fragmented": ref_struct["fragmented"],
         "engine": resolve_engine(engine, device),
         "elapsed_s": time.perf_counter() - t0,
     }

@@ -130,21 +130,21 @@ def _edt_sq_torch(sources: list[np.ndarray], resolution: int, device: Any, budge
     """
     import torch  # lazily: eval.py and the numpy paths must start without importing torch
 
-    r = resolution
+    res = resolution
     b = len(sources)
     big = 1 << 30  # "no site yet"; big + 3·(R-1)² stays below 2^31 for R ≤ 256
-    g = torch.full((b, r**3), big, dtype=torch.int32, device=device)
+    g = torch.full((b, res**3), big, dtype=torch.int32, device=device)
     rows = torch.repeat_interleave(torch.arange(b), torch.tensor([len(s) for s in sources]))
     cols = torch.from_numpy(np.concatenate(sources).astype(np.int64))
     g[rows.to(device), cols.to(device)] = 0
-    g = g.view(b, r, r, r)
-    ar = torch.arange(r, device=device, dtype=torch.int32)
+    g = g.view(b, res, res, res)
+    ar = torch.arange(res, device=device, dtype=torch.int32)
     sq = (ar[:, None] - ar[None, :]) ** 2  # (i, j) -> (i - j)²
-    chunk = max(1, min(r, budget // (b * r**3 * 4)))  # (b, R, R, chunk, R) int32 per step
+    chunk = max(1, min(res, budget // (b * res**3 * 4)))  # (b, R, R, chunk, R) int32 per step
     for axis in (3, 2, 1):  # 1. along z, 2. along y, 3. along x
         x = g.movedim(axis, -1).contiguous()
         out = torch.empty_like(x)
-        for i0 in range(0, r, chunk):
+        for i0 in range(0, res, chunk):
             out[..., i0 : i0 + chunk] = (x.unsqueeze(-2) + sq[i0 : i0 + chunk]).amin(dim=-1)
         g = out.movedim(-1, axis)
     return g.reshape(b, -1)

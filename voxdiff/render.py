@@ -59,7 +59,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: str |
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     any_positive = True
     for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r and r[key] is not None]
+        pts = [(row["step"], row[key]) for row in rows if key in row and "step" in row and row[key] is not None]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, label=key, lw=1)
@@ -82,19 +82,18 @@ def plot_curves(rows: Sequence[dict[str, Any]], keys: Sequence[str], path: str |
 
 
 def _normals(occ: np.ndarray, idx: np.ndarray, radius: int = 2) -> np.ndarray:
-    """Unit outward normals at voxel indices `idx`: minus the occupancy-weighted mean offset in a (2r+1)³ window.
+    """Unit outward normals at voxel indices `idx`: minus the occupancy-weighted mean offset in a (2·radius+1)³ window.
 
     Zero where no surface orientation is defined: a symmetric window (a thin bar) or fewer than 3 occupied 26-neighbours
     (isolated voxels, as in the sparse grids voxelised from 2,048-point clouds); those are shaded by depth instead.
     """
-    r = radius
-    p = np.pad(occ, r).astype(np.uint8).ravel()
-    size = occ.shape[0] + 2 * r
-    rng = np.arange(-r, r + 1)
+    p = np.pad(occ, radius).astype(np.uint8).ravel()
+    size = occ.shape[0] + 2 * radius
+    rng = np.arange(-radius, radius + 1)
     off = np.stack(np.meshgrid(rng, rng, rng, indexing="ij"), -1).reshape(-1, 3)
     off = off[np.abs(off).sum(1) > 0]
     lin = (off[:, 0] * size + off[:, 1]) * size + off[:, 2]  # offsets in the flattened padded grid
-    base = ((idx[:, 0] + r) * size + idx[:, 1] + r) * size + idx[:, 2] + r
+    base = ((idx[:, 0] + radius) * size + idx[:, 1] + radius) * size + idx[:, 2] + radius
     hits = p[base[None, :] + lin[:, None]].astype(np.float32)  # (124, M) occupancy of each window cell
     wo = (off / np.linalg.norm(off, axis=1, keepdims=True) ** 2).astype(np.float32)  # unit direction / distance
     n = -(wo.T @ hits).T  # (M, 3)
@@ -202,16 +201,16 @@ def _voxel_points(
 ) -> tuple[np.ndarray, np.ndarray, float, int]:
     """(centred xyz, normals, point spacing, occupied count) of a grid's surface voxels, subsampled to `max_points`."""
     occ = occupancy(grid, threshold)
-    r = occ.shape[0]
+    res = occ.shape[0]
     n_occ = int(occ.sum())
     idx = surface_voxels(occ) if n_occ else np.zeros((0, 3), np.int64)
-    spacing = 1.0 / max(r - 1, 1)
+    spacing = 1.0 / max(res - 1, 1)
     if len(idx) > max_points:  # a surface is 2D: keeping a fraction f widens the spacing by 1/sqrt(f)
         keep = rng.choice(len(idx), max_points, replace=False)
         spacing /= np.sqrt(max_points / len(idx))
         idx = idx[np.sort(keep)]
     nrm = _normals(occ, idx) if len(idx) else np.zeros((0, 3))
-    xyz = idx / max(r - 1, 1) - 0.5
+    xyz = idx / max(res - 1, 1) - 0.5
     return xyz, nrm, spacing, n_occ
 
 
@@ -423,7 +422,7 @@ def render_samples_sheet(
             _draw_cloud(ax, xyz, nrm, view, panel_px, spacing, None, color_by)
             if n_occ == 0:
                 _empty_label(ax)
-            r = np.asarray(arr[col]).shape[-1]
-            _title(ax, f"{col}  ·  {_pct(n_occ / r**3)}", fs)
+            res = np.asarray(arr[col]).shape[-1]
+            _title(ax, f"{col}  ·  {_pct(n_occ / res**3)}", fs)
     _save(fig, path)
     return Path(path)

@@ -103,9 +103,9 @@ def _fmt_goal(key: str, v: dict[str, Any]) -> str:
     return f"{v['value']:.3f}" if isinstance(v["value"], float) else str(v["value"])
 
 
-def _pct(r: dict[str, Any], key: str) -> str:
+def _pct(row: dict[str, Any], key: str) -> str:
     """A share of a result row as a percentage, "—" for results of a scorer that did not measure it."""
-    return "—" if r.get(key) is None else f"{r[key]:.1%}"
+    return "—" if row.get(key) is None else f"{row[key]:.1%}"
 
 
 def sample_sets(res: dict[str, Any]) -> list[str]:
@@ -143,12 +143,12 @@ def write_report(cfg: RunConfig, report: dict[str, Any]) -> None:
                   "| mean voxels |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name in sample_sets(res):
-            r = res[name]
-            bloated = "—" if r.get("n_bloated_samples") is None else f"{r['n_bloated_samples']}/{r['n_samples']}"
-            lines.append(f"| {name} | {r['jsd']:.5f} | {r['mmd']:.6f} | {r['cov']:.3f} | {r['nna']:.3f} | "
-                         f"{r['nna_balanced']:.3f} | {r['n_empty_samples']}/{r['n_samples']} | {bloated} | "
-                         f"{_pct(r, 'sample_stray')} | {_pct(r, 'sample_fragmented')} | "
-                         f"{r['sample_mean_voxels']:.0f} |")
+            row = res[name]
+            bloated = "—" if row.get("n_bloated_samples") is None else f"{row['n_bloated_samples']}/{row['n_samples']}"
+            lines.append(f"| {name} | {row['jsd']:.5f} | {row['mmd']:.6f} | {row['cov']:.3f} | {row['nna']:.3f} | "
+                         f"{row['nna_balanced']:.3f} | {row['n_empty_samples']}/{row['n_samples']} | {bloated} | "
+                         f"{_pct(row, 'sample_stray')} | {_pct(row, 'sample_fragmented')} | "
+                         f"{row['sample_mean_voxels']:.0f} |")
         first = res[sample_sets(res)[0]]
         structure = "" if first.get("ref_stray") is None else (
             f"; {_pct(first, 'ref_stray')} of their voxels are stray and {_pct(first, 'ref_fragmented')} of them are "

@@ -2,7 +2,7 @@
 
 Every stage is a call of the library function the stage's own CLI calls (load_data.py, autoencoder.py,
 diffusion/train.py, diffusion/sample.py, eval.py, visualize.py), with the configs of one named preset
-(voxdiff.config.RUN_PRESETS): the demo is the real run at small size, not a separate toy.
+(voxdiff.presets.RUN_PRESETS): the demo is the real run at small size, not a separate toy.
 Its command line is `python -m voxdiff` (voxdiff/__main__.py). Which settings of a stage the runner fills in, and which
 stay out of the stage keys, is declared once, in the field metadata of voxdiff/config.py ("from_run", "local").
 
@@ -276,9 +276,9 @@ def stage_data(cfg: RunConfig, external: bool) -> dict[str, Any]:
             raise VoxdiffError(f"unknown data preset {cfg.data_preset!r}; choose from {', '.join(COUNT_PRESETS)}")
         write_synthetic_partseg(data, COUNT_PRESETS[cfg.data_preset], seed=cfg.seed, progress=False)
         return preprocess(data, data, resolution=cfg.resolution, categories=CATEGORIES, splits=SPLITS, progress=False)
-    r = int(open_voxels(voxel_path(data, CATEGORIES[0], "test")).shape[-1])
-    if r != cfg.resolution:
-        raise VoxdiffError(f"{data} holds {r}³ grids but this run is at {cfg.resolution}³")
+    res = int(open_voxels(voxel_path(data, CATEGORIES[0], "test")).shape[-1])
+    if res != cfg.resolution:
+        raise VoxdiffError(f"{data} holds {res}³ grids but this run is at {cfg.resolution}³")
     return {"reused": data.name}
 
 
@@ -286,9 +286,9 @@ def check_data(cfg: RunConfig) -> None:
     """Refuse, before anything is written, data that exists at another resolution than the run's."""
     data = Path(cfg.dataset_path)
     if data.is_dir() and _has_voxels(data):
-        r = int(open_voxels(voxel_path(data, CATEGORIES[0], "test")).shape[-1])
-        if r != cfg.resolution:
-            raise VoxdiffError(f"{data} holds {r}³ grids but this run is at {cfg.resolution}³; use another "
+        res = int(open_voxels(voxel_path(data, CATEGORIES[0], "test")).shape[-1])
+        if res != cfg.resolution:
+            raise VoxdiffError(f"{data} holds {res}³ grids but this run is at {cfg.resolution}³; use another "
                                "--run_dir (or --dataset_path) for another resolution")
 
 
@@ -426,9 +426,9 @@ def check_config(cfg: RunConfig) -> None:
             raise VoxdiffError(f"--{name} must be an integer; got {value!r}")
     if cfg.seed < 0:  # every stage's seed is the run's (resolve); numpy's own error would name no flag
         raise VoxdiffError(f"--seed must be >= 0; got {cfg.seed}")
-    r = cfg.resolution
-    if r < 8 or r & (r - 1):
-        raise VoxdiffError(f"--resolution must be a power of two >= 8; got {r}")
+    res = cfg.resolution
+    if res < 8 or res & (res - 1):
+        raise VoxdiffError(f"--resolution must be a power of two >= 8; got {res}")
     if cfg.render_n < 1:
         raise VoxdiffError(f"--render_n must be >= 1; got {cfg.render_n}")
     if cfg.dataset_path is None and cfg.data_preset not in COUNT_PRESETS:
@@ -561,7 +561,7 @@ def _summarise_stages(cfg: RunConfig, report: dict[str, Any]) -> None:
     runtimes, the eval results with their goal checks, the renders; kept apart from `_run` so the loop stays short."""
     report["config"] = to_dict(cfg)
     stages_out = report["stages"]
-    report["notes"] = [r["note"] for r in stages_out.values() if isinstance(r, dict) and r.get("note")]
+    report["notes"] = [out["note"] for out in stages_out.values() if isinstance(out, dict) and out.get("note")]
     for stage in ("ae", "ldm", "sample"):
         rt = stages_out.get(stage, {}).get("runtime") if isinstance(stages_out.get(stage), dict) else None
         if rt:
@@ -586,8 +586,8 @@ def choose_run_threads(cfg: RunConfig) -> ThreadChoice:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         ae, unet = VoxelAutoencoder(cfg.ae.model), UNet3D(cfg.ldm.model)
-        r, b, bz = cfg.ae.model.resolution, max(1, cfg.ae.batch_size), max(1, cfg.ldm.batch_size)
-        x = (torch.rand(b, 1, r, r, r) > 0.95).float()
+        res, b, bz = cfg.ae.model.resolution, max(1, cfg.ae.batch_size), max(1, cfg.ldm.batch_size)
+        x = (torch.rand(b, 1, res, res, res) > 0.95).float()
         z = torch.randn(bz, *ae.latent_shape)
         t, y = torch.randint(0, 1000, (bz,)), torch.randint(0, len(CATEGORIES), (bz,))
         dtype = torch.bfloat16 if cpu_has_bf16() else None

@@ -1,10 +1,11 @@
 """CPU threads: how many intra-op threads a run uses, chosen where it runs, and a watch that names a busy machine.
 
 On a machine whose cores are shared, every parallel region of a convolution waits for its slowest thread; one busy
-process beside a 2-thread run on 2 cores slows it 7-13× where 1 thread loses nothing. No fixed default is right
-everywhere, so "auto" times a few steps of the run's own networks at each candidate count (1, 2, 4, ... up to the
-cores this process may use, and no more than OMP_NUM_THREADS when the launcher set it) and keeps the smallest count
-that is not clearly slower. Results are bit-identical for a fixed count only, so the count is recorded with the run.
+process beside a 2-thread run on 2 cores slows it several-fold where 1 thread loses little (docs/BENCHMARKS.md, "Threads
+beside busy processes"). No fixed default is right everywhere, so "auto" times a few steps of the run's own networks at
+each candidate count (1, 2, 4, ... up to the cores this process may use, and no more than OMP_NUM_THREADS when the
+launcher set it) and keeps the smallest count that is not clearly slower. Results are bit-identical for a fixed count
+only, so the count is recorded with the run.
 A leaf module (torch; threadpoolctl when installed, for numpy's BLAS).
 """
 

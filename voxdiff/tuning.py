@@ -39,7 +39,9 @@ STRAY_FLOOR = 1e-3  # data stray shares below this (0.1 % of voxels) count as th
 FRAGMENTED_FLOOR = 0.01  # the same for fragmented shares (1 % of shapes)
 
 
-def _badness(row: dict[str, Any], key: str) -> float:
+def _distance_from_data(row: dict[str, Any], key: str) -> float:
+    """How far a row's samples are from the data on criterion `key` (one of CRITERIA), lower being closer: the
+    figure itself (JSD, MMD), −COV, |1-NNA − 0.5|, |log voxel ratio|, or the noise in multiples of the data's own."""
     if key == "cov":
         return -row["cov"]
     if key == "nna":
@@ -58,13 +60,13 @@ def _setting(row: dict[str, Any]) -> tuple[float, float, float]:
 
 def pick(rows: list[dict[str, Any]]) -> tuple[float, float, float]:
     """(cfg_scale, rescale, threshold) with the lowest rank sum over CRITERIA and categories (ties: the first)."""
-    settings = list(dict.fromkeys(_setting(r) for r in rows))
+    settings = list(dict.fromkeys(_setting(row) for row in rows))
     score = dict.fromkeys(settings, 0.0)
-    for cat in dict.fromkeys(r["category"] for r in rows):
-        sub = [r for r in rows if r["category"] == cat]
+    for cat in dict.fromkeys(row["category"] for row in rows):
+        sub = [row for row in rows if row["category"] == cat]
         for key in CRITERIA:
-            for rank, r in enumerate(sorted(sub, key=lambda r: _badness(r, key))):
-                score[_setting(r)] += rank
+            for rank, row in enumerate(sorted(sub, key=lambda row: _distance_from_data(row, key))):
+                score[_setting(row)] += rank
     return min(settings, key=lambda s: score[s])
 
 

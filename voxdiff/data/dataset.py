@@ -101,8 +101,8 @@ class VoxelDataset(Dataset):
         (8,451 shapes at 32³ are 277 MB; at 64³, 2.2 GB).
         """
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
-        r = self.resolution
-        out = torch.empty((len(idx), r, r, r), dtype=torch.uint8)
+        res = self.resolution
+        out = torch.empty((len(idx), res, res, res), dtype=torch.uint8)
         arr_of = np.searchsorted(self.offsets, idx, side="right") - 1
         chunk = 256
         bar = Progress(len(idx), "loading grids", unit="shape", enabled=progress)
@@ -110,7 +110,7 @@ class VoxelDataset(Dataset):
             for a in np.unique(arr_of[s : s + chunk]):
                 sel = np.nonzero(arr_of[s : s + chunk] == a)[0] + s
                 rows = idx[sel] - self.offsets[a]
-                grids = downsample_max(np.asarray(self.arrays[a][np.sort(rows)]) > 0, r)
+                grids = downsample_max(np.asarray(self.arrays[a][np.sort(rows)]) > 0, res)
                 order = np.argsort(np.argsort(rows))  # back from sorted rows to the requested order
                 out[torch.from_numpy(sel)] = torch.from_numpy(grids[order].astype(np.uint8))
             bar.update(min(chunk, len(idx) - s))

@@ -96,9 +96,9 @@ def loft(
     tris = [np.stack([a, b, b2], 2).reshape(-1, 3, 3), np.stack([a, b2, a2], 2).reshape(-1, 3, 3)]
     for end, on in zip((0, -1), caps):
         if on and radii[end] > 0:
-            r = rings[end]
-            c = np.broadcast_to(centers[end], r.shape)
-            tris.append(np.stack([c, r, np.roll(r, -1, axis=0)], 1))
+            end_ring = rings[end]
+            c = np.broadcast_to(centers[end], end_ring.shape)
+            tris.append(np.stack([c, end_ring, np.roll(end_ring, -1, axis=0)], 1))
     return np.concatenate(tris)
 
 
@@ -170,16 +170,26 @@ def _chair(rng: np.random.Generator, sb: ShapeBuilder) -> None:
         sb.add(tube([0, h - t, 0], [0, h, 0], w / 2, segments=28, aspect=d / w), P["seat"])
     else:
         sb.add(box([0, h - t / 2, 0], [w, t, d]), P["seat"])
-    # Back: rotated about the seat's rear edge by `tilt` (leaning backwards, towards -z).
+    _chair_back(rng, sb, w, d, h, round_seat)
+    _chair_legs(rng, sb, w, d, h - t, round_seat)
+    if rng.random() < 0.35:
+        _chair_arms(rng, sb, w, d, h)
+
+
+def _chair_back(rng: np.random.Generator, sb: ShapeBuilder, w: float, d: float, h: float, round_seat: bool) -> None:
+    """The back of a seat `w` wide and `d` deep at height `h`: a solid panel, or two posts with horizontal or vertical
+    slats, rotated about the seat's rear edge by a tilt (leaning backwards, towards -z)."""
+    P = PART_IDS["chair"]
+    u = rng.uniform
     bh, tilt = u(0.28, 0.62), np.radians(u(0, 22))
     bw = w * (u(0.6, 0.9) if round_seat else u(0.8, 1.0))
     bt = u(0.025, 0.07)
-    R = rotation("x", -tilt)
+    rot = rotation("x", -tilt)
     z0 = -d / 2 + bt / 2 if not round_seat else -d / 2 + bt
     pivot = np.array([0, h, z0])
 
     def back_box(c: list[float], s: list[float]) -> np.ndarray:
-        return box(pivot + R @ np.asarray(c, float), s, R)
+        return box(pivot + rot @ np.asarray(c, float), s, rot)
 
     style = rng.integers(3)
     if style == 0:  # solid panel
@@ -199,9 +209,14 @@ def _chair(rng: np.random.Generator, sb: ShapeBuilder) -> None:
             sb.add(back_box([0, bh - rail / 2, 0], [bw - pw, rail, bt]), P["back"])
             for x in np.linspace(-(bw / 2 - pw - sw), bw / 2 - pw - sw, k):
                 sb.add(back_box([x, (bh - rail) / 2, 0], [sw, bh - rail, bt * 0.7]), P["back"])
-    # Legs.
+
+
+def _chair_legs(rng: np.random.Generator, sb: ShapeBuilder, w: float, d: float, ys: float, round_seat: bool) -> None:
+    """What holds up a seat `w` wide and `d` deep whose underside is at height `ys`: four straight legs, a swivel
+    column on a 5-star base, or sled runners."""
+    P = PART_IDS["chair"]
+    u = rng.uniform
     legs = rng.choice(3, p=[0.6, 0.25, 0.15])
-    ys = h - t
     if legs == 0:  # four straight legs, square or round, slightly splayed
         lw, inset, splay = u(0.025, 0.06), u(0.0, 0.06), u(0, 0.05)
         rnd = rng.random() < 0.4
@@ -230,31 +245,36 @@ def _chair(rng: np.random.Generator, sb: ShapeBuilder) -> None:
             sb.add(_beam(np.array([0, hub, 0]), end, 0.04, 0.03), P["leg"])
             sb.add(ellipsoid(end - [0, 0.025, 0], [0.025, 0.025, 0.025], 5, 8), P["leg"])
     else:  # sled runners: two U frames along z
-        r = u(0.012, 0.022)
+        radius = u(0.012, 0.022)
         hx = w / 2 * u(0.75, 0.95)
         zf, zb = d / 2 * u(0.7, 1.0), -d / 2 * u(0.7, 1.0)
         for sx in (-1, 1):
-            pts = [[sx * hx, ys, zf], [sx * hx, r, zf + u(0, 0.08)], [sx * hx, r, zb - u(0, 0.08)], [sx * hx, ys, zb]]
+            pts = [[sx * hx, ys, zf], [sx * hx, radius, zf + u(0, 0.08)], [sx * hx, radius, zb - u(0, 0.08)],
+                   [sx * hx, ys, zb]]
             for p0, p1 in zip(pts[:-1], pts[1:]):
-                sb.add(tube(p0, p1, r, segments=10), P["leg"])
-    # Armrests.
-    if rng.random() < 0.35:
-        ah, aw, al = u(0.16, 0.26), u(0.04, 0.08), d * u(0.6, 0.95)
-        for sx in (-1, 1):
-            x = sx * (w / 2 - aw / 2 + u(0, 0.03))
-            zc = -d / 2 + al / 2
-            sb.add(box([x, h + ah, zc], [aw, 0.03, al]), P["arm"])
-            sb.add(box([x, h + ah / 2, zc + al / 2 - 0.03], [0.03, ah, 0.03]), P["arm"])
+                sb.add(tube(p0, p1, radius, segments=10), P["leg"])
+
+
+def _chair_arms(rng: np.random.Generator, sb: ShapeBuilder, w: float, d: float, h: float) -> None:
+    """Two armrests (a bar on a post) over a seat `w` wide and `d` deep at height `h`."""
+    P = PART_IDS["chair"]
+    u = rng.uniform
+    ah, aw, al = u(0.16, 0.26), u(0.04, 0.08), d * u(0.6, 0.95)
+    for sx in (-1, 1):
+        x = sx * (w / 2 - aw / 2 + u(0, 0.03))
+        zc = -d / 2 + al / 2
+        sb.add(box([x, h + ah, zc], [aw, 0.03, al]), P["arm"])
+        sb.add(box([x, h + ah / 2, zc + al / 2 - 0.03], [0.03, ah, 0.03]), P["arm"])
 
 
 def _beam(p0: np.ndarray, p1: np.ndarray, wx: float, wy: float) -> np.ndarray:
     """A box of section (wx, wy) from p0 to p1 (any direction)."""
     p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
     a = p1 - p0
-    L = np.linalg.norm(a)
+    length = np.linalg.norm(a)
     u, v = _basis(a)
-    R = np.stack([u, v, a / L], 1)
-    return box((p0 + p1) / 2, [wx, wy, L], R)
+    rot = np.stack([u, v, a / length], 1)
+    return box((p0 + p1) / 2, [wx, wy, length], rot)
 
 
 def _table(rng: np.random.Generator, sb: ShapeBuilder) -> None:

@@ -48,12 +48,12 @@ def open_voxels(path: str | os.PathLike[str]) -> np.ndarray:
 
 def downsample_max(grid: np.ndarray, resolution: int) -> np.ndarray:
     """Max-pool the last three axes of `grid` (R³) down to `resolution`³; R must be a multiple of it."""
-    r = grid.shape[-1]
-    if r == resolution:
+    src_res = grid.shape[-1]
+    if src_res == resolution:
         return np.asarray(grid)
-    if r % resolution:
-        raise VoxdiffError(f"cannot pool a {r}³ grid to {resolution}³ (not a divisor)")
-    f = r // resolution
+    if src_res % resolution:
+        raise VoxdiffError(f"cannot pool a {src_res}³ grid to {resolution}³ (not a divisor)")
+    f = src_res // resolution
     lead = grid.shape[:-3]
     g = np.asarray(grid).reshape(*lead, resolution, f, resolution, f, resolution, f)
     return g.max(axis=(-5, -3, -1))
@@ -61,10 +61,10 @@ def downsample_max(grid: np.ndarray, resolution: int) -> np.ndarray:
 
 def check_resolution(resolution: int) -> int:
     """`resolution` as int if it is a power of two >= 8, else a VoxdiffError."""
-    r = int(resolution)
-    if r != resolution or r < 8 or r & (r - 1):
+    res = int(resolution)
+    if res != resolution or res < 8 or res & (res - 1):
         raise VoxdiffError(f"resolution must be a power of two >= 8; got {resolution}")
-    return r
+    return res
 
 
 def voxel_indices(points: np.ndarray, resolution: int, isotropic: bool = False) -> np.ndarray:
@@ -104,15 +104,15 @@ def voxelize_points(
     pts = np.asarray(points)
     if pts.ndim == 2:
         pts = pts[None]
-    r = check_resolution(resolution)
+    res = check_resolution(resolution)
     b = pts.shape[0]
     if out is None:
-        out = np.zeros((b, r, r, r), np.uint8)
-    elif out.shape != (b, r, r, r):
-        raise ValueError(f"out must have shape {(b, r, r, r)}; got {out.shape}")
+        out = np.zeros((b, res, res, res), np.uint8)
+    elif out.shape != (b, res, res, res):
+        raise ValueError(f"out must have shape {(b, res, res, res)}; got {out.shape}")
     if b == 0:
         return out
-    idx = voxel_indices(pts, r, isotropic)
+    idx = voxel_indices(pts, res, isotropic)
     batch = np.broadcast_to(np.arange(b)[:, None], idx.shape[:2])
     flat = np.ravel_multi_index((batch, idx[..., 0], idx[..., 1], idx[..., 2]), out.shape)
     out.reshape(-1)[flat.reshape(-1)] = 1
@@ -164,7 +164,7 @@ def preprocess(
     the previous set as it was, never a mix of old and new grids. Returns the summary dict.
     """
     t0 = time.perf_counter()
-    r = check_resolution(resolution)
+    res = check_resolution(resolution)
     bad = [c for c in categories if c not in CATEGORIES]
     if bad:
         raise VoxdiffError(f"unknown category {bad[0]!r}; choose from {', '.join(CATEGORIES)}")
@@ -180,13 +180,13 @@ def preprocess(
     per_label = {s: scan_split(hdf5_dir, s) for s in splits}  # every file validated before the first write
     counts = {(c, s): per_label[s].get(PARTSEG_LABELS[c], 0) for s in splits for c in categories}
     summary: dict[str, Any] = {
-        "hdf5_dir": str(hdf5_dir), "out_dir": str(out), "resolution": r, "isotropic": bool(isotropic), "outputs": {},
+        "hdf5_dir": str(hdf5_dir), "out_dir": str(out), "resolution": res, "isotropic": bool(isotropic), "outputs": {},
         "skipped": {},
     }
     with staging_dir(out, names_last=("preprocess.log", "preprocess.json")) as stage:
         log = get_logger("voxdiff.preprocess", stage / "preprocess.log")
         try:
-            _voxelize_all(hdf5_dir, out, stage, r, categories, splits, isotropic, chunk, progress, counts, per_label,
+            _voxelize_all(hdf5_dir, out, stage, res, categories, splits, isotropic, chunk, progress, counts, per_label,
                           summary, log)
             summary["seconds"] = round(time.perf_counter() - t0, 3)
             log.info("done in %.2f s", summary["seconds"])
@@ -201,11 +201,11 @@ def preprocess(
     return summary
 
 
-def _voxelize_all(hdf5_dir: Path, out: Path, stage: Path, r: int, categories: Sequence[str], splits: Sequence[str],
+def _voxelize_all(hdf5_dir: Path, out: Path, stage: Path, res: int, categories: Sequence[str], splits: Sequence[str],
                   isotropic: bool, chunk: int, progress: bool | None, counts: dict[tuple[str, str], int],
                   per_label: dict[str, dict[int, int]], summary: dict[str, Any], log: Any) -> None:
     """Write every (category, split) grid file into `stage` (named as in `out`), filling `summary`."""
-    log.info("preprocess %s -> %s at %d^3 (%s), counts %s", hdf5_dir, out, r,
+    log.info("preprocess %s -> %s at %d^3 (%s), counts %s", hdf5_dir, out, res,
              "isotropic" if isotropic else "per-axis", {f"{c}/{s}": n for (c, s), n in counts.items()})
     kept = {PARTSEG_LABELS[c] for c in categories}
     for s in splits:  # say what is not voxelized: other PartSeg categories, and labels that are not PartSeg's at all
@@ -222,33 +222,33 @@ def _voxelize_all(hdf5_dir: Path, out: Path, stage: Path, r: int, categories: Se
         for c in categories:
             n, path, t1 = counts[(c, s)], voxel_path(out, c, s), time.perf_counter()
             try:
-                occupied = _voxelize_one(hdf5_dir, stage / path.name, c, s, n, r, isotropic, chunk, progress, log)
+                occupied = _voxelize_one(hdf5_dir, stage / path.name, c, s, n, res, isotropic, chunk, progress, log)
             except OSError as e:  # name the file the user will look for, not its staging copy
                 what = (e.strerror or str(e)).replace(str(stage / path.name), str(path))
                 raise OSError(e.errno, what, str(path)) from None
-            occ = occupied / (n * r**3) if n else 0.0
+            occ = occupied / (n * res**3) if n else 0.0
             sec = time.perf_counter() - t1
             summary["outputs"].setdefault(c, {})[s] = {
                 "path": path.name, "count": n, "mean_occupancy": occ, "seconds": round(sec, 3)}
             log.info("%s %s: %d shapes -> %s, mean occupancy %.5f, %.2f s", c, s, n, path.name, occ, sec)
 
 
-def _voxelize_one(hdf5_dir: Path, path: Path, c: str, s: str, n: int, r: int, isotropic: bool, chunk: int,
+def _voxelize_one(hdf5_dir: Path, path: Path, c: str, s: str, n: int, res: int, isotropic: bool, chunk: int,
                   progress: bool | None, log: Any) -> int:
     """Voxelize the `n` shapes of category `c` in split `s` into `path`; returns the count of occupied voxels."""
     if n == 0:
-        log.warning("%s %s: no shapes in %s; writing an empty (0,%d,%d,%d) array", c, s, hdf5_dir, r, r, r)
-        atomic_save_npy(path, np.zeros((0, r, r, r), np.uint8))
+        log.warning("%s %s: no shapes in %s; writing an empty (0,%d,%d,%d) array", c, s, hdf5_dir, res, res, res)
+        atomic_save_npy(path, np.zeros((0, res, res, res), np.uint8))
         return 0
     occupied = 0
     bar = Progress(n, f"voxelize {c} {s}", unit="shape", enabled=progress is not False)
-    with atomic_memmap(path, (n, r, r, r), np.uint8) as arr:
+    with atomic_memmap(path, (n, res, res, res), np.uint8) as arr:
         row = 0
         for pts in iter_category_points(hdf5_dir, s, c, chunk):
             b = len(pts)
             if row + b > n:
                 raise VoxdiffError(f"{hdf5_dir}: {c} {s} has more rows than counted (file changed?)")
-            flat = voxelize_points(pts, r, isotropic, out=arr[row : row + b])
+            flat = voxelize_points(pts, res, isotropic, out=arr[row : row + b])
             occupied += int(np.count_nonzero(flat))
             del flat
             _release(arr)

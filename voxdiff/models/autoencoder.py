@@ -117,14 +117,14 @@ class VoxelAutoencoder(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        r = self.cfg.latent_resolution
-        return (self.cfg.latent_channels, r, r, r)
+        res = self.cfg.latent_resolution
+        return (self.cfg.latent_channels, res, res, res)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's output: the latent, or mean and raw log-variance stacked on channels (variational)."""
-        r = self.cfg.resolution
-        if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[-3:]) != (r, r, r):
-            raise ValueError(f"expected (B,1,{r},{r},{r}); got {tuple(x.shape)}")
+        res = self.cfg.resolution
+        if x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[-3:]) != (res, res, res):
+            raise ValueError(f"expected (B,1,{res},{res},{res}); got {tuple(x.shape)}")
         return self.encoder(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ class RunLogger:
 
     def _rewrite(self) -> None:
         with atomic_path(self.jsonl) as tmp:  # a full disk leaves the history as it was
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
     def log(self, **row: Any) -> None:
         row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
@@ -77,14 +77,14 @@ class RunLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step` (a resume from an earlier checkpoint rewrites history from there)."""
-        self.rows = [r for r in self.rows if r.get("step", 0) <= step]
+        self.rows = [row for row in self.rows if row.get("step", 0) <= step]
         self._rewrite()
 
     def flush(self, curves: tuple[str, ...] = ("loss",)) -> None:
         """Rewrite the CSV and the PNG curve of `curves` against step."""
         keys: list[str] = []
-        for r in self.rows:
-            keys += [k for k in r if k not in keys]
+        for row in self.rows:
+            keys += [k for k in row if k not in keys]
         with atomic_path(self.csv) as tmp, open(tmp, "w", newline="") as f:  # never a half-written CSV
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
@@ -119,7 +119,7 @@ class RunStart:
     """What `start_run` sets up for a trainer."""
 
     info: DistInfo  # rank, world size, device
-    cap: TimeCap  # the safety cap on wall time
+    time_cap: TimeCap  # the safety cap on wall time
     run_dir: Path
     resume: Checkpoint | None  # last.pt to continue from, when cfg.resume
     restore_best: str | None = None  # why best.pt is to be restored from last.pt before the run goes on (see start_run)
@@ -140,7 +140,7 @@ def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...],
     `stale_best(best, last)` says it is older than the best model last.pt records, `restore_best` says why
     `RunDir.commit` will copy last.pt onto it)."""
     info = init_distributed(cfg.device)  # under torchrun: batch_size is global, rank 0 alone writes (distributed.py)
-    cap = TimeCap(cfg.max_minutes, info.device)
+    time_cap = TimeCap(cfg.max_minutes, info.device)
     check_same_config(to_dict(cfg), f"{kind} training config")
     split_batch(cfg.batch_size, info.world_size)
     flush_denormals(info.device)
@@ -171,7 +171,7 @@ def start_run(cfg: TrainConfig, kind: Kind, fixed: tuple[str, ...],
                 restore_best = (f"{best} (step {best_ckpt.step}) is older than the best model that {last} records "
                                 "(a run stopped between the two saves); replaced by a copy of "
                                 f"{last} (step {resume.step}), which holds that model")
-    return RunStart(info, cap, run_dir, resume, restore_best)
+    return RunStart(info, time_cap, run_dir, resume, restore_best)
 
 
 def _norm(x: Any) -> Any:
@@ -497,7 +497,7 @@ class StepLoop:
                  log_last: bool = False) -> None:
         """`stage`: "AE" or "LDM" (messages; the progress bar's name is its lower case); `step`: the resumed step;
         `curves`: what log.png draws; `log_last`: the last step is a logging step too, whatever `cfg.log_every`."""
-        self.stage, self.cfg, self.info, self.cap = stage, cfg, run.info, run.cap
+        self.stage, self.cfg, self.info, self.time_cap = stage, cfg, run.info, run.time_cap
         self.runtime, self.logger = runtime, log
         self.last_file = run.run_dir / "last.pt"
         self.step = self.start_step = step
@@ -506,13 +506,13 @@ class StepLoop:
         self.runlog = RunLogger(run.run_dir, "log", resume=cfg.resume, log=log) if self.info.is_main else None
         if self.runlog is not None and cfg.resume:
             self.runlog.truncate_after(step)  # a resume from an earlier checkpoint rewrites the history from there
-        self.bar = Progress(total_steps, stage.lower(), initial=min(step, total_steps), time_cap_s=self.cap.seconds,
-                            enabled=progress and self.info.is_main, log=log)
+        self.bar = Progress(total_steps, stage.lower(), initial=min(step, total_steps),
+                            time_cap_s=self.time_cap.seconds, enabled=progress and self.info.is_main, log=log)
         self._shown: dict[str, str] = {}
 
     def __iter__(self) -> Iterator[int]:
         while self.step < self.total_steps:
-            if self.cap.reached():
+            if self.time_cap.reached():
                 self.stopped = "time_cap"
                 break
             step = self.step
@@ -594,7 +594,7 @@ class StepLoop:
         trainer's `metrics`, wall and training seconds, the throughput (steps/s, or samples/s with `per_step` samples
         per step), the runtime record, the time cap's note. Under torchrun also the world size and, per key of
         `in_sync`, the hash of a (module, name) every rank must hold bit-identically (a check and a barrier)."""
-        seconds, done = self.cap.elapsed(), self.step - self.start_step
+        seconds, done = self.time_cap.elapsed(), self.step - self.start_step
         rate = (done * (per_step or 1) / self.train_seconds) if self.train_seconds > 0 else None
         result = {"step": self.step, "total_steps": self.total_steps, "stopped": self.stopped, **metrics,
                   "seconds": seconds, "train_seconds": self.train_seconds,
