@@ -35,7 +35,7 @@ RETIRED = {"--guidance_scale": "--cfg_scale", "--max_steps": "--num_steps", "--n
            "--ldm_minutes": "--ldm.max_minutes", "--init_steps": "--steps", "--categories": "--category",
            "--sample_every": "--preview_every", "--calib_fraction": "--holdout_fraction"}
 CONFIGS = [c for c in vars(config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
-TAGS = ("derived", "from_run", "local", "switch", "added")
+TAGS = ("derived", "from_run", "local", "switch", "added", "preview")
 
 
 def leaf_fields(cls: type, path: str = "") -> list[str]:

@@ -6,17 +6,20 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from voxdiff import runner
 from voxdiff.__main__ import main
 from voxdiff.checkpoint import load_checkpoint
 from voxdiff.config import (
     CATEGORIES,
     GoalConfig,
+    LDMTrainConfig,
     RunConfig,
     from_dict,
     to_dict,
@@ -158,10 +161,43 @@ def test_stage_keys_are_those_of_runs_recorded_before() -> None:
             if stage == "ae":
                 recorded["model"]["block"] = "seed"
                 del recorded["warmup_steps"], recorded["lr_schedule"]  # added in 0.5.0: out of the key at defaults
+            if stage == "ldm":  # out of the key since 0.5.0; older records are matched through last.pt (below)
+                del recorded["preview"], recorded["preview_every"], recorded["preview_threshold"]
             digest = hashlib.sha256(json.dumps(recorded, sort_keys=True, default=str).encode()).hexdigest()[:16]
             assert stage_key(stage, cfg, None) == digest, (name, stage)
         cosine = dataclasses.replace(cfg, ae=dataclasses.replace(cfg.ae, lr_schedule="cosine"))
         assert stage_key("ae", cosine, None) != stage_key("ae", cfg, None)  # away from its default it is keyed
+
+
+def test_a_new_sampling_threshold_keeps_the_trained_models(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """The LDM's preview threshold follows the sampling threshold but changes no weights: a rerun with another
+    `--sample.threshold` samples, scores and renders again and keeps both trained networks, also in a run recorded
+    before 0.5.0, whose LDM key held the preview fields."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run[0], run_dir)
+    cfg = dataclasses.replace(from_dict(RunConfig, json.loads((run_dir / "config.json").read_text())),
+                              run_dir=str(run_dir))
+    cfg = resolve(cfg)
+    records = json.loads((run_dir / "stages.json").read_text())
+    trained = load_checkpoint(run_dir / "ldm" / "last.pt", kind="ldm").train_config
+    legacy = runner._key(runner._strip(trained, LDMTrainConfig, previews=True))
+    assert legacy != records["ldm"]["key"] == stage_key("ldm", cfg, None)
+    records["ldm"]["key"] = legacy  # as 0.4.0 recorded it
+    (run_dir / "stages.json").write_text(json.dumps(records))
+    weights = {s: (run_dir / s / "last.pt").read_bytes() for s in ("ae", "ldm")}
+    new = cfg.sample.threshold / 2
+    again = main(["--config", str(run_dir / "config.json"), "--run_dir", str(run_dir), "--no_tune",
+                  "--sample.threshold", str(new), "--device", "cpu"])
+    assert {s: (run_dir / s / "last.pt").read_bytes() for s in ("ae", "ldm")} == weights
+    after = json.loads((run_dir / "stages.json").read_text())
+    rerun = resolve(from_dict(RunConfig, json.loads((run_dir / "config.json").read_text())))
+    assert rerun.sample.threshold == new
+    assert after["ae"] == records["ae"] and after["ldm"]["seconds"] == records["ldm"]["seconds"]
+    assert after["ldm"]["key"] == stage_key("ldm", rerun, None)  # the record now holds the current key
+    assert after["sample"]["key"] != records["sample"]["key"]  # the sample stage ran for the new threshold
+    for cat in CATEGORIES:  # a lower threshold keeps more voxels
+        assert again["eval"][cat]["model"]["sample_mean_voxels"] >= \
+            tiny_run[1]["eval"][cat]["model"]["sample_mean_voxels"]
 
 
 def test_cli_rejects_bad_stage(tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ Each field says what it is in its metadata, written once here (`setting(default,
                 (`--tune` / `--no_tune`)
     "added"     a field added after runs were recorded with its class: left out of the runner's stage keys while it
                 holds its default, so those runs stay up to date
+    "preview"   changes only the stage's preview images, never its checkpoints: left out of the runner's stage keys
+                (a new sampling threshold does not refuse a trained LDM)
 A subclass that redefines a field (a new default) repeats its metadata.
 """
 
@@ -398,10 +400,12 @@ class LDMTrainConfig(TrainConfig):
         None, "min-SNR-γ loss weighting (Hang et al. 2023; 5 in the paper); none: plain MSE")
     keep_steps: tuple[int, ...] = setting(
         (), "also keep the checkpoint of these steps as step{N}.pt (a learning curve)")
-    preview: bool = setting(True, "render 2 samples per category at the end (and every preview_every steps)")
-    preview_every: int | None = setting(None, "steps between preview renders; none: only at the end")
+    preview: bool = setting(True, "render 2 samples per category at the end (and every preview_every steps)",
+                            preview=True)
+    preview_every: int | None = setting(None, "steps between preview renders; none: only at the end", preview=True)
     preview_threshold: float = setting(
-        0.5, "previews binarise as p > this (the stage runner sets its sampling threshold)", from_run=True)
+        0.5, "previews binarise as p > this (the stage runner sets its sampling threshold)", from_run=True,
+        preview=True)
     latent_cache_dir: str | None = setting(None, "none: latents/ beside the AE checkpoint", local=True)
     model: UNetConfig = nested(UNetConfig, "the U-Net over the latent")
     scheduler: SchedulerConfig = nested(SchedulerConfig, "the noise schedule")

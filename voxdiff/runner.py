@@ -115,14 +115,15 @@ def stage_key(stage: str, cfg: RunConfig, external_data: str | None) -> str:
 _OLD_NAME = {new: old for old, new in RENAMED.items()}
 
 
-def _strip(settings: dict[str, Any], cls: type) -> dict[str, Any]:
+def _strip(settings: dict[str, Any], cls: type, previews: bool = False) -> dict[str, Any]:
     """A stage's settings (of config class `cls`) as its key holds them: without the local fields (metadata "local":
-    where files are, and how this machine runs the stage), without fields added since runs were recorded (metadata
-    "added") while they hold their defaults, and with the AE block under the name keys were first written with
-    (config.RENAMED), so a run recorded before the addition or the rename is still up to date."""
-    local = tagged_fields(cls, "local")
+    where files are, and how this machine runs the stage), without the preview fields (metadata "preview"; kept with
+    `previews`, as keys before 0.5.0 held them), without fields added since runs were recorded (metadata "added") while
+    they hold their defaults, and with the AE block under the name keys were first written with (config.RENAMED), so
+    a run recorded before the addition or the rename is still up to date."""
+    dropped = set(tagged_fields(cls, "local")) | (set() if previews else set(tagged_fields(cls, "preview")))
     added = {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("added")}
-    out = {k: v for k, v in settings.items() if k not in local and not (k in added and v == added[k])}
+    out = {k: v for k, v in settings.items() if k not in dropped and not (k in added and v == added[k])}
     model = out.get("model")
     if isinstance(model, dict) and model.get("block") in _OLD_NAME:
         out["model"] = {**model, "block": _OLD_NAME[model["block"]]}
@@ -202,6 +203,22 @@ class _Stages:
     def complete(self, stage: str, key: str, outputs: list[Path]) -> bool:
         rec = self.done.get(stage, {})
         return rec.get("key") == key and not rec.get("incomplete") and not _missing(outputs)
+
+    def update_legacy(self, stage: str, key: str, cfg: RunConfig) -> None:
+        """Keys before 0.5.0 held the LDM's preview fields (metadata "preview"), so a new sampling threshold refused a
+        trained LDM. A trainer's record whose key is that of its last.pt's settings with the previews in, where those
+        settings give the current `key` without them, is the same model: the record gets the current key."""
+        rec = self.done.get(stage)
+        last = Path(cfg.run_dir) / stage / "last.pt"
+        if rec is None or rec.get("key") == key or not last.is_file():
+            return
+        try:
+            trained = load_checkpoint(last, kind="autoencoder" if stage == "ae" else "ldm").train_config
+        except VoxdiffError:
+            return  # unreadable: the record stays as it is (and is refused as changed)
+        cls = type(getattr(cfg, stage))
+        if rec["key"] == _key(_strip(trained, cls, previews=True)) and _key(_strip(trained, cls)) == key:
+            rec["key"] = key
 
     def changed(self, stage: str, key: str) -> bool:
         return stage in self.done and self.done[stage].get("key") != key
@@ -546,6 +563,8 @@ def _plan_stages(cfg: RunConfig, stages: tuple[str, ...], force: bool, rerun_fro
         done.forget(order[order.index(rerun_from) :])
     wanted = [s for s in order if s in stages]
     done.recover(cfg, ext)  # only when stages.json could not be read
+    for s in ("ae", "ldm"):
+        done.update_legacy(s, stage_key(s, cfg, ext), cfg)
     # a stage trained for other settings is refused, not silently replaced: its outputs are someone's results
     changed = [s for s in wanted if s in ("ae", "ldm") and done.changed(s, stage_key(s, cfg, ext))]
     if changed:
