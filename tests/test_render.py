@@ -151,6 +151,23 @@ def test_pointclouds_and_sheet(tmp_path: Path) -> None:
     assert col[:100, left:].sum() > 200 and col[100:, left:].sum() == 0  # second row: empty samples only
 
 
+def test_sheet_views_per_row(tmp_path: Path) -> None:
+    """A mapping of views turns only the rows it names; the others keep DEFAULT_VIEW, as with no mapping."""
+    tall = np.zeros((1, 16, 16, 16), np.uint8)
+    tall[0, 6:10, 1:15, 6:10] = 1  # a vertical post: from high above it is a small square, from the side a bar
+    sets = {"airplane": tall, "chair": tall}
+
+    def rows(view: render.View | dict[str, render.View], name: str) -> list[np.ndarray]:
+        img = mpimg.imread(render.render_samples_sheet(sets, tmp_path / name, n_per_row=1, panel_px=100, view=view))
+        return [coloured(img[:100]), coloured(img[100:])]
+
+    default = rows(render.DEFAULT_VIEW, "a.png")
+    mapped = rows({"airplane": (85.0, -60.0)}, "b.png")
+    assert np.array_equal(mapped[1], default[1])  # chair: not named, default view
+    assert mapped[0].sum() < 0.6 * default[0].sum()  # airplane row: seen from above, the post is a small square
+    assert render.CATEGORY_VIEWS["airplane"][0] > render.DEFAULT_VIEW[0]
+
+
 def test_render_samples_file_draws_the_first_shapes_beside_the_file(tmp_path: Path) -> None:
     """The sampling job's PNG: the first n shapes of a samples file, `{category}.png` beside it (or at `png`), 200 px
     panels, at most 8 per row; n beyond the file draws what there is."""

@@ -35,6 +35,9 @@ ColorBy = Literal["height", "depth", "solid"]
 View = tuple[float, float]
 
 DEFAULT_VIEW: View = (22.0, -55.0)
+# Views per category where the default hides the shape: an airplane's wings are thin and horizontal, edges from 22°
+# above; from 60° above their planform reads.
+CATEGORY_VIEWS: dict[str, View] = {"airplane": (60.0, -60.0)}
 """(elevation, azimuth) in degrees of the default camera: a three-quarter view from above."""
 DEFAULT_VIEWS: tuple[View, ...] = ((22.0, -55.0), (22.0, 35.0), (80.0, 0.0))
 """Three views (front three-quarter, side three-quarter, top) used by `--views all` style callers."""
@@ -386,7 +389,7 @@ def render_samples_sheet(
     arrays: Mapping[str, Any],
     path: str | os.PathLike[str],
     n_per_row: int = 8,
-    view: View = DEFAULT_VIEW,
+    view: View | Mapping[str, View] = DEFAULT_VIEW,
     max_points: int = 15_000,
     color_by: ColorBy = "height",
     threshold: float = 0.5,
@@ -397,6 +400,8 @@ def render_samples_sheet(
 
     arrays: name -> (N,R,R,R) array-like (memmaps fine; sets may differ in N and R). The row's name is written in a left
     margin; each panel is titled with the shape's index and occupancy. Empty shapes are labelled "empty".
+    view: (elevation, azimuth) in degrees for every row, or a mapping from row name to view (rows it does not name:
+    DEFAULT_VIEW).
     """
     _check_points_kw(max_points, color_by)
     if not arrays:
@@ -414,12 +419,13 @@ def render_samples_sheet(
     fs = max(7.0, panel_px / 26)
     rng = np.random.default_rng(seed)
     for row, (name, arr) in enumerate(arrays.items()):
+        row_view = view.get(name, DEFAULT_VIEW) if isinstance(view, Mapping) else view
         y = 1.0 - (row + 0.5) * panel_px / h
         fig.text(left_px / 2 / w, y, name, rotation=90, ha="center", va="center", fontsize=fs * 1.25, weight="bold")
         for col in range(min(ncols, len(arr))):
             xyz, nrm, spacing, n_occ = _voxel_points(arr[col], threshold, max_points, rng)
             ax = _panel(fig, row, col, w, h, panel_px, left_px)
-            _draw_cloud(ax, xyz, nrm, view, panel_px, spacing, None, color_by)
+            _draw_cloud(ax, xyz, nrm, row_view, panel_px, spacing, None, color_by)
             if n_occ == 0:
                 _empty_label(ax)
             res = np.asarray(arr[col]).shape[-1]

@@ -55,7 +55,7 @@ from voxdiff.logs import Progress, get_logger
 from voxdiff.models.autoencoder import VoxelAutoencoder
 from voxdiff.models.unet3d import UNet3D
 from voxdiff.precision import autocast, cpu_has_bf16
-from voxdiff.render import render_samples_sheet
+from voxdiff.render import CATEGORY_VIEWS, DEFAULT_VIEW, render_samples_sheet
 from voxdiff.report import goal_check, machine_info, write_report
 from voxdiff.sampling import LatentVoxelPipeline, sample_to_files
 from voxdiff.scoring import References, copying_check, open_samples, score_sets
@@ -108,7 +108,7 @@ def stage_key(stage: str, cfg: RunConfig, external_data: str | None) -> str:
         return _key(_strip(to_dict(stage_cfg), type(stage_cfg)))
     what: Any = {"data": lambda: [external_data, cfg.data_preset, cfg.resolution, cfg.seed],
                  "eval": lambda: [cfg.oracle, list(cfg.baselines), "scorer-4"],
-                 "render": lambda: [cfg.render_n]}[stage]()
+                 "render": lambda: [cfg.render_n, "category-views"]}[stage]()
     return _key(what)
 
 
@@ -387,10 +387,10 @@ def stage_render(cfg: RunConfig) -> dict[str, str]:
         if (run / "oracle" / f"{cat}.npy").is_file():
             sets[f"{cat} oracle"] = np.load(run / "oracle" / f"{cat}.npy", mmap_mode="r")
         out[cat] = str(render_samples_sheet(sets, run / "renders" / f"{cat}.png", n_per_row=cfg.render_n,
-                                            seed=cfg.seed).relative_to(run))
+                                            view=CATEGORY_VIEWS.get(cat, DEFAULT_VIEW), seed=cfg.seed).relative_to(run))
     teaser = {cat: np.load(Path(cfg.sample.save_dir) / f"{cat}.npy", mmap_mode="r") for cat in cfg.sample.categories}
     out["teaser"] = str(render_samples_sheet(teaser, run / "renders" / "teaser.png", n_per_row=min(8, cfg.render_n),
-                                             seed=cfg.seed).relative_to(run))
+                                             view=CATEGORY_VIEWS, seed=cfg.seed).relative_to(run))
     return out
 
 
