@@ -1,7 +1,7 @@
 """Training throughput per preset, in one process: pure steps (fp32 / bf16, channels-last), torch.compile, and the real
 training loops (their overhead), plus held-out quality at equal steps for fp32 vs bf16.
 
-For each preset's AE and U-Net (batch size and model from voxdiff.config), a "pure step" is forward, loss, backward,
+For each preset's AE and U-Net (batch size and model from voxdiff.presets), a "pure step" is forward, loss, backward,
 clip and AdamW on a fixed batch; ratios are against fp32 (contiguous) in the same process. The loop rows run
 `train_autoencoder` / `train_ldm` themselves on procedural data for `--loop_steps` steps and report their own
 throughput (forward/backward/optimizer time only) and the fraction of the stage's wall time spent outside it.

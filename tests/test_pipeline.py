@@ -200,6 +200,20 @@ def test_a_new_sampling_threshold_keeps_the_trained_models(tiny_run: tuple[Path,
             tiny_run[1]["eval"][cat]["model"]["sample_mean_voxels"]
 
 
+def test_a_record_of_0_4_0_with_the_same_settings_is_current(tmp_path: Path) -> None:
+    """Without reading a checkpoint: a 0.4.0 LDM record (key with the preview fields) for the current settings gets the
+    current key; one for other settings stays, and is refused as changed."""
+    cfg = resolve(dataclasses.replace(run_preset("tiny"), run_dir=str(tmp_path), device="cpu"))
+    legacy = runner._key(runner._strip(to_dict(cfg.ldm), LDMTrainConfig, previews=True))
+    other = runner._key(runner._strip(to_dict(dataclasses.replace(cfg.ldm, lr=1.0)), LDMTrainConfig, previews=True))
+    for recorded, current in ((legacy, True), (other, False)):
+        (tmp_path / "stages.json").write_text(json.dumps({"ldm": {"key": recorded, "seconds": 1.0, "result": {}}}))
+        done = runner._Stages(tmp_path, force=False)
+        key = stage_key("ldm", cfg, None)
+        done.update_legacy("ldm", key, cfg)
+        assert done.changed("ldm", key) is not current
+
+
 def test_cli_rejects_bad_stage(tmp_path: Path) -> None:
     with pytest.raises(VoxdiffError, match="unknown stage"):
         main(["--preset", "tiny", "--run_dir", str(tmp_path / "x"), "--stages", "data,oops"])

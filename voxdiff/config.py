@@ -53,7 +53,7 @@ LRSchedule = Literal["constant", "cosine"]
 
 def tagged_fields(cls: type, tag: str) -> tuple[str, ...]:
     """Names of the fields of the config dataclass `cls` whose metadata sets `tag` ("derived", "from_run", "local",
-    "switch": see the module docstring)."""
+    "switch", "added", "preview": see the module docstring)."""
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(tag))
 
 

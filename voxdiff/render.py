@@ -35,10 +35,10 @@ ColorBy = Literal["height", "depth", "solid"]
 View = tuple[float, float]
 
 DEFAULT_VIEW: View = (22.0, -55.0)
-# Views per category where the default hides the shape: an airplane's wings are thin and horizontal, edges from 22°
-# above; from 60° above their planform reads.
-CATEGORY_VIEWS: dict[str, View] = {"airplane": (60.0, -60.0)}
 """(elevation, azimuth) in degrees of the default camera: a three-quarter view from above."""
+CATEGORY_VIEWS: dict[str, View] = {"airplane": (60.0, -60.0)}
+"""Views per category where the default hides the shape (run sheets and the teaser): an airplane's wings are thin and
+horizontal, edges from 22° above; from 60° above their planform reads."""
 DEFAULT_VIEWS: tuple[View, ...] = ((22.0, -55.0), (22.0, 35.0), (80.0, 0.0))
 """Three views (front three-quarter, side three-quarter, top) used by `--views all` style callers."""
 

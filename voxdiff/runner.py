@@ -4,7 +4,8 @@ Every stage is a call of the library function the stage's own CLI calls (load_da
 diffusion/train.py, diffusion/sample.py, eval.py, visualize.py), with the configs of one named preset
 (voxdiff.presets.RUN_PRESETS): the demo is the real run at small size, not a separate toy.
 Its command line is `python -m voxdiff` (voxdiff/__main__.py). Which settings of a stage the runner fills in, and which
-stay out of the stage keys, is declared once, in the field metadata of voxdiff/config.py ("from_run", "local").
+stay out of the stage keys, is declared once, in the field metadata of voxdiff/config.py ("from_run", "local",
+"added", "preview").
 
 Layout of a run directory:
     config.json            the resolved RunConfig (rerun it with --config)
@@ -206,18 +207,24 @@ class _Stages:
 
     def update_legacy(self, stage: str, key: str, cfg: RunConfig) -> None:
         """Keys before 0.5.0 held the LDM's preview fields (metadata "preview"), so a new sampling threshold refused a
-        trained LDM. A trainer's record whose key is that of its last.pt's settings with the previews in, where those
-        settings give the current `key` without them, is the same model: the record gets the current key."""
+        trained LDM. A record with such a key for the current settings, or for its last.pt's settings where those give
+        the current `key` without the previews, is the same model: the record gets the current key (kept in memory;
+        stages.json is rewritten when a stage next runs)."""
         rec = self.done.get(stage)
+        if rec is None or rec.get("key") == key:
+            return
+        cls = type(getattr(cfg, stage))
+        if rec.get("key") == _key(_strip(to_dict(getattr(cfg, stage)), cls, previews=True)):
+            rec["key"] = key
+            return
         last = Path(cfg.run_dir) / stage / "last.pt"
-        if rec is None or rec.get("key") == key or not last.is_file():
+        if not last.is_file():
             return
         try:
-            trained = load_checkpoint(last, kind="autoencoder" if stage == "ae" else "ldm").train_config
-        except VoxdiffError:
+            trained = load_checkpoint(last, kind="ldm").train_config
+        except (VoxdiffError, OSError):
             return  # unreadable: the record stays as it is (and is refused as changed)
-        cls = type(getattr(cfg, stage))
-        if rec["key"] == _key(_strip(trained, cls, previews=True)) and _key(_strip(trained, cls)) == key:
+        if rec.get("key") == _key(_strip(trained, cls, previews=True)) and _key(_strip(trained, cls)) == key:
             rec["key"] = key
 
     def changed(self, stage: str, key: str) -> bool:
@@ -563,8 +570,7 @@ def _plan_stages(cfg: RunConfig, stages: tuple[str, ...], force: bool, rerun_fro
         done.forget(order[order.index(rerun_from) :])
     wanted = [s for s in order if s in stages]
     done.recover(cfg, ext)  # only when stages.json could not be read
-    for s in ("ae", "ldm"):
-        done.update_legacy(s, stage_key(s, cfg, ext), cfg)
+    done.update_legacy("ldm", stage_key("ldm", cfg, ext), cfg)
     # a stage trained for other settings is refused, not silently replaced: its outputs are someone's results
     changed = [s for s in wanted if s in ("ae", "ldm") and done.changed(s, stage_key(s, cfg, ext))]
     if changed:
